@@ -1,0 +1,5 @@
+//! What each subcommand does. Each `run` writes its report to the given writer, so that tests
+//! can read it without spawning the binary.
+
+pub mod benchmark;
+pub mod info;

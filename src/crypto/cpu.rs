@@ -1,0 +1,105 @@
+//! Which CPU features this machine offers, and which AES path each backend takes with them.
+//!
+//! Detection runs once per process (`cpufeatures` caches it) and is reported by `nbdcrypt info`
+//! and in the server's startup log. The path names mirror the selection logic of the code that
+//! really runs: the `aes` crate's dispatch (VAES-512 → VAES-256 → AES-NI → bitsliced software)
+//! and AWS-LC's (`avx512_xts_available()` → AES-NI; ARMv8 Crypto Extensions on aarch64).
+
+/// A CPU feature that matters to AES-XTS, and whether this CPU has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    /// The name as `/proc/cpuinfo` and `cpufeatures` spell it.
+    pub name: &'static str,
+    /// The CPU (and OS, for register state) supports it.
+    pub present: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod detect {
+    cpufeatures::new!(aes_ni, "aes");
+    cpufeatures::new!(pclmul, "pclmulqdq");
+    cpufeatures::new!(avx2, "avx2");
+    cpufeatures::new!(vaes, "vaes");
+    cpufeatures::new!(vpclmul, "vpclmulqdq");
+    cpufeatures::new!(avx512f, "avx512f");
+    cpufeatures::new!(avx512vbmi2, "avx512vbmi2");
+
+    pub fn features() -> Vec<super::Feature> {
+        use super::Feature;
+        vec![
+            Feature { name: "aes", present: aes_ni::get() },
+            Feature { name: "pclmulqdq", present: pclmul::get() },
+            Feature { name: "avx2", present: avx2::get() },
+            Feature { name: "vaes", present: vaes::get() },
+            Feature { name: "vpclmulqdq", present: vpclmul::get() },
+            Feature { name: "avx512f", present: avx512f::get() },
+            Feature { name: "avx512vbmi2", present: avx512vbmi2::get() },
+        ]
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod detect {
+    cpufeatures::new!(aes_arm, "aes");
+
+    pub fn features() -> Vec<super::Feature> {
+        vec![super::Feature { name: "aes", present: aes_arm::get() }]
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod detect {
+    pub fn features() -> Vec<super::Feature> {
+        Vec::new()
+    }
+}
+
+/// The AES-relevant features of this CPU.
+pub fn features() -> Vec<Feature> {
+    detect::features()
+}
+
+fn has(name: &str) -> bool {
+    features().iter().any(|f| f.name == name && f.present)
+}
+
+/// Whether AES instructions exist at all (AES-NI or ARMv8 AES).
+pub fn has_aes_instructions() -> bool {
+    has("aes")
+}
+
+/// The code path AWS-LC's XTS takes on this CPU.
+pub fn hw_path() -> &'static str {
+    if cfg!(target_arch = "x86_64") {
+        if has("vaes") && has("vpclmulqdq") && has("avx512f") && has("avx512vbmi2") {
+            "AWS-LC VAES+VPCLMULQDQ AVX-512 assembly"
+        } else if has("aes") {
+            "AWS-LC AES-NI assembly"
+        } else {
+            "AWS-LC constant-time software"
+        }
+    } else if cfg!(target_arch = "aarch64") && has("aes") {
+        "AWS-LC ARMv8 Crypto Extensions assembly"
+    } else {
+        "AWS-LC software"
+    }
+}
+
+/// The code path the `aes` crate takes on this CPU (it is what `portable` runs on).
+pub fn portable_path() -> &'static str {
+    if cfg!(target_arch = "x86_64") {
+        if has("avx512f") && has("vaes") {
+            "aes crate VAES-512 (64-block batches)"
+        } else if has("vaes") {
+            "aes crate VAES-256"
+        } else if has("aes") {
+            "aes crate AES-NI (8-block batches)"
+        } else {
+            "aes crate fixsliced software"
+        }
+    } else if cfg!(target_arch = "aarch64") && has("aes") {
+        "aes crate ARMv8 AES"
+    } else {
+        "aes crate fixsliced software"
+    }
+}

@@ -1,0 +1,244 @@
+//! The `hw` backend: AWS-LC's `EVP_aes_256_xts` (through `aws-lc-sys`).
+//!
+//! AWS-LC runs XTS in hand-written assembly: AES-NI on x86_64, a VAES/VPCLMULQDQ/AVX-512 path
+//! when the CPU has AVX-512F, VAES, VPCLMULQDQ and VBMI2, and the ARMv8 Crypto Extensions on
+//! aarch64. One `EVP_CipherUpdate` call is one XTS data unit, so each sector is one call; the
+//! per-call cost is a 16-byte IV copy plus the call itself.
+//!
+//! An `EVP_CIPHER_CTX` carries the IV of the call in flight, so a context serves one thread at a
+//! time. Each direction keeps a small pool of contexts; a call takes one, runs its whole request,
+//! and puts it back. New contexts are copies of a template (`EVP_CIPHER_CTX_copy`), so the raw
+//! key is needed only at construction.
+//!
+//! Key schedules live in AWS-LC's heap (`cipher_data`). Their pages are locked and excluded
+//! from dumps with a [`PageLock`] while the context lives; AWS-LC wipes `cipher_data` when the
+//! context is freed (`EVP_CIPHER_CTX_cleanup` → `OPENSSL_free`, which cleanses before freeing).
+//!
+//! AWS-LC refuses keys whose two halves are equal (`CIPHER_R_XTS_DUPLICATED_KEYS`), as FIPS
+//! requires; [`super::VolumeKey`] refuses them first anyway.
+#![allow(unsafe_code)]
+
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use aws_lc_sys as lc;
+
+use super::locked::{PageLock, Protection};
+use super::{CryptoError, SectorRun, gf};
+
+/// Size of AWS-LC's `EVP_AES_XTS_CTX` (two 248-byte aligned `AES_KEY`s, an `XTS128_CONTEXT` of
+/// four pointers and an `int`), rounded up. It only decides which heap pages get locked.
+const XTS_CIPHER_DATA_BYTES: usize = 576;
+
+/// One AWS-LC cipher context with its key set.
+struct Ctx {
+    ptr: NonNull<lc::EVP_CIPHER_CTX>,
+    _pages: PageLock,
+}
+
+// SAFETY: an EVP_CIPHER_CTX has no thread affinity; it is only ever used by one thread at a
+// time because `Ctx` is owned (moved in and out of the pool under a mutex), never shared.
+unsafe impl Send for Ctx {}
+
+impl Ctx {
+    /// Wraps a context that AWS-LC has just initialised with a key.
+    ///
+    /// # Safety
+    /// `ptr` must be a valid, key-initialised XTS context that nobody else owns.
+    unsafe fn adopt(ptr: NonNull<lc::EVP_CIPHER_CTX>) -> Ctx {
+        // SAFETY: per the contract, ptr is valid; cipher_data was allocated by the XTS init.
+        let data = unsafe { (*ptr.as_ptr()).cipher_data };
+        Ctx {
+            ptr,
+            _pages: PageLock::new(data.cast::<u8>(), XTS_CIPHER_DATA_BYTES),
+        }
+    }
+
+    fn with_key(key: &[u8; 64], encrypt: bool) -> Result<Ctx, CryptoError> {
+        // SAFETY: EVP_CIPHER_CTX_new has no preconditions; a null result is handled.
+        let raw = unsafe { lc::EVP_CIPHER_CTX_new() };
+        let ptr = NonNull::new(raw).ok_or(CryptoError::Backend {
+            backend: "hw",
+            operation: "EVP_CIPHER_CTX_new",
+            reason: "out of memory".into(),
+        })?;
+        // SAFETY: ptr is a fresh context; key points to 64 readable bytes, which is the key
+        // length of EVP_aes_256_xts; a null IV is allowed at key-setting time.
+        let ok = unsafe {
+            lc::EVP_CipherInit_ex(
+                ptr.as_ptr(),
+                lc::EVP_aes_256_xts(),
+                std::ptr::null_mut(),
+                key.as_ptr(),
+                std::ptr::null(),
+                i32::from(encrypt),
+            )
+        };
+        if ok != 1 {
+            let reason = last_error();
+            // SAFETY: ptr came from EVP_CIPHER_CTX_new and is not used after this.
+            unsafe { lc::EVP_CIPHER_CTX_free(ptr.as_ptr()) };
+            return Err(CryptoError::Backend {
+                backend: "hw",
+                operation: "EVP_CipherInit_ex",
+                reason,
+            });
+        }
+        // SAFETY: ptr is valid and key-initialised, and owned only by us.
+        Ok(unsafe { Ctx::adopt(ptr) })
+    }
+
+    fn try_clone(&self) -> Result<Ctx, CryptoError> {
+        // SAFETY: no preconditions; null handled.
+        let raw = unsafe { lc::EVP_CIPHER_CTX_new() };
+        let ptr = NonNull::new(raw).ok_or(CryptoError::Backend {
+            backend: "hw",
+            operation: "EVP_CIPHER_CTX_new",
+            reason: "out of memory".into(),
+        })?;
+        // SAFETY: both contexts are valid; self is not used concurrently (we hold &self of an
+        // owned template that is only read here and by other copies under the pool mutex).
+        let ok = unsafe { lc::EVP_CIPHER_CTX_copy(ptr.as_ptr(), self.ptr.as_ptr()) };
+        if ok != 1 {
+            let reason = last_error();
+            // SAFETY: ptr is ours and unused after this.
+            unsafe { lc::EVP_CIPHER_CTX_free(ptr.as_ptr()) };
+            return Err(CryptoError::Backend {
+                backend: "hw",
+                operation: "EVP_CIPHER_CTX_copy",
+                reason,
+            });
+        }
+        // SAFETY: the copy holds the template's key schedules (EVP_CTRL_COPY re-points them).
+        Ok(unsafe { Ctx::adopt(ptr) })
+    }
+
+    /// Runs one sector (one XTS data unit) from `src` to `dst` (which may be the same buffer).
+    ///
+    /// # Safety
+    /// `src` and `dst` must each be valid for `len` bytes, and be either identical or disjoint.
+    #[inline]
+    unsafe fn sector(&mut self, iv: &[u8; 16], src: *const u8, dst: *mut u8, len: usize) -> bool {
+        let ctx = self.ptr.as_ptr();
+        let Ok(in_len) = i32::try_from(len) else {
+            return false;
+        };
+        let mut out_len: i32 = 0;
+        // SAFETY: ctx is valid with its key and direction set; passing only an IV (null cipher,
+        // key and engine, enc = -1) starts a new data unit without touching the key.
+        let ok_iv = unsafe {
+            lc::EVP_CipherInit_ex(
+                ctx,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                iv.as_ptr(),
+                -1,
+            )
+        };
+        // SAFETY: caller guarantees src/dst are valid for len bytes and identical or disjoint,
+        // which AWS-LC accepts; XTS has a block size of 1 in EVP, so no bytes are buffered.
+        let ok_data = unsafe { lc::EVP_CipherUpdate(ctx, dst, &mut out_len, src, in_len) };
+        ok_iv == 1 && ok_data == 1 && out_len == in_len
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // SAFETY: the context is ours and is freed once. EVP_CIPHER_CTX_free cleanses the key
+        // schedules (OPENSSL_free wipes every allocation) before the PageLock field is dropped.
+        unsafe { lc::EVP_CIPHER_CTX_free(self.ptr.as_ptr()) };
+    }
+}
+
+/// The text of AWS-LC's most recent error on this thread (never key material: AWS-LC's error
+/// strings are static reason codes).
+fn last_error() -> String {
+    // SAFETY: ERR_get_error reads this thread's error queue; no pointers.
+    let code = unsafe { lc::ERR_get_error() };
+    if code == 0 {
+        return "unknown AWS-LC failure".into();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; AWS-LC NUL-terminates within it.
+    unsafe { lc::ERR_error_string_n(code, buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// XTS-AES-256 on AWS-LC.
+pub struct HwXts {
+    enc_template: Ctx,
+    dec_template: Ctx,
+    enc_pool: Mutex<Vec<Ctx>>,
+    dec_pool: Mutex<Vec<Ctx>>,
+}
+
+impl HwXts {
+    /// Sets up encrypt and decrypt contexts for a 512-bit key.
+    pub fn new(key: &[u8; 64]) -> Result<Self, CryptoError> {
+        Ok(HwXts {
+            enc_template: Ctx::with_key(key, true)?,
+            dec_template: Ctx::with_key(key, false)?,
+            enc_pool: Mutex::new(Vec::new()),
+            dec_pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// What the OS granted for the pages holding the template schedules.
+    pub fn protection(&self) -> Protection {
+        let (a, b) = (self.enc_template._pages.protection(), self.dec_template._pages.protection());
+        Protection {
+            locked: a.locked && b.locked,
+            excluded_from_dumps: a.excluded_from_dumps && b.excluded_from_dumps,
+        }
+    }
+
+    /// Encrypts (or decrypts) `run`, whose buffers the caller has validated.
+    pub fn process(&self, run: SectorRun<'_, '_>, encrypt: bool) -> Result<(), CryptoError> {
+        let (pool, template) = if encrypt {
+            (&self.enc_pool, &self.enc_template)
+        } else {
+            (&self.dec_pool, &self.dec_template)
+        };
+        let taken = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut ctx = match taken {
+            Some(c) => c,
+            None => template.try_clone()?,
+        };
+        let result = Self::run(&mut ctx, run);
+        pool.lock().unwrap_or_else(|e| e.into_inner()).push(ctx);
+        result
+    }
+
+    fn run(ctx: &mut Ctx, run: SectorRun<'_, '_>) -> Result<(), CryptoError> {
+        let SectorRun {
+            first_iv_sector,
+            iv_step,
+            sector_bytes,
+            src,
+            dst,
+        } = run;
+        let mut iv_sector = first_iv_sector;
+        let sectors = dst.len() / sector_bytes;
+        let dst_ptr = dst.as_mut_ptr();
+        let src_ptr = src.map_or(dst_ptr.cast_const(), <[u8]>::as_ptr);
+        for i in 0..sectors {
+            let iv = gf::plain64_iv(iv_sector);
+            let off = i * sector_bytes;
+            // SAFETY: the caller validated that dst (and src, when present) are whole sectors of
+            // `sector_bytes`, so off..off+sector_bytes is in bounds of both; src is either dst
+            // itself or a distinct shared borrow, so they are identical or disjoint.
+            let ok = unsafe { ctx.sector(&iv, src_ptr.add(off), dst_ptr.add(off), sector_bytes) };
+            if !ok {
+                return Err(CryptoError::Backend {
+                    backend: "hw",
+                    operation: "EVP_CipherUpdate",
+                    reason: last_error(),
+                });
+            }
+            iv_sector = iv_sector.wrapping_add(iv_step);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,523 @@
+//! XTS-AES-256 over runs of consecutive sectors, on the dm-crypt `aes-xts-plain64` layout.
+//!
+//! This module owns every raw key byte in nbdcrypt and is pure and synchronous: it does no I/O,
+//! knows nothing of NBD or files, and never logs, formats or returns key material.
+//!
+//! * **Key**: [`VolumeKey`], 512 bits = K1 (data) ‖ K2 (tweak); equal halves are refused.
+//! * **Tweak**: `plain64` — the IV of a sector is its number in **512-byte units**, as a 64-bit
+//!   little-endian integer zero-padded to 16 bytes. For larger sectors the IV therefore steps by
+//!   `sector_size / 512` (dm-crypt's and LUKS2's default; see `docs/on-disk-format.md`).
+//! * **Sector sizes**: 512, 1024, 2048, 4096 bytes ([`SectorSize`]).
+//! * **Backends** ([`BackendKind`]): `hw` (AWS-LC's assembly) and `portable` (our XTS over the
+//!   `aes` crate). Both produce identical output; which one runs is chosen once, when the
+//!   [`XtsEngine`] is built ([`BackendChoice`], or `NBDCRYPT_XTS_BACKEND`).
+//!
+//! Layout: [`gf`] tweak arithmetic, `portable` and `hw` the backends, `key` the key type,
+//! `locked` protected memory (with `hw`, the only `unsafe` in the crate), [`cpu`] feature report.
+
+pub mod cpu;
+pub mod gf;
+mod hw;
+mod key;
+pub mod locked;
+mod portable;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use key::{VOLUME_KEY_BYTES, VolumeKey};
+pub use locked::Protection;
+
+/// Environment variable that forces a backend: `auto`, `hw` or `portable`.
+pub const BACKEND_ENV: &str = "NBDCRYPT_XTS_BACKEND";
+
+/// What went wrong in the crypto layer. No variant ever carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The key is not 512 bits.
+    #[error("a volume key must be {want} bytes (XTS-AES-256 uses two 256-bit keys); got {got}")]
+    KeyLength {
+        /// Bytes supplied.
+        got: usize,
+        /// Bytes required.
+        want: usize,
+    },
+    /// K1 equals K2.
+    #[error("the two halves of the XTS key are equal; XTS requires two independent keys")]
+    EqualKeyHalves,
+    /// The OS random source failed.
+    #[error("the operating system's random source failed: {0}")]
+    Randomness(String),
+    /// Protected memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] locked::LockedAllocError),
+    /// The sector size is not one of 512, 1024, 2048, 4096.
+    #[error("unsupported sector size {0}: use 512, 1024, 2048 or 4096")]
+    SectorSize(u64),
+    /// A buffer is not a whole number of sectors.
+    #[error("buffer of {len} bytes is not a whole number of {sector_bytes}-byte sectors")]
+    Unaligned {
+        /// Buffer length.
+        len: usize,
+        /// Sector size.
+        sector_bytes: usize,
+    },
+    /// Source and destination differ in length.
+    #[error("source is {src} bytes but destination is {dst} bytes")]
+    LengthMismatch {
+        /// Source length.
+        src: usize,
+        /// Destination length.
+        dst: usize,
+    },
+    /// The sector numbers of the run do not fit the 64-bit plain64 IV.
+    #[error("sectors {first}..+{count} are past the 64-bit plain64 IV range")]
+    SectorOutOfRange {
+        /// First sector of the run.
+        first: u64,
+        /// Sectors in the run.
+        count: u64,
+    },
+    /// A backend was asked for by name but cannot run here.
+    #[error("XTS backend `{backend}` is unavailable: {reason}")]
+    Unavailable {
+        /// The backend.
+        backend: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The backend library reported a failure.
+    #[error("XTS backend `{backend}` failed in {operation}: {reason}")]
+    Backend {
+        /// The backend.
+        backend: &'static str,
+        /// The library call that failed.
+        operation: &'static str,
+        /// The library's reason.
+        reason: String,
+    },
+    /// An unknown backend name.
+    #[error("unknown XTS backend `{0}`: use auto, hw or portable")]
+    UnknownBackend(String),
+}
+
+/// The size of one encrypted sector (one XTS data unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SectorSize {
+    /// 512 bytes.
+    S512,
+    /// 1024 bytes.
+    S1024,
+    /// 2048 bytes.
+    S2048,
+    /// 4096 bytes.
+    S4096,
+}
+
+impl SectorSize {
+    /// Every supported size, smallest first.
+    pub const ALL: [SectorSize; 4] = [Self::S512, Self::S1024, Self::S2048, Self::S4096];
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> usize {
+        match self {
+            Self::S512 => 512,
+            Self::S1024 => 1024,
+            Self::S2048 => 2048,
+            Self::S4096 => 4096,
+        }
+    }
+
+    /// How many 512-byte IV units one sector spans (the plain64 IV step).
+    pub const fn iv_units(self) -> u64 {
+        (self.bytes() / 512) as u64
+    }
+
+    /// Parses a size given in bytes.
+    pub fn from_bytes(bytes: u64) -> Result<Self, CryptoError> {
+        match bytes {
+            512 => Ok(Self::S512),
+            1024 => Ok(Self::S1024),
+            2048 => Ok(Self::S2048),
+            4096 => Ok(Self::S4096),
+            other => Err(CryptoError::SectorSize(other)),
+        }
+    }
+}
+
+impl fmt::Display for SectorSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.bytes())
+    }
+}
+
+/// A sector number, counted in units of the volume's own [`SectorSize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SectorIndex(pub u64);
+
+/// The implementations of XTS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// AWS-LC's `EVP_aes_256_xts` assembly.
+    Hw,
+    /// nbdcrypt's XTS over the `aes` crate.
+    Portable,
+}
+
+impl BackendKind {
+    /// Both backends.
+    pub const ALL: [BackendKind; 2] = [Self::Hw, Self::Portable];
+
+    /// The name used on the command line and in `NBDCRYPT_XTS_BACKEND`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hw => "hw",
+            Self::Portable => "portable",
+        }
+    }
+
+    /// The AES code path this backend takes on this CPU.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Hw => cpu::hw_path(),
+            Self::Portable => cpu::portable_path(),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How the backend is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// The fastest backend for this CPU and sector size ([`BackendChoice::resolve`]).
+    #[default]
+    Auto,
+    /// Exactly this backend, or an error.
+    Force(BackendKind),
+}
+
+impl FromStr for BackendChoice {
+    type Err = CryptoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::Auto),
+            "hw" => Ok(Self::Force(BackendKind::Hw)),
+            "portable" => Ok(Self::Force(BackendKind::Portable)),
+            other => Err(CryptoError::UnknownBackend(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Force(k) => write!(f, "{k}"),
+        }
+    }
+}
+
+impl BackendChoice {
+    /// The choice in `NBDCRYPT_XTS_BACKEND`, or `Auto` when it is unset.
+    pub fn from_env() -> Result<Self, CryptoError> {
+        match std::env::var(BACKEND_ENV) {
+            Ok(v) => v.parse(),
+            Err(_) => Ok(Self::Auto),
+        }
+    }
+
+    /// The backend this choice selects for `sector_size` on this CPU.
+    ///
+    /// `Auto` picks `hw` wherever AES instructions exist: AWS-LC's assembly is the faster of
+    /// the two at every sector size measured (`BENCHMARKING.md`). Without AES instructions both
+    /// run in software and AWS-LC's constant-time fallback is still the better one, so `hw` is
+    /// chosen there too; `portable` is for cross-checking and for forcing.
+    pub fn resolve(self, _sector_size: SectorSize) -> BackendKind {
+        match self {
+            Self::Auto => BackendKind::Hw,
+            Self::Force(k) => k,
+        }
+    }
+}
+
+/// A validated run of whole sectors handed to a backend.
+pub(crate) struct SectorRun<'s, 'd> {
+    /// plain64 IV (512-byte units) of the first sector.
+    first_iv_sector: u64,
+    /// IV increment per sector.
+    iv_step: u64,
+    /// Bytes per sector.
+    sector_bytes: usize,
+    /// Source, or `None` for in place.
+    src: Option<&'s [u8]>,
+    /// Destination (and source when in place).
+    dst: &'d mut [u8],
+}
+
+enum Backend {
+    Hw(hw::HwXts),
+    Portable(portable::PortableXts),
+}
+
+/// XTS-AES-256 for one volume: a key, a sector size and a backend.
+///
+/// It is `Sync`: many threads may encrypt and decrypt through one engine at once.
+pub struct XtsEngine {
+    sector_size: SectorSize,
+    backend: Backend,
+}
+
+impl fmt::Debug for XtsEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XtsEngine")
+            .field("sector_size", &self.sector_size)
+            .field("backend", &self.backend_kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XtsEngine {
+    /// Builds an engine for `key`. The key schedules are expanded now, into protected memory;
+    /// `key` itself may be dropped afterwards.
+    pub fn new(
+        key: &VolumeKey,
+        sector_size: SectorSize,
+        choice: BackendChoice,
+    ) -> Result<Self, CryptoError> {
+        let backend = match choice.resolve(sector_size) {
+            BackendKind::Hw => Backend::Hw(hw::HwXts::new(key.expose())?),
+            BackendKind::Portable => {
+                let (k1, k2) = key.halves();
+                Backend::Portable(portable::PortableXts::new(k1, k2)?)
+            }
+        };
+        Ok(XtsEngine {
+            sector_size,
+            backend,
+        })
+    }
+
+    /// A `portable` engine that accepts equal key halves, for the IEEE 1619 vectors that use
+    /// them. Not reachable from a [`VolumeKey`], which refuses such keys.
+    #[doc(hidden)]
+    pub fn portable_from_raw_halves_for_tests(
+        k1: &[u8; 32],
+        k2: &[u8; 32],
+        sector_size: SectorSize,
+    ) -> Result<Self, CryptoError> {
+        Ok(XtsEngine {
+            sector_size,
+            backend: Backend::Portable(portable::PortableXts::new(k1, k2)?),
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend_kind(&self) -> BackendKind {
+        match self.backend {
+            Backend::Hw(_) => BackendKind::Hw,
+            Backend::Portable(_) => BackendKind::Portable,
+        }
+    }
+
+    /// The sector size.
+    pub fn sector_size(&self) -> SectorSize {
+        self.sector_size
+    }
+
+    /// What the OS granted for the pages holding the expanded key schedules.
+    pub fn protection(&self) -> Protection {
+        match &self.backend {
+            Backend::Hw(h) => h.protection(),
+            Backend::Portable(p) => p.protection(),
+        }
+    }
+
+    /// Encrypts `buf` in place; `buf` holds whole sectors starting at sector `first`.
+    pub fn encrypt_sectors(&self, first: SectorIndex, buf: &mut [u8]) -> Result<(), CryptoError> {
+        self.run(first, None, buf, true)
+    }
+
+    /// Decrypts `buf` in place; `buf` holds whole sectors starting at sector `first`.
+    pub fn decrypt_sectors(&self, first: SectorIndex, buf: &mut [u8]) -> Result<(), CryptoError> {
+        self.run(first, None, buf, false)
+    }
+
+    /// Encrypts `src` into `dst` (same length) without touching `src`: one pass, no extra copy.
+    pub fn encrypt_sectors_to(
+        &self,
+        first: SectorIndex,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        self.run(first, Some(src), dst, true)
+    }
+
+    /// Decrypts `src` into `dst` (same length) without touching `src`.
+    pub fn decrypt_sectors_to(
+        &self,
+        first: SectorIndex,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        self.run(first, Some(src), dst, false)
+    }
+
+    fn run(
+        &self,
+        first: SectorIndex,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        encrypt: bool,
+    ) -> Result<(), CryptoError> {
+        let run = self.validate(first, src, dst)?;
+        if run.dst.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Hw(h) => h.process(run, encrypt),
+            Backend::Portable(p) => {
+                p.process(run, encrypt);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks lengths and the IV range once, before any backend sees the buffers.
+    fn validate<'s, 'd>(
+        &self,
+        first: SectorIndex,
+        src: Option<&'s [u8]>,
+        dst: &'d mut [u8],
+    ) -> Result<SectorRun<'s, 'd>, CryptoError> {
+        let sector_bytes = self.sector_size.bytes();
+        if let Some(s) = src
+            && s.len() != dst.len()
+        {
+            return Err(CryptoError::LengthMismatch {
+                src: s.len(),
+                dst: dst.len(),
+            });
+        }
+        if dst.len() % sector_bytes != 0 {
+            return Err(CryptoError::Unaligned {
+                len: dst.len(),
+                sector_bytes,
+            });
+        }
+        let count = (dst.len() / sector_bytes) as u64;
+        let iv_step = self.sector_size.iv_units();
+        let out_of_range = CryptoError::SectorOutOfRange {
+            first: first.0,
+            count,
+        };
+        let first_iv_sector = first.0.checked_mul(iv_step).ok_or(out_of_range)?;
+        if count > 0 {
+            // The last sector's IV must fit in 64 bits too.
+            (count - 1)
+                .checked_mul(iv_step)
+                .and_then(|span| first_iv_sector.checked_add(span))
+                .ok_or(CryptoError::SectorOutOfRange {
+                    first: first.0,
+                    count,
+                })?;
+        }
+        Ok(SectorRun {
+            first_iv_sector,
+            iv_step,
+            sector_bytes,
+            src,
+            dst,
+        })
+    }
+}
+
+/// Best-effort wipe of stack space below the caller, where key-schedule temporaries may have
+/// been left by a constructor that returns by value.
+#[inline(never)]
+pub(crate) fn scrub_stack() {
+    use zeroize::Zeroize;
+    let mut area = [0u8; 16 * 1024];
+    area.zeroize();
+    std::hint::black_box(&area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> VolumeKey {
+        let mut k: Vec<u8> = (0..64u8).collect();
+        VolumeKey::take_from(&mut k).unwrap()
+    }
+
+    #[test]
+    fn engine_unaligned_buffer_is_refused() {
+        let e = XtsEngine::new(&key(), SectorSize::S4096, BackendChoice::Auto).unwrap();
+        let mut buf = vec![0u8; 4096 + 512];
+        assert!(matches!(
+            e.encrypt_sectors(SectorIndex(0), &mut buf),
+            Err(CryptoError::Unaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn engine_sector_past_iv_range_is_refused() {
+        for kind in BackendKind::ALL {
+            let e = XtsEngine::new(&key(), SectorSize::S4096, BackendChoice::Force(kind)).unwrap();
+            let mut buf = vec![0u8; 8192];
+            // u64::MAX / 8 is the last 4 KiB sector whose IV fits; two sectors from it do not.
+            let last = u64::MAX / 8;
+            assert!(e.encrypt_sectors(SectorIndex(last), &mut buf[..4096]).is_ok());
+            assert!(matches!(
+                e.encrypt_sectors(SectorIndex(last), &mut buf),
+                Err(CryptoError::SectorOutOfRange { .. })
+            ));
+            assert!(matches!(
+                e.encrypt_sectors(SectorIndex(u64::MAX), &mut buf[..4096]),
+                Err(CryptoError::SectorOutOfRange { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn engine_empty_buffer_is_a_no_op() {
+        let e = XtsEngine::new(&key(), SectorSize::S512, BackendChoice::Auto).unwrap();
+        e.encrypt_sectors(SectorIndex(u64::MAX), &mut []).unwrap();
+    }
+
+    #[test]
+    fn engine_length_mismatch_is_refused() {
+        let e = XtsEngine::new(&key(), SectorSize::S512, BackendChoice::Auto).unwrap();
+        let src = vec![0u8; 1024];
+        let mut dst = vec![0u8; 512];
+        assert!(matches!(
+            e.encrypt_sectors_to(SectorIndex(0), &src, &mut dst),
+            Err(CryptoError::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn backend_choice_parses_names() {
+        assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
+        assert_eq!(
+            "HW".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Force(BackendKind::Hw)
+        );
+        assert_eq!(
+            "portable".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Force(BackendKind::Portable)
+        );
+        assert!("fast".parse::<BackendChoice>().is_err());
+    }
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<XtsEngine>();
+    }
+}

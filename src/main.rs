@@ -1,0 +1,21 @@
+//! The `nbdcrypt` binary: parse the command line, set up logging, hand over to the library.
+
+use clap::Parser;
+use nbdcrypt::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("NBDCRYPT_LOG").unwrap_or_else(|_| EnvFilter::new(&cli.log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Info(args) => nbdcrypt::commands::info::run(&args, &mut out)?,
+        Command::Benchmark(args) => nbdcrypt::commands::benchmark::run(&args, &mut out)?,
+    }
+    Ok(())
+}
