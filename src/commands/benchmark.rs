@@ -5,7 +5,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::cli::BenchmarkArgs;
-use crate::crypto::{BackendChoice, BackendKind, CryptoError, SectorIndex, SectorSize, VolumeKey, XtsEngine};
+use crate::crypto::{
+    BackendChoice, BackendKind, CryptoError, SectorIndex, SectorSize, VolumeKey, XtsEngine,
+};
 
 /// One measured line.
 #[derive(Debug, Clone)]
@@ -35,7 +37,11 @@ pub enum BenchmarkError {
 }
 
 /// Times `op` over `buf` until `budget` has passed; returns bytes per second.
-fn throughput(budget: Duration, bytes: usize, mut op: impl FnMut() -> Result<(), CryptoError>) -> Result<f64, CryptoError> {
+fn throughput(
+    budget: Duration,
+    bytes: usize,
+    mut op: impl FnMut() -> Result<(), CryptoError>,
+) -> Result<f64, CryptoError> {
     // Warm up caches and the pool of backend contexts.
     op()?;
     let start = Instant::now();
@@ -65,8 +71,12 @@ pub fn measure(args: &BenchmarkArgs) -> Result<Vec<Measurement>, BenchmarkError>
         for sector_size in SectorSize::ALL {
             let engine = XtsEngine::new(&key, sector_size, BackendChoice::Force(backend))?;
             let first = SectorIndex(1 << 33);
-            let enc = throughput(budget, buf.len(), || engine.encrypt_sectors(first, &mut buf))?;
-            let dec = throughput(budget, buf.len(), || engine.decrypt_sectors(first, &mut buf))?;
+            let enc = throughput(budget, buf.len(), || {
+                engine.encrypt_sectors(first, &mut buf)
+            })?;
+            let dec = throughput(budget, buf.len(), || {
+                engine.decrypt_sectors(first, &mut buf)
+            })?;
             results.push(Measurement {
                 backend,
                 sector_size,
@@ -80,8 +90,15 @@ pub fn measure(args: &BenchmarkArgs) -> Result<Vec<Measurement>, BenchmarkError>
 
 /// Runs the benchmark and prints a table.
 pub fn run(args: &BenchmarkArgs, out: &mut impl Write) -> Result<(), BenchmarkError> {
-    writeln!(out, "# In-memory XTS-AES-256 throughput, one thread, {} KiB per call (no storage I/O).", args.request_bytes / 1024)?;
-    writeln!(out, "#  Algorithm |  Key |  Backend | Sector |  Encryption |  Decryption | Path")?;
+    writeln!(
+        out,
+        "# In-memory XTS-AES-256 throughput, one thread, {} KiB per call (no storage I/O).",
+        args.request_bytes / 1024
+    )?;
+    writeln!(
+        out,
+        "#  Algorithm |  Key |  Backend | Sector |  Encryption |  Decryption | Path"
+    )?;
     for m in measure(args)? {
         writeln!(
             out,
@@ -112,9 +129,10 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         for kind in BackendKind::ALL {
             for size in SectorSize::ALL {
-                let line = text
-                    .lines()
-                    .find(|l| l.contains(&format!(" {} ", kind.name())) && l.contains(&format!(" {}b ", size.bytes())));
+                let line = text.lines().find(|l| {
+                    l.contains(&format!(" {} ", kind.name()))
+                        && l.contains(&format!(" {}b ", size.bytes()))
+                });
                 assert!(line.is_some(), "missing {kind} {size}:\n{text}");
             }
         }
@@ -127,6 +145,9 @@ mod tests {
             seconds: 0.001,
             backend: None,
         };
-        assert!(matches!(measure(&args), Err(BenchmarkError::RequestSize(1000))));
+        assert!(matches!(
+            measure(&args),
+            Err(BenchmarkError::RequestSize(1000))
+        ));
     }
 }

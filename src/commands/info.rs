@@ -14,7 +14,10 @@ pub fn run(args: &InfoArgs, out: &mut impl Write) -> std::io::Result<()> {
         .map(|f| format!("{}{}", if f.present { "+" } else { "-" }, f.name))
         .collect();
     writeln!(out, "cpu features: {}", feats.join(" "))?;
-    writeln!(out, "cipher: aes-xts-plain64, 512-bit keys, IV in 512-byte units")?;
+    writeln!(
+        out,
+        "cipher: aes-xts-plain64, 512-bit keys, IV in 512-byte units"
+    )?;
     writeln!(out, "backends:")?;
     for kind in BackendKind::ALL {
         writeln!(out, "  {:<9} {}", kind.name(), kind.path())?;
@@ -29,7 +32,11 @@ pub fn run(args: &InfoArgs, out: &mut impl Write) -> std::io::Result<()> {
         Ok(p) => writeln!(
             out,
             "key memory: {}, {}",
-            if p.locked { "locked (mlock)" } else { "NOT locked: raise RLIMIT_MEMLOCK" },
+            if p.locked {
+                "locked (mlock)"
+            } else {
+                "NOT locked: raise RLIMIT_MEMLOCK"
+            },
             if p.excluded_from_dumps {
                 "excluded from core dumps"
             } else {

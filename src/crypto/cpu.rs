@@ -27,13 +27,34 @@ mod detect {
     pub fn features() -> Vec<super::Feature> {
         use super::Feature;
         vec![
-            Feature { name: "aes", present: aes_ni::get() },
-            Feature { name: "pclmulqdq", present: pclmul::get() },
-            Feature { name: "avx2", present: avx2::get() },
-            Feature { name: "vaes", present: vaes::get() },
-            Feature { name: "vpclmulqdq", present: vpclmul::get() },
-            Feature { name: "avx512f", present: avx512f::get() },
-            Feature { name: "avx512vbmi2", present: avx512vbmi2::get() },
+            Feature {
+                name: "aes",
+                present: aes_ni::get(),
+            },
+            Feature {
+                name: "pclmulqdq",
+                present: pclmul::get(),
+            },
+            Feature {
+                name: "avx2",
+                present: avx2::get(),
+            },
+            Feature {
+                name: "vaes",
+                present: vaes::get(),
+            },
+            Feature {
+                name: "vpclmulqdq",
+                present: vpclmul::get(),
+            },
+            Feature {
+                name: "avx512f",
+                present: avx512f::get(),
+            },
+            Feature {
+                name: "avx512vbmi2",
+                present: avx512vbmi2::get(),
+            },
         ]
     }
 }
@@ -43,7 +64,10 @@ mod detect {
     cpufeatures::new!(aes_arm, "aes");
 
     pub fn features() -> Vec<super::Feature> {
-        vec![super::Feature { name: "aes", present: aes_arm::get() }]
+        vec![super::Feature {
+            name: "aes",
+            present: aes_arm::get(),
+        }]
     }
 }
 

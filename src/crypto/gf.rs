@@ -62,7 +62,10 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             let bytes = to_block(state);
-            assert_eq!(to_block(mul_alpha(from_block(&bytes))), mul_alpha_bytewise(bytes));
+            assert_eq!(
+                to_block(mul_alpha(from_block(&bytes))),
+                mul_alpha_bytewise(bytes)
+            );
         }
     }
 

@@ -33,7 +33,7 @@ const XTS_CIPHER_DATA_BYTES: usize = 576;
 /// One AWS-LC cipher context with its key set.
 struct Ctx {
     ptr: NonNull<lc::EVP_CIPHER_CTX>,
-    _pages: PageLock,
+    pages: PageLock,
 }
 
 // SAFETY: an EVP_CIPHER_CTX has no thread affinity; it is only ever used by one thread at a
@@ -50,7 +50,7 @@ impl Ctx {
         let data = unsafe { (*ptr.as_ptr()).cipher_data };
         Ctx {
             ptr,
-            _pages: PageLock::new(data.cast::<u8>(), XTS_CIPHER_DATA_BYTES),
+            pages: PageLock::new(data.cast::<u8>(), XTS_CIPHER_DATA_BYTES),
         }
     }
 
@@ -96,8 +96,8 @@ impl Ctx {
             operation: "EVP_CIPHER_CTX_new",
             reason: "out of memory".into(),
         })?;
-        // SAFETY: both contexts are valid; self is not used concurrently (we hold &self of an
-        // owned template that is only read here and by other copies under the pool mutex).
+        // SAFETY: both contexts are valid; the template is only ever reached under its pool's
+        // mutex, so nothing else uses it during the copy.
         let ok = unsafe { lc::EVP_CIPHER_CTX_copy(ptr.as_ptr(), self.ptr.as_ptr()) };
         if ok != 1 {
             let reason = last_error();
@@ -166,48 +166,64 @@ fn last_error() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Contexts of one direction: a keyed template and idle copies of it.
+struct Pool {
+    template: Ctx,
+    idle: Vec<Ctx>,
+}
+
+impl Pool {
+    fn new(template: Ctx) -> Mutex<Pool> {
+        Mutex::new(Pool {
+            template,
+            idle: Vec::new(),
+        })
+    }
+}
+
 /// XTS-AES-256 on AWS-LC.
 pub struct HwXts {
-    enc_template: Ctx,
-    dec_template: Ctx,
-    enc_pool: Mutex<Vec<Ctx>>,
-    dec_pool: Mutex<Vec<Ctx>>,
+    enc: Mutex<Pool>,
+    dec: Mutex<Pool>,
+    protection: Protection,
 }
 
 impl HwXts {
     /// Sets up encrypt and decrypt contexts for a 512-bit key.
     pub fn new(key: &[u8; 64]) -> Result<Self, CryptoError> {
+        let enc = Ctx::with_key(key, true)?;
+        let dec = Ctx::with_key(key, false)?;
+        let (a, b) = (enc.pages.protection(), dec.pages.protection());
         Ok(HwXts {
-            enc_template: Ctx::with_key(key, true)?,
-            dec_template: Ctx::with_key(key, false)?,
-            enc_pool: Mutex::new(Vec::new()),
-            dec_pool: Mutex::new(Vec::new()),
+            enc: Pool::new(enc),
+            dec: Pool::new(dec),
+            protection: Protection {
+                locked: a.locked && b.locked,
+                excluded_from_dumps: a.excluded_from_dumps && b.excluded_from_dumps,
+            },
         })
     }
 
     /// What the OS granted for the pages holding the template schedules.
     pub fn protection(&self) -> Protection {
-        let (a, b) = (self.enc_template._pages.protection(), self.dec_template._pages.protection());
-        Protection {
-            locked: a.locked && b.locked,
-            excluded_from_dumps: a.excluded_from_dumps && b.excluded_from_dumps,
-        }
+        self.protection
     }
 
     /// Encrypts (or decrypts) `run`, whose buffers the caller has validated.
     pub fn process(&self, run: SectorRun<'_, '_>, encrypt: bool) -> Result<(), CryptoError> {
-        let (pool, template) = if encrypt {
-            (&self.enc_pool, &self.enc_template)
-        } else {
-            (&self.dec_pool, &self.dec_template)
-        };
-        let taken = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut ctx = match taken {
-            Some(c) => c,
-            None => template.try_clone()?,
+        let pool = if encrypt { &self.enc } else { &self.dec };
+        let mut ctx = {
+            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+            match p.idle.pop() {
+                Some(c) => c,
+                None => p.template.try_clone()?,
+            }
         };
         let result = Self::run(&mut ctx, run);
-        pool.lock().unwrap_or_else(|e| e.into_inner()).push(ctx);
+        pool.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .idle
+            .push(ctx);
         result
     }
 

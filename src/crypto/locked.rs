@@ -51,7 +51,10 @@ pub fn page_size() -> usize {
     *PAGE.get_or_init(|| {
         // SAFETY: sysconf has no memory-safety preconditions.
         let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(v).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+        usize::try_from(v)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
     })
 }
 
@@ -87,7 +90,9 @@ impl<T> LockedBox<T> {
     ///
     /// `init` receives a pointer to zeroed, properly aligned, writable memory for one `T` and
     /// must fully initialise it.
-    pub fn new_with(init: impl FnOnce(&mut std::mem::MaybeUninit<T>)) -> Result<Self, LockedAllocError> {
+    pub fn new_with(
+        init: impl FnOnce(&mut std::mem::MaybeUninit<T>),
+    ) -> Result<Self, LockedAllocError> {
         let page = page_size();
         assert!(align_of::<T>() <= page, "over-aligned secret type");
         let map_len = size_of::<T>().max(1).div_ceil(page) * page;

@@ -472,7 +472,10 @@ mod tests {
             let mut buf = vec![0u8; 8192];
             // u64::MAX / 8 is the last 4 KiB sector whose IV fits; two sectors from it do not.
             let last = u64::MAX / 8;
-            assert!(e.encrypt_sectors(SectorIndex(last), &mut buf[..4096]).is_ok());
+            assert!(
+                e.encrypt_sectors(SectorIndex(last), &mut buf[..4096])
+                    .is_ok()
+            );
             assert!(matches!(
                 e.encrypt_sectors(SectorIndex(last), &mut buf),
                 Err(CryptoError::SectorOutOfRange { .. })
@@ -503,7 +506,10 @@ mod tests {
 
     #[test]
     fn backend_choice_parses_names() {
-        assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
+        assert_eq!(
+            "auto".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Auto
+        );
         assert_eq!(
             "HW".parse::<BackendChoice>().unwrap(),
             BackendChoice::Force(BackendKind::Hw)

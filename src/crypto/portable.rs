@@ -19,9 +19,9 @@
 //! drop, and the box wipes its whole mapping after that.
 
 use aes::cipher::{
-    Block, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt,
-    BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
-    ParBlocksSizeUser, consts::U16, typenum::Unsigned,
+    Block, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt, BlockCipherEncBackend,
+    BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit, ParBlocksSizeUser,
+    consts::U16, typenum::Unsigned,
 };
 use aes::{Aes256, Aes256Enc};
 
