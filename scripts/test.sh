@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with a Rust toolchain.
+#
+# Installs every peer the tests drive (Debian packages, a Python venv), then runs formatting,
+# lints and every test in the debug profile. Peers are required: a missing one fails the run
+# (NBDCRYPT_REQUIRE_PEERS=1). Benchmarks are separate: scripts/bench-xts.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# Debian packages: the openssl CLI (an independent XTS oracle), and libssl-dev + pkg-config for
+# the `openssl` crate the benchmarks and tests use as a reference.
+DEB_PACKAGES=(openssl libssl-dev pkg-config python3-venv)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+# Python venv with pyca/cryptography (OpenSSL's XTS, an oracle independent of our code).
+VENV="${NBDCRYPT_VENV:-$ROOT/.venv}"
+if ! "$VENV/bin/python" -c 'import cryptography' 2>/dev/null; then
+    log "building the Python venv in $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements-test.txt"
+fi
+
+export NBDCRYPT_PYTHON="$VENV/bin/python"
+export NBDCRYPT_REQUIRE_PEERS=1
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+log "cargo test (debug profile)"
+cargo test --locked --all-targets
+
+log "doc tests"
+cargo test --locked --doc
