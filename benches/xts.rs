@@ -29,7 +29,7 @@ const FIRST: u64 = (1 << 32) + 12345;
 fn raw_key() -> [u8; 64] {
     let mut k = [0u8; 64];
     for (i, b) in k.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+        *b = u8::try_from(i).unwrap().wrapping_mul(37).wrapping_add(11);
     }
     k
 }
@@ -41,6 +41,7 @@ struct AwsLcRaw {
 
 impl AwsLcRaw {
     fn new(key: &[u8; 64]) -> Self {
+        // SAFETY: a fresh context, a 64-byte key for AES-256-XTS, null IV allowed at key setup.
         unsafe {
             let ctx = aws_lc_sys::EVP_CIPHER_CTX_new();
             assert_eq!(
@@ -62,6 +63,7 @@ impl AwsLcRaw {
         for chunk in buf.chunks_exact_mut(sector) {
             let ivb = u128::from(iv).to_le_bytes();
             let mut out_len = 0;
+            // SAFETY: ctx is keyed; chunk is valid for `sector` bytes, in place is allowed.
             unsafe {
                 aws_lc_sys::EVP_EncryptInit_ex(
                     self.ctx,
@@ -75,7 +77,7 @@ impl AwsLcRaw {
                     chunk.as_mut_ptr(),
                     &mut out_len,
                     chunk.as_ptr(),
-                    sector as i32,
+                    i32::try_from(sector).unwrap(),
                 );
             }
             iv += step;
@@ -85,6 +87,7 @@ impl AwsLcRaw {
 
 impl Drop for AwsLcRaw {
     fn drop(&mut self) {
+        // SAFETY: the context is ours and freed once.
         unsafe { aws_lc_sys::EVP_CIPHER_CTX_free(self.ctx) };
     }
 }

@@ -7,6 +7,7 @@
 //! Cases are random: keys, every sector size, runs of 1–150 sectors (crossing the portable
 //! backend's 64-sector batch), and first sectors near 0, around 2^32 and near the top of the
 //! 64-bit plain64 IV range. The seed is printed; `NBDCRYPT_TEST_SEED` replays a run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -40,10 +41,10 @@ fn first_sector(rng: &mut Rng, size: SectorSize, count: u64) -> u64 {
 
 fn case(rng: &mut Rng) -> Case {
     let (key, raw_key) = random_key(rng);
-    let size = SectorSize::ALL[rng.below(4) as usize];
+    let size = SectorSize::ALL[usize::try_from(rng.below(4)).unwrap()];
     let count = 1 + rng.below(150);
     let first = first_sector(rng, size, count);
-    let plain = rng.bytes(count as usize * size.bytes());
+    let plain = rng.bytes(usize::try_from(count).unwrap() * size.bytes());
     let engines = BackendKind::ALL
         .iter()
         .map(|&k| XtsEngine::new(&key, size, BackendChoice::Force(k)).unwrap())

@@ -4,6 +4,7 @@
 //!
 //! The vectors' data unit sequence numbers (0xff … 0xffffffffff) are the plain64 sector numbers
 //! of 512-byte sectors, so each vector is exactly one `encrypt_sectors` call.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use nbdcrypt::crypto::{BackendChoice, BackendKind, SectorIndex, SectorSize, VolumeKey, XtsEngine};
 

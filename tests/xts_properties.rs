@@ -1,4 +1,5 @@
 //! Property tests of the XTS engine, on every backend and sector size.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use nbdcrypt::crypto::{BackendChoice, BackendKind, SectorIndex, SectorSize, VolumeKey, XtsEngine};
 use proptest::prelude::*;

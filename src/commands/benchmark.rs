@@ -56,7 +56,7 @@ fn throughput(
 
 /// Measures every requested backend at every sector size.
 pub fn measure(args: &BenchmarkArgs) -> Result<Vec<Measurement>, BenchmarkError> {
-    if args.request_bytes == 0 || args.request_bytes % 4096 != 0 {
+    if args.request_bytes == 0 || !args.request_bytes.is_multiple_of(4096) {
         return Err(BenchmarkError::RequestSize(args.request_bytes));
     }
     let budget = Duration::from_secs_f64(args.seconds.max(0.01));

@@ -403,7 +403,7 @@ impl XtsEngine {
                 dst: dst.len(),
             });
         }
-        if dst.len() % sector_bytes != 0 {
+        if !dst.len().is_multiple_of(sector_bytes) {
             return Err(CryptoError::Unaligned {
                 len: dst.len(),
                 sector_bytes,

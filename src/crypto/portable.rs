@@ -125,13 +125,13 @@ impl BlockSizeUser for Job<'_> {
     type BlockSize = U16;
 }
 
-/// Walks the tweak sequence across sector boundaries: α-doubling within a sector, the next
-/// initial tweak at the start of each new sector.
+/// Walks the tweak sequence across sector boundaries: α-doubling within a sector (eight lanes
+/// at a time, [`gf::Lanes8`]), the next initial tweak at the start of each new sector.
 struct TweakWalk<'a> {
     initial: &'a [u128],
     sector: usize,
     in_sector: usize,
-    current: u128,
+    lanes: gf::Lanes8,
     blocks_per_sector: usize,
 }
 
@@ -141,42 +141,50 @@ impl<'a> TweakWalk<'a> {
             initial,
             sector: 0,
             in_sector: 0,
-            current: initial.first().copied().unwrap_or(0),
+            lanes: gf::Lanes8::consecutive(initial.first().copied().unwrap_or(0)),
             blocks_per_sector,
         }
     }
 
-    /// Fills `out` with the next `out.len()` tweaks.
+    /// Fills `out` with the tweaks of the next `out.len() / 2` blocks, as (low, high) words.
+    ///
+    /// Every run handed here is a multiple of 8 blocks: sectors are at least 32 blocks and
+    /// batches start on sector boundaries and hold 64 blocks.
     #[inline(always)]
-    fn fill(&mut self, out: &mut [u128]) {
+    fn fill(&mut self, out: &mut [u64]) {
+        let blocks = out.len() / 2;
         let mut filled = 0;
-        while filled < out.len() {
-            // Run of tweaks left in this sector: a tight doubling loop with no boundary test.
-            let take = (self.blocks_per_sector - self.in_sector).min(out.len() - filled);
-            let mut t = self.current;
-            for slot in &mut out[filled..filled + take] {
-                *slot = t;
-                t = gf::mul_alpha(t);
+        while filled < blocks {
+            let take = (self.blocks_per_sector - self.in_sector).min(blocks - filled);
+            debug_assert_eq!(take % 8, 0);
+            for words in out[2 * filled..2 * (filled + take)].chunks_exact_mut(16) {
+                if let Ok(words) = <&mut [u64; 16]>::try_from(words) {
+                    self.lanes.store(words);
+                }
+                self.lanes.step8();
             }
             filled += take;
             self.in_sector += take;
-            self.current = t;
             if self.in_sector == self.blocks_per_sector {
                 self.sector += 1;
                 self.in_sector = 0;
-                self.current = self.initial.get(self.sector).copied().unwrap_or(0);
+                let next = self.initial.get(self.sector).copied().unwrap_or(0);
+                self.lanes = gf::Lanes8::consecutive(next);
             }
         }
     }
 }
 
-/// `dst[i] = src[i] ^ tw[i]` (or in place when `src` is `None`), a block at a time as `u128`.
+/// `dst = src ^ tw` (or `dst ^= tw` in place), 64 bits at a time so the compiler can use the
+/// widest vector XOR the backend's target features allow.
 #[inline(always)]
-fn xor_in(dst: &mut [[u8; 16]], src: Option<&[[u8; 16]]>, tw: &[u128]) {
+fn xor_in(dst: &mut [[u8; 16]], src: Option<&[[u8; 16]]>, tw: &[u64]) {
     match src {
         Some(src) => {
-            for ((d, s), t) in dst.iter_mut().zip(src).zip(tw) {
-                *d = (u128::from_le_bytes(*s) ^ t).to_le_bytes();
+            let (d, _) = dst.as_flattened_mut().as_chunks_mut::<8>();
+            let (s, _) = src.as_flattened().as_chunks::<8>();
+            for ((d, s), t) in d.iter_mut().zip(s).zip(tw) {
+                *d = (u64::from_le_bytes(*s) ^ t).to_le_bytes();
             }
         }
         None => xor_out(dst, tw),
@@ -184,9 +192,10 @@ fn xor_in(dst: &mut [[u8; 16]], src: Option<&[[u8; 16]]>, tw: &[u128]) {
 }
 
 #[inline(always)]
-fn xor_out(dst: &mut [[u8; 16]], tw: &[u128]) {
-    for (d, t) in dst.iter_mut().zip(tw) {
-        *d = (u128::from_le_bytes(*d) ^ t).to_le_bytes();
+fn xor_out(dst: &mut [[u8; 16]], tw: &[u64]) {
+    let (d, _) = dst.as_flattened_mut().as_chunks_mut::<8>();
+    for (d, t) in d.iter_mut().zip(tw) {
+        *d = (u64::from_le_bytes(*d) ^ t).to_le_bytes();
     }
 }
 
@@ -247,12 +256,12 @@ impl Job<'_> {
     fn run<C: BatchCipher>(self, cipher: &C) {
         let par = C::ParBlocksSize::USIZE;
         let mut walk = TweakWalk::new(self.initial, self.blocks_per_sector);
-        let mut tw = [0u128; BATCH_BLOCKS];
+        let mut tw = [0u64; 2 * BATCH_BLOCKS];
         let mut offset = 0;
         let total = self.dst.len();
         while offset < total {
             let n = (total - offset).min(BATCH_BLOCKS);
-            let tw = &mut tw[..n];
+            let tw = &mut tw[..2 * n];
             walk.fill(tw);
             let dst = &mut self.dst[offset..offset + n];
             xor_in(dst, self.src.map(|s| &s[offset..offset + n]), tw);

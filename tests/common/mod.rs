@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use nbdcrypt::crypto::VolumeKey;
 
@@ -81,7 +82,7 @@ pub fn seed(test: &str) -> u64 {
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
+                .map(|d| d.as_secs() ^ u64::from(d.subsec_nanos()))
                 .unwrap_or(42)
         });
     eprintln!("{test}: NBDCRYPT_TEST_SEED={s}");
