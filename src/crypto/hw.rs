@@ -6,8 +6,8 @@
 //! per-call cost is a 16-byte IV copy plus the call itself.
 //!
 //! An `EVP_CIPHER_CTX` carries the IV of the call in flight, so a context serves one thread at a
-//! time. Each direction keeps a small pool of contexts; a call takes one, runs its whole request,
-//! and puts it back. New contexts are copies of a template (`EVP_CIPHER_CTX_copy`), so the raw
+//! time. Each direction keeps a pool of context slots; a call claims one with an atomic
+//! compare-exchange, runs its whole request, and releases it. New contexts are copies of a template (`EVP_CIPHER_CTX_copy`), so the raw
 //! key is needed only at construction.
 //!
 //! Key schedules live in AWS-LC's heap (`cipher_data`). Their pages are locked and excluded
@@ -18,8 +18,10 @@
 //! requires; [`super::VolumeKey`] refuses them first anyway.
 #![allow(unsafe_code)]
 
+use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use aws_lc_sys as lc;
 
@@ -166,25 +168,98 @@ fn last_error() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Contexts of one direction: a keyed template and idle copies of it.
+/// One reusable context, claimed by a single atomic compare-exchange.
+struct Slot {
+    busy: AtomicBool,
+    ctx: UnsafeCell<Option<Ctx>>,
+}
+
+/// Clears a slot's `busy` flag when the claim ends, also on unwind.
+struct Claim<'a>(&'a AtomicBool);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Contexts of one direction: a keyed template and lazily made copies of it in slots.
+///
+/// A request claims a free slot with one compare-exchange (no lock on the hot path) and keeps
+/// it for its whole run. Threads start their search at different slots. When every slot is busy
+/// the request uses a temporary copy, freed (and wiped by AWS-LC) afterwards.
 struct Pool {
-    template: Ctx,
-    idle: Vec<Ctx>,
+    template: Mutex<Ctx>,
+    slots: Box<[Slot]>,
+}
+
+// SAFETY: a slot's context is only reached by the thread that switched its `busy` flag from
+// false to true (Acquire), and is handed back with a Release store, so no two threads ever
+// touch one context at once; the template is behind a Mutex. Ctx itself is Send.
+unsafe impl Sync for Pool {}
+
+fn slot_hint() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HINT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    HINT.with(|h| *h)
 }
 
 impl Pool {
-    fn new(template: Ctx) -> Mutex<Pool> {
-        Mutex::new(Pool {
-            template,
-            idle: Vec::new(),
-        })
+    fn new(template: Ctx) -> Pool {
+        let slots = std::thread::available_parallelism()
+            .map_or(4, |n| n.get() * 2)
+            .clamp(4, 64);
+        Pool {
+            template: Mutex::new(template),
+            slots: (0..slots)
+                .map(|_| Slot {
+                    busy: AtomicBool::new(false),
+                    ctx: UnsafeCell::new(None),
+                })
+                .collect(),
+        }
+    }
+
+    fn copy_template(&self) -> Result<Ctx, CryptoError> {
+        self.template
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_clone()
+    }
+
+    fn with_ctx<R>(&self, f: impl FnOnce(&mut Ctx) -> R) -> Result<R, CryptoError> {
+        let n = self.slots.len();
+        let start = slot_hint() % n;
+        for i in 0..n {
+            let slot = &self.slots[(start + i) % n];
+            if slot
+                .busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            let _claim = Claim(&slot.busy);
+            // SAFETY: this thread owns the slot until `_claim` drops (see `impl Sync for Pool`).
+            let ctx = unsafe { &mut *slot.ctx.get() };
+            if ctx.is_none() {
+                *ctx = Some(self.copy_template()?);
+            }
+            if let Some(c) = ctx.as_mut() {
+                return Ok(f(c));
+            }
+        }
+        let mut temporary = self.copy_template()?;
+        Ok(f(&mut temporary))
     }
 }
 
 /// XTS-AES-256 on AWS-LC.
 pub struct HwXts {
-    enc: Mutex<Pool>,
-    dec: Mutex<Pool>,
+    enc: Pool,
+    dec: Pool,
     protection: Protection,
 }
 
@@ -212,19 +287,7 @@ impl HwXts {
     /// Encrypts (or decrypts) `run`, whose buffers the caller has validated.
     pub fn process(&self, run: SectorRun<'_, '_>, encrypt: bool) -> Result<(), CryptoError> {
         let pool = if encrypt { &self.enc } else { &self.dec };
-        let mut ctx = {
-            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-            match p.idle.pop() {
-                Some(c) => c,
-                None => p.template.try_clone()?,
-            }
-        };
-        let result = Self::run(&mut ctx, run);
-        pool.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .idle
-            .push(ctx);
-        result
+        pool.with_ctx(|ctx| Self::run(ctx, run))?
     }
 
     fn run(ctx: &mut Ctx, run: SectorRun<'_, '_>) -> Result<(), CryptoError> {
