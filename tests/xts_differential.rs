@@ -45,7 +45,7 @@ fn case(rng: &mut Rng) -> Case {
     let count = 1 + rng.below(150);
     let first = first_sector(rng, size, count);
     let plain = rng.bytes(usize::try_from(count).unwrap() * size.bytes());
-    let engines = BackendKind::ALL
+    let engines = BackendKind::available()
         .iter()
         .map(|&k| XtsEngine::new(&key, size, BackendChoice::Force(k)).unwrap())
         .collect();
@@ -236,7 +236,7 @@ fn every_backend_matches_the_openssl_command_line() {
             (key, raw_key, first, rng.bytes(size.bytes() * 3))
         };
         let (key, raw_key, first, plain) = c;
-        for kind in BackendKind::ALL {
+        for kind in BackendKind::available() {
             let e = XtsEngine::new(&key, size, BackendChoice::Force(kind)).unwrap();
             let mut buf = plain.clone();
             e.encrypt_sectors(SectorIndex(first), &mut buf).unwrap();

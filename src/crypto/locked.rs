@@ -225,11 +225,42 @@ fn protect_range(start: *mut u8, len: usize) -> Protection {
     // SAFETY: mlock/madvise only change page attributes of a mapped range; they never touch the
     // contents. Callers pass page-aligned ranges inside their own mappings.
     let locked = unsafe { libc::mlock(start.cast(), len) } == 0;
+    let lock_error = (!locked).then(std::io::Error::last_os_error);
     // SAFETY: as above.
     let excluded = unsafe { libc::madvise(start.cast(), len, libc::MADV_DONTDUMP) } == 0;
+    let dump_error = (!excluded).then(std::io::Error::last_os_error);
+    warn_degraded(lock_error, dump_error);
     Protection {
         locked,
         excluded_from_dumps: excluded,
+    }
+}
+
+/// Logs a refused protection: a warning the first time, at debug level afterwards (a server
+/// with many volumes must not flood its log with the same advice).
+fn warn_degraded(lock_error: Option<std::io::Error>, dump_error: Option<std::io::Error>) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if lock_error.is_none() && dump_error.is_none() {
+        return;
+    }
+    let first = !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(e) = lock_error {
+        if first {
+            tracing::warn!(
+                error = %e,
+                "could not lock key memory (mlock); key pages may reach swap. \
+                 Raise RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=) or grant CAP_IPC_LOCK"
+            );
+        } else {
+            tracing::debug!(error = %e, "mlock refused for key memory");
+        }
+    }
+    if let Some(e) = dump_error {
+        if first {
+            tracing::warn!(error = %e, "could not exclude key memory from core dumps (MADV_DONTDUMP)");
+        } else {
+            tracing::debug!(error = %e, "MADV_DONTDUMP refused for key memory");
+        }
     }
 }
 

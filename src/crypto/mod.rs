@@ -8,12 +8,14 @@
 //!   little-endian integer zero-padded to 16 bytes. For larger sectors the IV therefore steps by
 //!   `sector_size / 512` (dm-crypt's and LUKS2's default; see `docs/on-disk-format.md`).
 //! * **Sector sizes**: 512, 1024, 2048, 4096 bytes ([`SectorSize`]).
-//! * **Backends** ([`BackendKind`]): `hw` (AWS-LC's assembly) and `portable` (our XTS over the
-//!   `aes` crate). Both produce identical output; which one runs is chosen once, when the
-//!   [`XtsEngine`] is built ([`BackendChoice`], or `NBDCRYPT_XTS_BACKEND`).
+//! * **Backends** ([`BackendKind`]): `hw` (AWS-LC's assembly), `portable` (our XTS over the
+//!   `aes` crate) and `vaes` (our VAES-512 kernel, x86_64 with AVX-512). All produce identical
+//!   output; which one runs is chosen once, when the [`XtsEngine`] is built ([`BackendChoice`],
+//!   or `NBDCRYPT_XTS_BACKEND`).
 //!
-//! Layout: [`gf`] tweak arithmetic, `portable` and `hw` the backends, `key` the key type,
-//! `locked` protected memory (with `hw`, the only `unsafe` in the crate), [`cpu`] feature report.
+//! Layout: [`gf`] tweak arithmetic, `portable`, `hw` and `vaes` the backends, `key` the key
+//! type, `locked` protected memory, [`cpu`] feature report. `unsafe` is confined to `locked`,
+//! `hw` (FFI) and `vaes` (intrinsics).
 
 pub mod cpu;
 pub mod gf;
@@ -21,6 +23,8 @@ mod hw;
 mod key;
 pub mod locked;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,7 +32,7 @@ use std::str::FromStr;
 pub use key::{VOLUME_KEY_BYTES, VolumeKey};
 pub use locked::Protection;
 
-/// Environment variable that forces a backend: `auto`, `hw` or `portable`.
+/// Environment variable that forces a backend: `auto`, `hw`, `portable` or `vaes`.
 pub const BACKEND_ENV: &str = "NBDCRYPT_XTS_BACKEND";
 
 /// What went wrong in the crypto layer. No variant ever carries key material.
@@ -97,7 +101,7 @@ pub enum CryptoError {
         reason: String,
     },
     /// An unknown backend name.
-    #[error("unknown XTS backend `{0}`: use auto, hw or portable")]
+    #[error("unknown XTS backend `{0}`: use auto, hw, portable or vaes")]
     UnknownBackend(String),
 }
 
@@ -158,21 +162,41 @@ pub struct SectorIndex(pub u64);
 /// The implementations of XTS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
-    /// AWS-LC's `EVP_aes_256_xts` assembly.
+    /// AWS-LC's `EVP_aes_256_xts` assembly, one call per sector.
     Hw,
-    /// nbdcrypt's XTS over the `aes` crate.
+    /// nbdcrypt's XTS over the `aes` crate, batched across sectors.
     Portable,
+    /// nbdcrypt's own VAES-512/VPCLMULQDQ kernel, batched across sectors (x86_64 with
+    /// AVX-512; unavailable elsewhere).
+    Vaes,
 }
 
 impl BackendKind {
-    /// Both backends.
-    pub const ALL: [BackendKind; 2] = [Self::Hw, Self::Portable];
+    /// Every backend, available here or not.
+    pub const ALL: [BackendKind; 3] = [Self::Hw, Self::Portable, Self::Vaes];
+
+    /// The backends this CPU can run.
+    pub fn available() -> Vec<BackendKind> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// Whether this CPU can run the backend.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Hw | Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Vaes => vaes::supported(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Vaes => false,
+        }
+    }
 
     /// The name used on the command line and in `NBDCRYPT_XTS_BACKEND`.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Hw => "hw",
             Self::Portable => "portable",
+            Self::Vaes => "vaes",
         }
     }
 
@@ -181,6 +205,10 @@ impl BackendKind {
         match self {
             Self::Hw => cpu::hw_path(),
             Self::Portable => cpu::portable_path(),
+            Self::Vaes if self.is_available() => {
+                "nbdcrypt VAES-512+VPCLMULQDQ kernel (32-block batches)"
+            }
+            Self::Vaes => "unavailable: needs x86_64 with AES-NI, AVX-512F/BW, VAES, VPCLMULQDQ",
         }
     }
 }
@@ -208,6 +236,7 @@ impl FromStr for BackendChoice {
             "" | "auto" => Ok(Self::Auto),
             "hw" => Ok(Self::Force(BackendKind::Hw)),
             "portable" => Ok(Self::Force(BackendKind::Portable)),
+            "vaes" => Ok(Self::Force(BackendKind::Vaes)),
             other => Err(CryptoError::UnknownBackend(other.to_owned())),
         }
     }
@@ -233,12 +262,14 @@ impl BackendChoice {
 
     /// The backend this choice selects for `sector_size` on this CPU.
     ///
-    /// `Auto` picks `hw` wherever AES instructions exist: AWS-LC's assembly is the faster of
-    /// the two at every sector size measured (`BENCHMARKING.md`). Without AES instructions both
-    /// run in software and AWS-LC's constant-time fallback is still the better one, so `hw` is
-    /// chosen there too; `portable` is for cross-checking and for forcing.
+    /// `Auto` picks `vaes` where the CPU has it: batching across sectors, it is the fastest at
+    /// every sector size measured, and the only one near the hardware limit at 512 bytes
+    /// (`BENCHMARKING.md`). Elsewhere it picks `hw`: AWS-LC's AES-NI or ARMv8 assembly beats
+    /// the `aes` crate, and without AES instructions AWS-LC's constant-time fallback is still
+    /// the better software path. `portable` is for cross-checking and for forcing.
     pub fn resolve(self, _sector_size: SectorSize) -> BackendKind {
         match self {
+            Self::Auto if BackendKind::Vaes.is_available() => BackendKind::Vaes,
             Self::Auto => BackendKind::Hw,
             Self::Force(k) => k,
         }
@@ -262,6 +293,8 @@ pub(crate) struct SectorRun<'s, 'd> {
 enum Backend {
     Hw(hw::HwXts),
     Portable(portable::PortableXts),
+    #[cfg(target_arch = "x86_64")]
+    Vaes(vaes::VaesXts),
 }
 
 /// XTS-AES-256 for one volume: a key, a sector size and a backend.
@@ -295,6 +328,18 @@ impl XtsEngine {
                 let (k1, k2) = key.halves();
                 Backend::Portable(portable::PortableXts::new(k1, k2)?)
             }
+            #[cfg(target_arch = "x86_64")]
+            BackendKind::Vaes => {
+                let (k1, k2) = key.halves();
+                Backend::Vaes(vaes::VaesXts::new(k1, k2)?)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            BackendKind::Vaes => {
+                return Err(CryptoError::Unavailable {
+                    backend: "vaes",
+                    reason: "needs x86_64".into(),
+                });
+            }
         };
         Ok(XtsEngine {
             sector_size,
@@ -321,6 +366,8 @@ impl XtsEngine {
         match self.backend {
             Backend::Hw(_) => BackendKind::Hw,
             Backend::Portable(_) => BackendKind::Portable,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes(_) => BackendKind::Vaes,
         }
     }
 
@@ -334,6 +381,8 @@ impl XtsEngine {
         match &self.backend {
             Backend::Hw(h) => h.protection(),
             Backend::Portable(p) => p.protection(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes(v) => v.protection(),
         }
     }
 
@@ -382,6 +431,11 @@ impl XtsEngine {
             Backend::Hw(h) => h.process(run, encrypt),
             Backend::Portable(p) => {
                 p.process(run, encrypt);
+                Ok(())
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes(v) => {
+                v.process(run, encrypt);
                 Ok(())
             }
         }
@@ -467,7 +521,7 @@ mod tests {
 
     #[test]
     fn engine_sector_past_iv_range_is_refused() {
-        for kind in BackendKind::ALL {
+        for kind in BackendKind::available() {
             let e = XtsEngine::new(&key(), SectorSize::S4096, BackendChoice::Force(kind)).unwrap();
             let mut buf = vec![0u8; 8192];
             // u64::MAX / 8 is the last 4 KiB sector whose IV fits; two sectors from it do not.

@@ -1,0 +1,105 @@
+//! The `nbdcrypt` binary as a user runs it: `info` and `benchmark`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::peer_available;
+use nbdcrypt::crypto::BackendKind;
+
+fn nbdcrypt() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+    c.env_remove("NBDCRYPT_XTS_BACKEND")
+        .env_remove("NBDCRYPT_LOG");
+    c
+}
+
+fn run(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("run nbdcrypt");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "nbdcrypt failed:\n{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn info_names_features_backends_and_selection() {
+    let (out, _) = run(nbdcrypt().arg("info"));
+    assert!(out.contains("cpu features:"), "{out}");
+    assert!(out.contains("aes-xts-plain64"), "{out}");
+    let expected = if BackendKind::Vaes.is_available() {
+        "vaes"
+    } else {
+        "hw"
+    };
+    assert!(
+        out.contains(&format!("4096-byte sectors: {expected}")),
+        "{out}"
+    );
+    for kind in BackendKind::ALL {
+        assert!(out.contains(&format!("  {:<9} ", kind.name())), "{out}");
+    }
+    assert!(out.contains("key memory:"), "{out}");
+}
+
+#[test]
+fn info_honours_the_backend_environment_variable() {
+    let (out, _) = run(nbdcrypt()
+        .arg("info")
+        .env("NBDCRYPT_XTS_BACKEND", "portable"));
+    assert!(out.contains("512-byte sectors: portable"), "{out}");
+}
+
+#[test]
+fn unknown_backend_is_a_clear_error() {
+    let out = nbdcrypt()
+        .args(["info", "--backend", "turbo"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown XTS backend `turbo`"), "{err}");
+}
+
+#[test]
+fn benchmark_prints_a_line_per_backend_and_sector_size() {
+    let (out, _) =
+        run(nbdcrypt().args(["benchmark", "--request-bytes", "8192", "--seconds", "0.01"]));
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("aes-xts")).collect();
+    assert_eq!(lines.len(), 4 * BackendKind::available().len(), "{out}");
+    assert!(lines.iter().all(|l| l.contains("MiB/s")), "{out}");
+}
+
+/// Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK = 0, mlock fails: the command still works, says
+/// so, and logs a warning.
+#[test]
+fn refused_mlock_degrades_with_a_warning() {
+    let setpriv = Command::new("setpriv").arg("--version").output();
+    let prlimit = Command::new("prlimit").arg("--version").output();
+    let available = match (setpriv, prlimit) {
+        (Ok(a), Ok(b)) if a.status.success() && b.status.success() => Ok(()),
+        _ => Err("setpriv and prlimit (util-linux) are needed".to_owned()),
+    };
+    if !peer_available("setpriv/prlimit", available) {
+        return;
+    }
+    let out = Command::new("prlimit")
+        .args(["--memlock=0:0", "--"])
+        .args([
+            "setpriv",
+            "--inh-caps=-ipc_lock",
+            "--bounding-set=-ipc_lock",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_nbdcrypt"))
+        .arg("info")
+        .env_remove("NBDCRYPT_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("NOT locked"), "{stdout}");
+    assert!(stderr.contains("could not lock key memory"), "{stderr}");
+}
