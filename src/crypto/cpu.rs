@@ -22,6 +22,7 @@ mod detect {
     cpufeatures::new!(vaes, "vaes");
     cpufeatures::new!(vpclmul, "vpclmulqdq");
     cpufeatures::new!(avx512f, "avx512f");
+    cpufeatures::new!(avx512bw, "avx512bw");
     cpufeatures::new!(avx512vbmi2, "avx512vbmi2");
 
     pub fn features() -> Vec<super::Feature> {
@@ -50,6 +51,10 @@ mod detect {
             Feature {
                 name: "avx512f",
                 present: avx512f::get(),
+            },
+            Feature {
+                name: "avx512bw",
+                present: avx512bw::get(),
             },
             Feature {
                 name: "avx512vbmi2",
