@@ -234,19 +234,21 @@ unsafe fn xts<const ENCRYPT: bool>(keys: &RoundKeys, job: &Job) {
             ivs[2 * s] = iv;
             iv = iv.wrapping_add(job.iv_step);
         }
+        // Only the registers that hold this group's IVs: a one-sector request pays one.
+        let regs = n.div_ceil(4);
         let mut tw = [_mm512_setzero_si512(); GROUP / 4];
-        for (i, t) in tw.iter_mut().enumerate() {
+        for (i, t) in tw.iter_mut().enumerate().take(regs) {
             // SAFETY: ivs holds 2·GROUP u64 = GROUP/4 × 64 bytes.
             let x = unsafe { _mm512_loadu_si512(ivs.as_ptr().add(8 * i).cast()) };
             *t = _mm512_xor_si512(x, kt[0]);
         }
         for r in kt.iter().take(ROUNDS - 1).skip(1) {
-            for t in &mut tw {
+            for t in tw.iter_mut().take(regs) {
                 *t = _mm512_aesenc_epi128(*t, *r);
             }
         }
         let mut initial = [0u128; GROUP];
-        for (i, t) in tw.iter().enumerate() {
+        for (i, t) in tw.iter().enumerate().take(regs) {
             let t = _mm512_aesenclast_epi128(*t, kt[ROUNDS - 1]);
             // SAFETY: initial has room for GROUP = 4 × (GROUP/4) tweaks of 16 bytes.
             unsafe { _mm512_storeu_si512(initial.as_mut_ptr().add(4 * i).cast(), t) };
