@@ -54,7 +54,7 @@ try:
     for line in open("/proc/cpuinfo"):
         if line.startswith("flags"):
             have = set(line.split(":")[1].split())
-            flags = " ".join(f for f in ["aes", "pclmulqdq", "avx2", "vaes", "vpclmulqdq", "avx512f", "avx512bw", "avx512vbmi2"] if f in have)
+            flags = " ".join(f for f in ["aes", "pclmulqdq", "avx2", "vaes", "vpclmulqdq", "avx512f", "avx512bw", "avx512_vbmi2"] if f in have)
             break
     model = next(l.split(":")[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
 except Exception:

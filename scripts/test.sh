@@ -11,9 +11,11 @@ cd "$ROOT"
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# Debian packages: the openssl CLI (an independent XTS oracle), and libssl-dev + pkg-config for
-# the `openssl` crate the benchmarks and tests use as a reference.
-DEB_PACKAGES=(openssl libssl-dev pkg-config python3-venv)
+# Debian packages: libssl-dev + pkg-config for the `openssl` crate the benchmarks use as a
+# reference, util-linux for setpriv/prlimit (the refused-mlock test).
+DEB_PACKAGES=(libssl-dev pkg-config util-linux)
+# A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
+python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
