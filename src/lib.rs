@@ -17,3 +17,4 @@
 pub mod cli;
 pub mod commands;
 pub mod crypto;
+pub mod protocol;
