@@ -18,3 +18,9 @@ pub mod cli;
 pub mod commands;
 pub mod crypto;
 pub mod protocol;
+pub mod storage;
+pub mod volume;
+
+// Buffer lengths are converted between u64 and usize freely in the data path.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("nbdcrypt supports 64-bit targets only");

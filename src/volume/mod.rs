@@ -1,0 +1,432 @@
+//! An encrypted volume: plaintext byte ranges ↔ encrypted sectors on a [`Storage`].
+//!
+//! A request is split, as in nbdkit's luks filter, into an unaligned head, an aligned body and
+//! an unaligned tail. Reads decrypt the sectors they cover; writes of partial sectors are
+//! read-modify-write. Every write holds striped sector locks: exclusive on stripes holding a
+//! partial sector (so two unaligned writes into one sector never lose each other's bytes, and a
+//! whole-sector write cannot slip between the read and the write of a read-modify-write),
+//! shared elsewhere (whole-sector writes proceed in parallel). Reads take no lock.
+//!
+//! **Zero sectors.** A sector whose *ciphertext* is all zero bytes reads as plaintext zeroes.
+//! Such sectors are holes (never written, trimmed, or zeroed with discards on); a real XTS
+//! ciphertext is all zero with probability 2^-4096. This lets a fresh sparse file serve as an
+//! empty volume, and lets `TRIM` punch holes. It adds no leak beyond what the sparse file
+//! itself shows (see `docs/threat-model.md`).
+//!
+//! This module owns no key bytes: it holds an [`XtsEngine`], whose schedules are protected by
+//! the crypto module.
+
+// Casts from u64 to usize below are of in-memory lengths bounded by a request (at most 4 GiB,
+// and 32 MiB after server validation) on 64-bit targets, the only ones nbdcrypt builds for.
+#![allow(clippy::cast_possible_truncation)]
+
+mod locks;
+
+use std::io;
+
+use crate::crypto::{CryptoError, SectorIndex, SectorSize, XtsEngine};
+use crate::storage::Storage;
+
+use locks::StripeLocks;
+
+/// Static properties of a volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Size in bytes (a multiple of the sector size).
+    pub size: u64,
+    /// Encryption sector size.
+    pub sector_size: SectorSize,
+    /// `TRIM` and `BLOCK_STATUS` allowed (reveals unused sectors; off by default).
+    pub discards: bool,
+    /// Writes refused.
+    pub read_only: bool,
+    /// Byte offset of the encrypted data area in the backing store.
+    pub data_offset: u64,
+}
+
+/// What went wrong in a volume operation, and the NBD error it becomes.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The backing store failed.
+    #[error("backing store I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The crypto engine refused (a bug if it ever happens after validation).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The range is outside the volume.
+    #[error("range {offset}+{len} is outside the {size}-byte volume")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// A write to a read-only volume.
+    #[error("the volume is read-only")]
+    ReadOnly,
+    /// The operation is not available (e.g. a fast zero that would be slow).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The volume configuration is invalid.
+    #[error("invalid volume: {0}")]
+    Config(String),
+}
+
+impl VolumeError {
+    /// The NBD error value for this failure.
+    pub fn nbd_errno(&self) -> u32 {
+        use crate::protocol::consts::err;
+        match self {
+            VolumeError::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
+                _ if e.kind() == io::ErrorKind::Unsupported => err::ENOTSUP,
+                _ => err::EIO,
+            },
+            VolumeError::Crypto(_) => err::EIO,
+            VolumeError::OutOfRange { .. } => err::EINVAL,
+            VolumeError::ReadOnly => err::EPERM,
+            VolumeError::Unsupported(_) => err::ENOTSUP,
+            VolumeError::Config(_) => err::EINVAL,
+        }
+    }
+}
+
+/// The most bytes zeroed (or encrypted as zeroes) per storage call.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// An encrypted volume.
+#[derive(Debug)]
+pub struct EncryptedVolume {
+    storage: Box<dyn Storage>,
+    engine: XtsEngine,
+    config: VolumeConfig,
+    locks: StripeLocks,
+}
+
+/// A byte range split at sector boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    /// First sector touched.
+    first: u64,
+    /// Sectors touched.
+    count: u64,
+    /// Offset of the range inside the first sector.
+    head_skip: usize,
+    /// The first sector is only partly covered.
+    head_partial: bool,
+    /// The last sector is only partly covered.
+    tail_partial: bool,
+}
+
+impl Span {
+    fn new(offset: u64, len: u64, sector: u64) -> Span {
+        let first = offset / sector;
+        let end = offset + len;
+        let last_excl = end.div_ceil(sector);
+        let head_skip = (offset % sector) as usize;
+        let count = last_excl - first;
+        Span {
+            first,
+            count,
+            head_skip,
+            head_partial: head_skip != 0 || (count == 1 && !end.is_multiple_of(sector)),
+            tail_partial: !end.is_multiple_of(sector),
+        }
+    }
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let (chunks, rest) = buf.as_chunks::<8>();
+    chunks.iter().all(|c| u64::from_ne_bytes(*c) == 0) && rest.iter().all(|&b| b == 0)
+}
+
+impl EncryptedVolume {
+    /// A volume over `storage`, encrypted by `engine`.
+    pub fn new(
+        storage: Box<dyn Storage>,
+        engine: XtsEngine,
+        config: VolumeConfig,
+    ) -> Result<Self, VolumeError> {
+        let sector = config.sector_size.bytes() as u64;
+        if engine.sector_size() != config.sector_size {
+            return Err(VolumeError::Config(
+                "engine and volume sector sizes differ".into(),
+            ));
+        }
+        if config.size == 0 || !config.size.is_multiple_of(sector) {
+            return Err(VolumeError::Config(format!(
+                "size {} is not a positive multiple of the {sector}-byte sector size",
+                config.size
+            )));
+        }
+        if !config.data_offset.is_multiple_of(4096) {
+            return Err(VolumeError::Config(
+                "data offset must be 4096-aligned".into(),
+            ));
+        }
+        Ok(EncryptedVolume {
+            storage,
+            engine,
+            config,
+            locks: StripeLocks::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.config.size
+    }
+
+    /// The crypto engine's one-line description (for the startup log).
+    pub fn engine_summary(&self) -> String {
+        self.engine.summary()
+    }
+
+    fn sector(&self) -> u64 {
+        self.config.sector_size.bytes() as u64
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.config.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.config.size,
+            }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), VolumeError> {
+        if self.config.read_only {
+            Err(VolumeError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads and decrypts whole sectors `first..` into `buf` (a multiple of the sector size).
+    /// All-zero ciphertext sectors stay zero (holes).
+    fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let sector = self.sector();
+        self.storage
+            .read_at(buf, self.config.data_offset + first * sector)?;
+        let sb = sector as usize;
+        let n = buf.len() / sb;
+        let mut i = 0;
+        while i < n {
+            if is_zero(&buf[i * sb..(i + 1) * sb]) {
+                i += 1;
+                continue;
+            }
+            // Decrypt the whole run of non-zero sectors in one call (batching).
+            let mut j = i + 1;
+            while j < n && !is_zero(&buf[j * sb..(j + 1) * sb]) {
+                j += 1;
+            }
+            self.engine
+                .decrypt_sectors(SectorIndex(first + i as u64), &mut buf[i * sb..j * sb])?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Encrypts plaintext `buf` (whole sectors) in place and writes it at sector `first`.
+    fn write_sectors(&self, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.engine.encrypt_sectors(SectorIndex(first), buf)?;
+        self.storage
+            .write_at(buf, self.config.data_offset + first * self.sector())?;
+        Ok(())
+    }
+
+    /// Reads `buf.len()` plaintext bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let sector = self.sector();
+        let span = Span::new(offset, buf.len() as u64, sector);
+        if span.head_skip == 0 && (buf.len() as u64).is_multiple_of(sector) {
+            // Aligned: decrypt straight into the caller's buffer, no copy.
+            return self.read_sectors(span.first, buf);
+        }
+        let mut covering = vec![0u8; (span.count * sector) as usize];
+        self.read_sectors(span.first, &mut covering)?;
+        buf.copy_from_slice(&covering[span.head_skip..span.head_skip + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes plaintext `data` at `offset`. `data` is used as scratch (encrypted in place) when
+    /// the write is sector-aligned. With `fua`, the data is durable before this returns.
+    pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return self.finish(fua);
+        }
+        let sector = self.sector();
+        let span = Span::new(offset, data.len() as u64, sector);
+        let _guard =
+            self.locks
+                .lock_for_write(span.first, span.count, span.head_partial, span.tail_partial);
+        if !span.head_partial && !span.tail_partial {
+            self.write_sectors(span.first, data)?;
+        } else {
+            let sb = sector as usize;
+            let mut covering = vec![0u8; (span.count * sector) as usize];
+            // Only the partial end sectors need their old contents.
+            if span.head_partial {
+                self.read_sectors(span.first, &mut covering[..sb])?;
+            }
+            if span.tail_partial && (span.count > 1 || !span.head_partial) {
+                let last = covering.len() - sb;
+                self.read_sectors(span.first + span.count - 1, &mut covering[last..])?;
+            }
+            covering[span.head_skip..span.head_skip + data.len()].copy_from_slice(data);
+            self.write_sectors(span.first, &mut covering)?;
+        }
+        self.finish(fua)
+    }
+
+    /// Makes `offset..offset+len` read as zeroes. With discards on and `may_punch`, whole
+    /// sectors become holes; otherwise encrypted zeroes are written (indistinguishable from
+    /// data). With `fast_only`, a zeroing that would have to write refuses with `Unsupported`
+    /// before touching anything.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.check(offset, len)?;
+        let punch = self.config.discards && may_punch;
+        if fast_only && !punch {
+            return Err(VolumeError::Unsupported("zeroing would write every byte"));
+        }
+        if len == 0 {
+            return self.finish(fua);
+        }
+        let sector = self.sector();
+        let span = Span::new(offset, len, sector);
+        let _guard =
+            self.locks
+                .lock_for_write(span.first, span.count, span.head_partial, span.tail_partial);
+        // Unaligned edges: read-modify-write with zero bytes.
+        let end = offset + len;
+        let mut body_start = span.first;
+        let mut body_end = span.first + span.count;
+        if span.head_partial {
+            let stop = ((span.first + 1) * sector).min(end);
+            self.zero_within_sector(span.first, offset, stop)?;
+            body_start += 1;
+        }
+        if span.tail_partial && body_end > body_start {
+            let last = span.first + span.count - 1;
+            self.zero_within_sector(last, (last * sector).max(offset), end)?;
+            body_end -= 1;
+        }
+        if body_end > body_start {
+            let start_byte = self.config.data_offset + body_start * sector;
+            let body_len = (body_end - body_start) * sector;
+            match punch.then(|| self.storage.punch_hole(start_byte, body_len)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) if fast_only => return Err(e.into()),
+                _ => self.write_encrypted_zeroes(body_start, body_end)?,
+            }
+        }
+        self.finish(fua)
+    }
+
+    fn zero_within_sector(&self, sector_index: u64, from: u64, to: u64) -> Result<(), VolumeError> {
+        let sector = self.sector();
+        let mut buf = vec![0u8; sector as usize];
+        self.read_sectors(sector_index, &mut buf)?;
+        let base = sector_index * sector;
+        buf[(from - base) as usize..(to - base) as usize].fill(0);
+        self.write_sectors(sector_index, &mut buf)
+    }
+
+    fn write_encrypted_zeroes(&self, mut first: u64, end: u64) -> Result<(), VolumeError> {
+        let sector = self.sector();
+        let per_chunk = (ZERO_CHUNK as u64 / sector).max(1);
+        let mut buf = vec![0u8; (per_chunk.min(end - first) * sector) as usize];
+        while first < end {
+            let n = per_chunk.min(end - first);
+            let chunk = &mut buf[..(n * sector) as usize];
+            chunk.fill(0);
+            self.write_sectors(first, chunk)?;
+            first += n;
+        }
+        Ok(())
+    }
+
+    /// Discards whole sectors inside the range (discards on only; partial sectors are kept, as
+    /// trim is advisory).
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.check(offset, len)?;
+        if !self.config.discards {
+            return Err(VolumeError::Unsupported("discards are off for this volume"));
+        }
+        let sector = self.sector();
+        let first = offset.div_ceil(sector);
+        let end = (offset + len) / sector;
+        if end > first {
+            let _guard = self.locks.lock_for_write(first, end - first, false, false);
+            match self.storage.punch_hole(
+                self.config.data_offset + first * sector,
+                (end - first) * sector,
+            ) {
+                Ok(()) => {}
+                // Advisory: a store that cannot punch simply keeps the data.
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.finish(fua)
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), VolumeError> {
+        self.storage.sync()?;
+        Ok(())
+    }
+
+    fn finish(&self, fua: bool) -> Result<(), VolumeError> {
+        if fua { self.flush() } else { Ok(()) }
+    }
+
+    /// `base:allocation` extents for `offset..offset+len` as `(length, hole)` runs in volume
+    /// coordinates (discards on only).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, VolumeError> {
+        self.check(offset, len)?;
+        if !self.config.discards {
+            return Err(VolumeError::Unsupported("block status needs discards on"));
+        }
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for e in self
+            .storage
+            .extents(self.config.data_offset + offset, len)?
+        {
+            match out.last_mut() {
+                Some(last) if last.1 == e.hole => last.0 += e.len,
+                _ => out.push((e.len, e.hole)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
