@@ -7,17 +7,21 @@
 //! |---|---|---|
 //! | [`crypto`] | the XTS sector engine, its backends, [`crypto::VolumeKey`], protected memory | do I/O, log, or let key bytes out |
 //! | [`cli`] | the command-line grammar (clap definitions only) | contain logic |
-//! | [`commands`] | what each subcommand does (`info`, `benchmark`) | hold key material beyond one call |
+//! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`) | hold key material beyond one call |
+//! | [`protocol`] | the NBD wire format, pure (no I/O) | panic on any input |
+//! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation | touch key bytes |
+//! | [`volume`] | plaintext byte ranges ↔ encrypted sectors (head/body/tail, RMW locks) | see raw key bytes |
+//! | [`storage`] | ciphertext bytes on files and block devices | know keys or plaintext |
 //!
-//! Modules still to come, with the issues that bring them: `protocol` (pure NBD wire format),
-//! `server` (tokio edge), `volume` (byte ranges ↔ encrypted sectors), `storage` (ciphertext
-//! files), `kms` (local and AWS key services). Dependencies point one way:
-//! `cli → server → volume → {crypto, storage}`; `crypto` depends on nothing else in the crate.
+//! Still to come: `kms` (local and AWS key services) with named volumes and headers.
+//! Dependencies point one way: `cli → server → volume → {crypto, storage}`,
+//! `server → protocol`; `crypto` and `protocol` depend on nothing else in the crate.
 
 pub mod cli;
 pub mod commands;
 pub mod crypto;
 pub mod protocol;
+pub mod server;
 pub mod storage;
 pub mod volume;
 

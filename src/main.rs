@@ -11,11 +11,14 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_env("NBDCRYPT_LOG").unwrap_or_else(|_| EnvFilter::new(&cli.log)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Info(args) => nbdcrypt::commands::info::run(&args, &mut out)?,
         Command::Benchmark(args) => nbdcrypt::commands::benchmark::run(&args, &mut out)?,
+        Command::Serve(args) => nbdcrypt::commands::serve::run(args)?,
+        Command::Keygen(args) => nbdcrypt::commands::serve::keygen(&args.path)?,
     }
     Ok(())
 }

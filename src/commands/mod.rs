@@ -3,3 +3,4 @@
 
 pub mod benchmark;
 pub mod info;
+pub mod serve;

@@ -1,0 +1,383 @@
+//! `nbdcrypt serve`: open the exports, bind, serve until SIGINT/SIGTERM, drain, flush.
+//!
+//! Until named volumes with KMS-wrapped keys exist, an export is a backing file plus a key file.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::cli::ServeArgs;
+use crate::crypto::{self, BackendChoice, CryptoError, SectorSize, VolumeKey, XtsEngine};
+use crate::server::{self, Export, Exports, Listen, Listener, ServerConfig};
+use crate::storage::FileStorage;
+use crate::volume::{EncryptedVolume, VolumeConfig, VolumeError};
+
+/// One `--export` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// Export name.
+    pub name: String,
+    /// Backing file or block device.
+    pub file: PathBuf,
+    /// Key file.
+    pub key_file: PathBuf,
+    /// Size in bytes, if given.
+    pub size: Option<u64>,
+    /// Sector size.
+    pub sector_size: SectorSize,
+    /// Discards (TRIM, BLOCK_STATUS) on.
+    pub discards: bool,
+    /// Read-only.
+    pub read_only: bool,
+    /// Description.
+    pub description: String,
+}
+
+/// Parses `123`, `4K`, `512M`, `2G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}"))
+}
+
+impl FromStr for ExportSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut spec = ExportSpec {
+            name: String::new(),
+            file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            size: None,
+            sector_size: SectorSize::S4096,
+            discards: false,
+            read_only: false,
+            description: String::new(),
+        };
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            match k {
+                "name" => spec.name = v.to_owned(),
+                "file" => spec.file = v.into(),
+                "key-file" => spec.key_file = v.into(),
+                "size" => spec.size = Some(parse_size(v)?),
+                "sector-size" => {
+                    spec.sector_size =
+                        SectorSize::from_bytes(parse_size(v)?).map_err(|e| e.to_string())?
+                }
+                "discards" => spec.discards = true,
+                "read-only" => spec.read_only = true,
+                "description" => spec.description = v.to_owned(),
+                other => return Err(format!("unknown export setting {other:?}")),
+            }
+        }
+        if spec.name.is_empty()
+            || spec.file.as_os_str().is_empty()
+            || spec.key_file.as_os_str().is_empty()
+        {
+            return Err("an export needs name=, file= and key-file=".into());
+        }
+        if spec.name.len() > crate::protocol::codec::MAX_STRING {
+            return Err("export name longer than 4096 bytes".into());
+        }
+        Ok(spec)
+    }
+}
+
+/// Errors of `serve` and `keygen`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The key file could not be used.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// Path.
+        path: PathBuf,
+        /// Why (never key bytes).
+        reason: String,
+    },
+    /// The backing file could not be opened.
+    #[error("backing file {path}: {source}")]
+    Backing {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The crypto engine refused.
+    #[error("export {export}: {source}")]
+    Crypto {
+        /// Export.
+        export: String,
+        /// Why.
+        source: CryptoError,
+    },
+    /// The volume refused its configuration.
+    #[error("export {export}: {source}")]
+    Volume {
+        /// Export.
+        export: String,
+        /// Why.
+        source: VolumeError,
+    },
+    /// Two exports share a name.
+    #[error("two exports are named {0:?}")]
+    DuplicateName(String),
+    /// The server could not start.
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    /// The async runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Reads a key file: 64 raw bytes, or 128 hex digits with optional surrounding whitespace.
+pub fn read_key_file(path: &Path) -> Result<VolumeKey, ServeError> {
+    let fail = |reason: String| ServeError::KeyFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut raw = Zeroizing::new(Vec::new());
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut raw))
+        .map_err(|e| fail(e.to_string()))?;
+    let mut key = Zeroizing::new(vec![0u8; crypto::VOLUME_KEY_BYTES]);
+    if raw.len() == crypto::VOLUME_KEY_BYTES {
+        key.copy_from_slice(&raw);
+    } else {
+        let text = std::str::from_utf8(&raw)
+            .map_err(|_| fail("neither 64 raw bytes nor 128 hex digits".into()))?;
+        let hex = text.trim();
+        if hex.len() != 2 * crypto::VOLUME_KEY_BYTES || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(fail(format!(
+                "holds {} bytes: neither 64 raw bytes nor 128 hex digits",
+                raw.len()
+            )));
+        }
+        for (i, out) in key.iter_mut().enumerate() {
+            *out = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| fail("bad hex".into()))?;
+        }
+    }
+    VolumeKey::take_from(&mut key).map_err(|e| fail(e.to_string()))
+}
+
+/// Opens one export: backing file, key, engine, volume.
+pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, ServeError> {
+    let key = read_key_file(&spec.key_file)?;
+    let engine =
+        XtsEngine::new(&key, spec.sector_size, backend).map_err(|source| ServeError::Crypto {
+            export: spec.name.clone(),
+            source,
+        })?;
+    drop(key);
+    let backing = |source| ServeError::Backing {
+        path: spec.file.clone(),
+        source,
+    };
+    let storage =
+        FileStorage::open(&spec.file, spec.size.unwrap_or(0), spec.read_only).map_err(backing)?;
+    let size = match spec.size {
+        Some(s) => s,
+        None => storage.len().map_err(backing)?,
+    };
+    let volume = EncryptedVolume::new(
+        Box::new(storage),
+        engine,
+        VolumeConfig {
+            size,
+            sector_size: spec.sector_size,
+            discards: spec.discards,
+            read_only: spec.read_only,
+            data_offset: 0,
+        },
+    )
+    .map_err(|source| ServeError::Volume {
+        export: spec.name.clone(),
+        source,
+    })?;
+    Ok(Export {
+        name: spec.name.clone(),
+        description: if spec.description.is_empty() {
+            format!("nbdcrypt aes-xts-plain64 volume {}", spec.name)
+        } else {
+            spec.description.clone()
+        },
+        volume: Arc::new(volume),
+    })
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+    if !crypto::locked::disable_core_dumps() {
+        tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
+    }
+    let mut list = Vec::new();
+    for spec in &args.exports {
+        if list.iter().any(|e: &Export| e.name == spec.name) {
+            return Err(ServeError::DuplicateName(spec.name.clone()));
+        }
+        let export = open_export(spec, args.backend)?;
+        tracing::info!(
+            export = export.name,
+            size = export.volume.size(),
+            discards = spec.discards,
+            read_only = spec.read_only,
+            file = %spec.file.display(),
+            crypto = export.volume.engine_summary(),
+            "export ready"
+        );
+        list.push(export);
+    }
+    let exports = Exports::new(list);
+    let config = ServerConfig {
+        listen: match &args.unix {
+            Some(p) => Listen::Unix(p.clone()),
+            None => Listen::Tcp(args.listen),
+        },
+        max_connections: args.max_connections,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nbdcrypt")
+        .build()
+        .map_err(ServeError::Runtime)?;
+    rt.block_on(async move {
+        let listener = Listener::bind(&config.listen).await?;
+        let addr = listener.describe();
+        tracing::info!(listen = addr, "serving");
+        if let Some(path) = &args.ready_file
+            && let Err(e) = std::fs::write(path, format!("{addr}\n"))
+        {
+            tracing::warn!(error = %e, path = %path.display(), "could not write the ready file");
+        }
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: finishing in-flight requests");
+            let _ = tx.send(true);
+        });
+        server::run(listener, exports, &config, rx).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// `nbdcrypt keygen PATH`: 64 random bytes, mode 0600, refusing to overwrite.
+pub fn keygen(path: &Path) -> Result<(), ServeError> {
+    let fail = |reason: String| ServeError::KeyFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut key = Zeroizing::new([0u8; crypto::VOLUME_KEY_BYTES]);
+    loop {
+        getrandom::fill(&mut key[..]).map_err(|e| fail(e.to_string()))?;
+        if key[..32] != key[32..] {
+            break;
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    f.write_all(&key[..])
+        .and_then(|()| f.sync_all())
+        .map_err(|e| fail(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_spec_parses_every_setting() {
+        let s: ExportSpec = "name=d,file=/tmp/x,key-file=/tmp/k,size=1G,sector-size=512,discards,read-only,description=hi"
+            .parse()
+            .unwrap();
+        assert_eq!(s.size, Some(1 << 30));
+        assert_eq!(s.sector_size, SectorSize::S512);
+        assert!(s.discards && s.read_only);
+        assert_eq!(s.description, "hi");
+        assert!("name=d,file=/x".parse::<ExportSpec>().is_err());
+        assert!(
+            "name=d,file=/x,key-file=/k,colour=red"
+                .parse::<ExportSpec>()
+                .is_err()
+        );
+        assert!(
+            "name=d,file=/x,key-file=/k,sector-size=3000"
+                .parse::<ExportSpec>()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn parse_size_handles_suffixes_and_overflow() {
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("12Q").is_err());
+    }
+
+    #[test]
+    fn key_file_accepts_raw_and_hex_and_refuses_garbage() {
+        let dir = std::env::temp_dir().join(format!("nbdcrypt-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let raw: Vec<u8> = (0..64u8).collect();
+        std::fs::write(dir.join("raw"), &raw).unwrap();
+        assert!(read_key_file(&dir.join("raw")).is_ok());
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(dir.join("hex"), format!("{hex}\n")).unwrap();
+        assert!(read_key_file(&dir.join("hex")).is_ok());
+        std::fs::write(dir.join("bad"), "not a key").unwrap();
+        let err = read_key_file(&dir.join("bad")).unwrap_err().to_string();
+        assert!(err.contains("neither 64 raw bytes"), "{err}");
+        keygen(&dir.join("new")).unwrap();
+        assert_eq!(std::fs::read(dir.join("new")).unwrap().len(), 64);
+        assert!(
+            keygen(&dir.join("new")).is_err(),
+            "keygen must not overwrite"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

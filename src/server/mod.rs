@@ -1,0 +1,256 @@
+//! The tokio edge: listener, connections, negotiation, transmission, shutdown.
+//!
+//! Shape (after mini-redis): the listener accepts under a connection-limit semaphore and spawns
+//! one task per connection; each connection negotiates ([`negotiate`]), then serves pipelined
+//! requests ([`transmit`]). A `watch` channel broadcasts shutdown: listeners stop accepting,
+//! connections stop reading new requests, in-flight requests finish and are answered, and the
+//! server flushes every volume before it returns.
+
+pub mod negotiate;
+pub mod transmit;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+
+use crate::volume::EncryptedVolume;
+
+/// One named export.
+#[derive(Debug)]
+pub struct Export {
+    /// Export name (what clients ask for).
+    pub name: String,
+    /// Human-readable description (`NBD_INFO_DESCRIPTION`, `LIST`).
+    pub description: String,
+    /// The encrypted volume behind it.
+    pub volume: Arc<EncryptedVolume>,
+}
+
+/// The exports of a server; the first one is the default (empty name).
+#[derive(Debug, Clone, Default)]
+pub struct Exports {
+    list: Vec<Arc<Export>>,
+}
+
+impl Exports {
+    /// Exports in the given order.
+    pub fn new(list: Vec<Export>) -> Self {
+        Exports {
+            list: list.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    /// The export called `name`; the empty name means the first export.
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            return self.list.first().cloned();
+        }
+        self.list.iter().find(|e| e.name == name).cloned()
+    }
+
+    /// All exports.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.list.iter()
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub listen: Listen,
+    /// Most simultaneous connections; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listener could not be set up.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// The address or path.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A bound listener, ready to serve.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket (the path is removed when the server stops).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds the configured address.
+    pub async fn bind(listen: &Listen) -> Result<Self, ServerError> {
+        match listen {
+            Listen::Tcp(addr) => {
+                TcpListener::bind(addr)
+                    .await
+                    .map(Listener::Tcp)
+                    .map_err(|source| ServerError::Listen {
+                        what: addr.to_string(),
+                        source,
+                    })
+            }
+            Listen::Unix(path) => {
+                // A stale socket from a previous run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(path);
+                }
+                UnixListener::bind(path)
+                    .map(|l| Listener::Unix(l, path.clone()))
+                    .map_err(|source| ServerError::Listen {
+                        what: path.display().to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// The bound address, for logs (and port 0 in tests).
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp:?".into(), |a| format!("nbd://{a}")),
+            Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+        }
+    }
+}
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    mut stream: S,
+    peer: String,
+    exports: Exports,
+    shutdown: watch::Receiver<bool>,
+) {
+    let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(conn = id, %peer, "connection opened");
+    let session = match negotiate::negotiate(&mut stream, &exports).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!(conn = id, "connection closed: client aborted negotiation");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(conn = id, error = %e, "connection closed during negotiation");
+            return;
+        }
+    };
+    let export = session.export.name.clone();
+    tracing::info!(
+        conn = id,
+        export,
+        structured = session.structured,
+        "transmission started"
+    );
+    match transmit::serve(stream, session, shutdown).await {
+        transmit::End::Clean => tracing::info!(conn = id, export, "connection closed"),
+        transmit::End::Shutdown => {
+            tracing::info!(conn = id, export, "connection closed: server shutting down")
+        }
+        transmit::End::Error(e) => {
+            tracing::warn!(conn = id, export, error = %e, "connection dropped")
+        }
+    }
+}
+
+/// Serves `exports` on `listener` until `shutdown` turns true; then drains connections and
+/// flushes every volume.
+pub async fn run(
+    listener: Listener,
+    exports: Exports,
+    config: &ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&limit).acquire_owned() => p,
+            _ = shutdown.changed() => break,
+        };
+        let Ok(permit) = permit else { break };
+        let accepted: std::io::Result<(Box<dyn Conn>, String)> = tokio::select! {
+            a = accept(&listener) => a,
+            _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let exports = exports.clone();
+                let rx = shutdown.clone();
+                tasks.spawn(async move {
+                    connection(stream, peer, exports, rx).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        // Reap finished connection tasks so the set does not grow without bound.
+        while tasks.try_join_next().is_some() {}
+    }
+    tracing::info!(
+        connections = tasks.len(),
+        "shutting down: draining connections"
+    );
+    while tasks.join_next().await.is_some() {}
+    for e in exports.iter() {
+        let v = Arc::clone(&e.volume);
+        match tokio::task::spawn_blocking(move || v.flush()).await {
+            Ok(Ok(())) => tracing::info!(export = e.name, "flushed"),
+            Ok(Err(err)) => tracing::error!(export = e.name, error = %err, "final flush failed"),
+            Err(err) => tracing::error!(export = e.name, error = %err, "final flush panicked"),
+        }
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// A connected socket of either kind.
+pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn Conn>, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            // Replies are flushed in batches by the writer; Nagle would only add latency.
+            s.set_nodelay(true)?;
+            Ok((Box::new(s), a.to_string()))
+        }
+        Listener::Unix(l, _) => {
+            let (s, _) = l.accept().await?;
+            Ok((Box::new(s), "unix".into()))
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Fixed-newstyle negotiation: greeting, client flags, then options until `GO` or `EXPORT_NAME`.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{Export, Exports};
+use crate::protocol::consts::{BASE_ALLOCATION, client_flags, handshake_flags, info, opt, rep};
+use crate::protocol::handshake::{self, OPTION_HEADER_LEN};
+use crate::protocol::{Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader};
+
+/// Option data larger than this is discarded and answered with `ERR_TOO_BIG`.
+const MAX_OPTION_DATA: u32 = 16 * 1024;
+/// Option data larger than this is not even discarded: the client is disconnected.
+const MAX_OPTION_SKIP: u32 = 1024 * 1024;
+/// The one metadata context id we hand out.
+pub const ALLOCATION_CONTEXT_ID: u32 = 1;
+
+/// Why negotiation ended without transmission.
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiateError {
+    /// The socket failed or closed.
+    #[error("connection lost during negotiation: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client broke the protocol so that the session cannot continue.
+    #[error("client protocol error: {0}")]
+    Protocol(String),
+    /// The client sent `ABORT`.
+    #[error("client aborted negotiation")]
+    Aborted,
+}
+
+/// A negotiated session, ready for transmission.
+#[derive(Debug)]
+pub struct Session {
+    /// The export.
+    pub export: Arc<Export>,
+    /// Structured replies are on.
+    pub structured: bool,
+    /// `base:allocation` was selected for this export.
+    pub block_status: bool,
+}
+
+struct State {
+    structured: bool,
+    /// Export name for which `base:allocation` was set, if any.
+    meta_for: Option<String>,
+}
+
+async fn reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    reply_type: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    handshake::option_reply(&mut out, option, reply_type, data);
+    s.write_all(&out).await
+}
+
+async fn error<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    reply_type: u32,
+    msg: &str,
+) -> std::io::Result<()> {
+    reply(s, option, reply_type, handshake::error_message(msg)).await
+}
+
+/// Transmission flags of `export` given what is negotiated so far.
+pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
+    use crate::protocol::consts::flag;
+    let cfg = export.volume.config();
+    let mut f = flag::HAS_FLAGS | flag::SEND_FLUSH | flag::SEND_FUA | flag::CAN_MULTI_CONN;
+    if cfg.read_only {
+        f |= flag::READ_ONLY;
+    } else {
+        f |= flag::SEND_WRITE_ZEROES | flag::SEND_FAST_ZERO;
+        if cfg.discards {
+            f |= flag::SEND_TRIM;
+        }
+    }
+    if structured {
+        f |= flag::SEND_DF;
+    }
+    f
+}
+
+/// Runs negotiation on `s`. `Ok(None)` is a clean end without transmission (`ABORT`).
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &Exports,
+) -> Result<Option<Session>, NegotiateError> {
+    let mut out = Vec::new();
+    Greeting {
+        flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
+    }
+    .encode(&mut out);
+    s.write_all(&out).await?;
+    let cflags = s.read_u32().await?;
+    let known = client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES;
+    if cflags & !known != 0 || cflags & client_flags::C_FIXED_NEWSTYLE == 0 {
+        return Err(NegotiateError::Protocol(format!(
+            "unsupported client flags {cflags:#x} (fixed newstyle required)"
+        )));
+    }
+    let no_zeroes = cflags & client_flags::C_NO_ZEROES != 0;
+    let mut st = State {
+        structured: false,
+        meta_for: None,
+    };
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        s.read_exact(&mut hdr).await?;
+        let h = OptionHeader::decode(&hdr).map_err(|e| NegotiateError::Protocol(e.to_string()))?;
+        if h.len > MAX_OPTION_DATA {
+            if h.len > MAX_OPTION_SKIP || h.code == opt::EXPORT_NAME {
+                return Err(NegotiateError::Protocol(format!(
+                    "option data of {} bytes",
+                    h.len
+                )));
+            }
+            let mut skip = (&mut *s).take(u64::from(h.len));
+            tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
+            error(s, h.code, rep::ERR_TOO_BIG, "option data too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; h.len as usize];
+        s.read_exact(&mut data).await?;
+        match h.code {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                let Some(export) = exports.find(&name) else {
+                    // No error path exists for EXPORT_NAME: the spec says to close.
+                    return Err(NegotiateError::Protocol(format!("unknown export {name:?}")));
+                };
+                let mut out = Vec::new();
+                handshake::export_name_reply(
+                    &mut out,
+                    export.volume.size(),
+                    transmission_flags(&export, st.structured),
+                    no_zeroes,
+                );
+                s.write_all(&out).await?;
+                let block_status = st.meta_for.as_deref() == Some(export.name.as_str());
+                return Ok(Some(Session {
+                    export,
+                    structured: st.structured,
+                    block_status,
+                }));
+            }
+            opt::ABORT => {
+                // Best effort: the client may already have closed.
+                let _ = reply(s, h.code, rep::ACK, &[]).await;
+                return Ok(None);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    error(s, h.code, rep::ERR_INVALID, "LIST takes no data").await?;
+                    continue;
+                }
+                for e in exports.iter() {
+                    reply(
+                        s,
+                        h.code,
+                        rep::SERVER,
+                        &handshake::server_entry(&e.name, &e.description),
+                    )
+                    .await?;
+                }
+                reply(s, h.code, rep::ACK, &[]).await?;
+            }
+            opt::INFO | opt::GO => {
+                let Ok(req) = InfoRequest::decode(&data) else {
+                    error(s, h.code, rep::ERR_INVALID, "malformed INFO/GO request").await?;
+                    continue;
+                };
+                let Some(export) = exports.find(&req.name) else {
+                    error(s, h.code, rep::ERR_UNKNOWN, "no such export").await?;
+                    continue;
+                };
+                let mut infos = vec![Info::Export {
+                    size: export.volume.size(),
+                    flags: transmission_flags(&export, st.structured),
+                }];
+                if req.requests.contains(&info::NAME) {
+                    infos.push(Info::Name(export.name.clone()));
+                }
+                if req.requests.contains(&info::DESCRIPTION) {
+                    infos.push(Info::Description(export.description.clone()));
+                }
+                // Block sizes are always sent: they are advice, and unaligned I/O is accepted
+                // anyway (nbd-client ignores them).
+                infos.push(Info::BlockSize {
+                    min: u32::try_from(export.volume.config().sector_size.bytes()).unwrap_or(4096),
+                    preferred: 4096,
+                    max: super::validate::MAX_PAYLOAD,
+                });
+                for i in infos {
+                    let mut d = Vec::new();
+                    i.encode(&mut d);
+                    reply(s, h.code, rep::INFO, &d).await?;
+                }
+                reply(s, h.code, rep::ACK, &[]).await?;
+                if h.code == opt::GO {
+                    let block_status = st.meta_for.as_deref() == Some(export.name.as_str());
+                    return Ok(Some(Session {
+                        export,
+                        structured: st.structured,
+                        block_status,
+                    }));
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    error(
+                        s,
+                        h.code,
+                        rep::ERR_INVALID,
+                        "STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
+                } else {
+                    st.structured = true;
+                    reply(s, h.code, rep::ACK, &[]).await?;
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = h.code == opt::SET_META_CONTEXT;
+                if set && !st.structured {
+                    error(
+                        s,
+                        h.code,
+                        rep::ERR_INVALID,
+                        "structured replies are required first",
+                    )
+                    .await?;
+                    continue;
+                }
+                let Ok(req) = MetaContextRequest::decode(&data) else {
+                    error(
+                        s,
+                        h.code,
+                        rep::ERR_INVALID,
+                        "malformed meta context request",
+                    )
+                    .await?;
+                    continue;
+                };
+                let Some(export) = exports.find(&req.name) else {
+                    error(s, h.code, rep::ERR_UNKNOWN, "no such export").await?;
+                    continue;
+                };
+                let available = export.volume.config().discards;
+                let wants =
+                    |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+                let selected = available
+                    && ((!set && req.queries.is_empty()) || req.queries.iter().any(|q| wants(q)));
+                if set {
+                    st.meta_for = selected.then(|| export.name.clone());
+                }
+                if selected {
+                    let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
+                    reply(
+                        s,
+                        h.code,
+                        rep::META_CONTEXT,
+                        &handshake::meta_context(id, BASE_ALLOCATION),
+                    )
+                    .await?;
+                }
+                reply(s, h.code, rep::ACK, &[]).await?;
+            }
+            opt::STARTTLS => {
+                error(
+                    s,
+                    h.code,
+                    rep::ERR_UNSUP,
+                    "TLS is not configured on this server",
+                )
+                .await?;
+            }
+            _ => {
+                error(s, h.code, rep::ERR_UNSUP, "option not supported").await?;
+            }
+        }
+    }
+}
