@@ -88,3 +88,159 @@ pub fn seed(test: &str) -> u64 {
     eprintln!("{test}: NBDCRYPT_TEST_SEED={s}");
     s
 }
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let base =
+            std::env::var_os("NBDCRYPT_TEST_TMP").map_or_else(std::env::temp_dir, Into::into);
+        let p = base.join(format!(
+            "nbdcrypt-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether a command exists on PATH (runs `NAME --version` or `--help`).
+pub fn have(cmd: &str) -> Result<(), String> {
+    for arg in ["--version", "--help", "-V"] {
+        if let Ok(out) = std::process::Command::new(cmd).arg(arg).output()
+            && (out.status.success() || !out.stdout.is_empty())
+        {
+            return Ok(());
+        }
+    }
+    Err(format!("`{cmd}` not found on PATH"))
+}
+
+/// A running `nbdcrypt serve`, stopped with SIGTERM (graceful) on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: std::path::PathBuf,
+}
+
+impl Server {
+    /// Starts the server with the given `--export` specs on a free loopback port.
+    pub fn start(dir: &TempDir, exports: &[String]) -> Server {
+        Self::start_with(dir, exports, &[])
+    }
+
+    pub fn start_with(dir: &TempDir, exports: &[String], extra: &[&str]) -> Server {
+        let ready = dir.path(&format!("ready-{}", std::process::id()));
+        let _ = std::fs::remove_file(&ready);
+        let log = dir.path("server.log");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--ready-file")
+            .arg(&ready);
+        for e in exports {
+            cmd.arg("--export").arg(e);
+        }
+        cmd.args(extra);
+        cmd.env("NBDCRYPT_LOG", "info");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        cmd.stderr(logf).stdout(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("start nbdcrypt serve");
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&ready)
+                && s.ends_with('\n')
+            {
+                let addr = s.trim().trim_start_matches("nbd://").to_owned();
+                return Server { child, addr, log };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "server exited early ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed().as_secs() < 30,
+                "server did not become ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.addr)
+    }
+
+    /// SIGTERM, then wait; returns the log.
+    pub fn stop(mut self) -> String {
+        self.terminate();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs() < 20 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Writes a random key file and returns its path and bytes.
+pub fn key_file(dir: &TempDir, name: &str, rng: &mut Rng) -> (std::path::PathBuf, [u8; 64]) {
+    let mut k = [0u8; 64];
+    rng.fill(&mut k);
+    let p = dir.path(name);
+    std::fs::write(&p, k).unwrap();
+    (p, k)
+}
+
+/// Runs a command, panicking with its output if it fails; returns stdout.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
