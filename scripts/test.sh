@@ -11,9 +11,12 @@ cd "$ROOT"
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# Debian packages: libssl-dev + pkg-config for the `openssl` crate the benchmarks use as a
-# reference, util-linux for setpriv/prlimit (the refused-mlock test).
-DEB_PACKAGES=(libssl-dev pkg-config util-linux)
+# Debian packages:
+# - libssl-dev + pkg-config: the `openssl` crate the benchmarks use as a reference;
+# - util-linux: setpriv/prlimit (refused-mlock test), losetup (ext4 test);
+# - the NBD peers: qemu-utils (qemu-io), libnbd-bin (nbdinfo, nbdcopy, nbdfuse), fio;
+# - fuse3 and e2fsprogs: nbdfuse's mount helper, mkfs.ext4 and e2fsck.
+DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 missing=()
