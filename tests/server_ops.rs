@@ -1,0 +1,190 @@
+//! Server operations: unix sockets, the connection limit, and a full backing store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
+use nbdcrypt::protocol::consts::{client_flags, cmd, err, opt, rep};
+use nbdcrypt::protocol::{InfoRequest, OptionHeader, OptionReplyHeader, Request, SimpleReply};
+
+#[test]
+fn unix_socket_serves_nbdinfo() {
+    if !peer_available("nbdinfo", have("nbdinfo")) {
+        return;
+    }
+    let dir = TempDir::new("unix");
+    let mut rng = Rng::new(seed("unix"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let sock = dir.path("nbd.sock");
+    let server = Server::start_with(
+        &dir,
+        &[format!(
+            "name=u,file={},key-file={},size=8M",
+            dir.path("u.img").display(),
+            key.display()
+        )],
+        &["--unix", sock.to_str().unwrap()],
+    );
+    let out =
+        run_ok(Command::new("nbdinfo").arg(format!("nbd+unix:///u?socket={}", sock.display())));
+    assert!(out.contains("export-size: 8388608"), "{out}");
+    drop(server);
+    assert!(!sock.exists(), "the socket is removed on shutdown");
+}
+
+#[test]
+fn connection_limit_holds_extra_clients_until_a_slot_frees() {
+    let dir = TempDir::new("limit");
+    let mut rng = Rng::new(seed("limit"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let server = Server::start_with(
+        &dir,
+        &[format!(
+            "name=d,file={},key-file={},size=8M",
+            dir.path("d.img").display(),
+            key.display()
+        )],
+        &["--max-connections", "1"],
+    );
+    let mut first = TcpStream::connect(&server.addr).unwrap();
+    let mut greeting = [0u8; 18];
+    first.read_exact(&mut greeting).unwrap();
+    let mut second = TcpStream::connect(&server.addr).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    assert!(
+        second.read_exact(&mut greeting).is_err(),
+        "a second client was served over the limit"
+    );
+    drop(first);
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    second.read_exact(&mut greeting).unwrap();
+}
+
+fn tmpfs_available() -> Result<(), String> {
+    have("mount")?;
+    let uid = run_ok(Command::new("id").arg("-u"));
+    if uid.trim() == "0" {
+        Ok(())
+    } else {
+        Err("mounting a tmpfs needs root".into())
+    }
+}
+
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_backing_store_gives_enospc_and_recovers_after_trim() {
+    if !peer_available("tmpfs mount", tmpfs_available()) {
+        return;
+    }
+    let dir = TempDir::new("enospc");
+    let mut rng = Rng::new(seed("enospc"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let small = dir.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(&small),
+    );
+    let _fs = Tmpfs(small.clone());
+    // A 64 MiB sparse volume on a 2 MiB file system.
+    let server = Server::start(
+        &dir,
+        &[format!(
+            "name=d,file={},key-file={},size=64M,discards",
+            small.join("d.img").display(),
+            key.display()
+        )],
+    );
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&(client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    let mut d = Vec::new();
+    InfoRequest {
+        name: "d".into(),
+        requests: vec![],
+    }
+    .encode(&mut d);
+    let mut b = Vec::new();
+    OptionHeader {
+        code: opt::GO,
+        len: u32::try_from(d.len()).unwrap(),
+    }
+    .encode(&mut b);
+    b.extend_from_slice(&d);
+    s.write_all(&b).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let h = OptionReplyHeader::decode(&h).unwrap();
+        let mut data = vec![0u8; h.len as usize];
+        s.read_exact(&mut data).unwrap();
+        if h.reply_type == rep::ACK {
+            break;
+        }
+    }
+    let write = |s: &mut TcpStream, cookie: u64, offset: u64| -> u32 {
+        let payload = vec![0x5Au8; 1 << 20];
+        let mut b = Vec::new();
+        Request {
+            flags: 0,
+            kind: cmd::WRITE,
+            cookie,
+            offset,
+            length: 1 << 20,
+        }
+        .encode(&mut b);
+        b.extend_from_slice(&payload);
+        s.write_all(&b).unwrap();
+        let mut r = [0u8; 16];
+        s.read_exact(&mut r).unwrap();
+        let r = SimpleReply::decode(&r).unwrap();
+        assert_eq!(r.cookie, cookie);
+        r.error
+    };
+    let mut results = Vec::new();
+    for i in 0..4u64 {
+        results.push(write(&mut s, i, i << 20));
+    }
+    assert_eq!(results[0], 0, "{results:?}");
+    assert!(results.contains(&err::ENOSPC), "{results:?}");
+    // Free space by discarding the first MiB, then writing works again.
+    let mut b = Vec::new();
+    Request {
+        flags: 0,
+        kind: cmd::TRIM,
+        cookie: 50,
+        offset: 0,
+        length: 1 << 20,
+    }
+    .encode(&mut b);
+    s.write_all(&b).unwrap();
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(SimpleReply::decode(&r).unwrap().error, 0);
+    assert_eq!(write(&mut s, 60, 40 << 20), 0, "write after freeing space");
+    assert!(server_alive(&server));
+}
+
+fn server_alive(server: &Server) -> bool {
+    TcpStream::connect(&server.addr).is_ok()
+}
