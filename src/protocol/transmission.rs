@@ -10,6 +10,18 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Bytes of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
 
+fn expect_magic(r: &mut Reader<'_>, want: u32) -> Result<(), DecodeError> {
+    let got = r.u32()?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(DecodeError::BadMagic {
+            got: got.into(),
+            want: want.into(),
+        })
+    }
+}
+
 /// A request header. Any flags and command type are representable; validation is separate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
@@ -39,13 +51,7 @@ impl Request {
     /// Parses the wire form.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
-        let magic = r.u32()?;
-        if magic != REQUEST_MAGIC {
-            return Err(DecodeError::BadMagic {
-                got: magic.into(),
-                want: REQUEST_MAGIC.into(),
-            });
-        }
+        expect_magic(&mut r, REQUEST_MAGIC)?;
         let req = Request {
             flags: r.u16()?,
             kind: r.u16()?,
@@ -78,13 +84,7 @@ impl SimpleReply {
     /// Parses the wire form.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
-        let magic = r.u32()?;
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(DecodeError::BadMagic {
-                got: magic.into(),
-                want: SIMPLE_REPLY_MAGIC.into(),
-            });
-        }
+        expect_magic(&mut r, SIMPLE_REPLY_MAGIC)?;
         let reply = SimpleReply {
             error: r.u32()?,
             cookie: r.u64()?,
@@ -120,13 +120,7 @@ impl ChunkHeader {
     /// Parses the wire form.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
-        let magic = r.u32()?;
-        if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(DecodeError::BadMagic {
-                got: magic.into(),
-                want: STRUCTURED_REPLY_MAGIC.into(),
-            });
-        }
+        expect_magic(&mut r, STRUCTURED_REPLY_MAGIC)?;
         let h = ChunkHeader {
             flags: r.u16()?,
             kind: r.u16()?,
