@@ -8,6 +8,7 @@
 //! | [`crypto`] | the XTS sector engine, its backends, [`crypto::VolumeKey`], protected memory | do I/O, log, or let key bytes out |
 //! | [`cli`] | the command-line grammar (clap definitions only) | contain logic |
 //! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`) | hold key material beyond one call |
+//! | [`codec`] | big-endian byte reading/writing shared by the wire format and the volume header | panic on short input |
 //! | [`protocol`] | the NBD wire format, pure (no I/O) | panic on any input |
 //! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation | touch key bytes |
 //! | [`volume`] | plaintext byte ranges ↔ encrypted sectors (head/body/tail, RMW locks) | see raw key bytes |
@@ -18,6 +19,7 @@
 //! `server → protocol`; `crypto` and `protocol` depend on nothing else in the crate.
 
 pub mod cli;
+pub mod codec;
 pub mod commands;
 pub mod crypto;
 pub mod protocol;

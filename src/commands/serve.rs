@@ -96,7 +96,7 @@ impl FromStr for ExportSpec {
         {
             return Err("an export needs name=, file= and key-file=".into());
         }
-        if spec.name.len() > crate::protocol::codec::MAX_STRING {
+        if spec.name.len() > crate::codec::MAX_STRING {
             return Err("export name longer than 4096 bytes".into());
         }
         Ok(spec)

@@ -7,7 +7,7 @@
 //! [`DecodeError`]. Support status of every option, command and flag is in
 //! `docs/protocol-support.md`.
 
-pub mod codec;
+pub use crate::codec;
 pub mod consts;
 pub mod handshake;
 pub mod transmission;

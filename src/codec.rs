@@ -1,4 +1,5 @@
-//! Byte-level reading and writing. Reading never panics: running out of bytes is an error value.
+//! Byte-level reading and writing (big-endian), shared by the NBD wire format and the volume
+//! header. Pure. Reading never panics: running out of bytes is an error value.
 
 /// What was wrong with bytes received from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
