@@ -22,6 +22,7 @@ pub mod cli;
 pub mod codec;
 pub mod commands;
 pub mod crypto;
+pub mod kms;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -1,0 +1,82 @@
+//! The audit log: one JSON line per key operation, appended to `<state-dir>/audit.log`.
+//!
+//! Records carry time, operation (AWS names), key, principal, volume, outcome and, on failure,
+//! the error code and message. They never carry key material or wrapped blobs: the record type
+//! has no field that could hold them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// Unix seconds.
+    pub time: u64,
+    /// AWS operation name (`GenerateDataKey`, `Decrypt`, …).
+    pub operation: String,
+    /// Key ARN or the identifier asked for.
+    pub key: String,
+    /// Calling principal.
+    pub principal: String,
+    /// Volume name or id, when the call concerns one.
+    pub volume: Option<String>,
+    /// `success`, `failure` or `denied`.
+    pub outcome: String,
+    /// Error code on failure.
+    pub error_code: Option<String>,
+    /// Error message on failure.
+    pub error_message: Option<String>,
+}
+
+/// An append-only audit log file.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl AuditLog {
+    /// The log at `path` (created on first append, mode 0600).
+    pub fn new(path: &Path) -> Self {
+        AuditLog {
+            path: path.to_owned(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Where the log lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record and syncs it. An audit failure is returned: callers treat an
+    /// operation whose audit record cannot be written as failed.
+    pub fn append(&self, record: &Record) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        // One write of the whole line: O_APPEND keeps concurrent writers' lines whole.
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
+    /// Every record, oldest first (unparsable lines are skipped).
+    pub fn read_all(&self) -> std::io::Result<Vec<Record>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
