@@ -15,6 +15,10 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax); `NBDCRYPT_LOG` overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// State directory: volume registry, local KMS, audit log. Default:
+    /// `$XDG_STATE_HOME/nbdcrypt` or `~/.local/state/nbdcrypt`.
+    #[arg(long, global = true, env = "NBDCRYPT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -32,6 +36,64 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a fresh random 512-bit volume key to a file (mode 0600), for `serve --export`.
     Keygen(KeygenArgs),
+    /// Create, list, describe and delete named volumes (keys from the local KMS).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+/// `nbdcrypt volume …`.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume: a fresh 512-bit data key from the KMS, wrapped in the volume header.
+    Create(VolumeCreateArgs),
+    /// List volumes.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe a volume (persistent volumes show their KMS key; scratch volumes never do).
+    Describe {
+        /// Volume name.
+        name: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume: its wrapped key is destroyed in every header copy (crypto-shredding),
+    /// and the backing file is removed unless `--keep-ciphertext`.
+    Delete {
+        /// Volume name.
+        name: String,
+        /// Keep the (now undecryptable) backing file.
+        #[arg(long)]
+        keep_ciphertext: bool,
+    },
+}
+
+/// `nbdcrypt volume create`.
+#[derive(Debug, Args)]
+pub struct VolumeCreateArgs {
+    /// Volume name.
+    pub name: String,
+    /// Size (K/M/G/T suffixes, powers of 1024).
+    #[arg(long, value_parser = crate::commands::serve::parse_size)]
+    pub size: u64,
+    /// scratch (service-managed key, destroyed with the volume) or persistent.
+    #[arg(long = "type", default_value = "scratch", value_parser = ["scratch", "persistent"])]
+    pub volume_type: String,
+    /// KMS key for a persistent volume: key id, alias/NAME or ARN.
+    #[arg(long)]
+    pub kms_key: Option<String>,
+    /// Encryption sector size.
+    #[arg(long, default_value = "4096", value_parser = crate::commands::serve::parse_sector_size)]
+    pub sector_size: crate::crypto::SectorSize,
+    /// Backing file or block device (default: `<state-dir>/volumes/NAME.img`).
+    #[arg(long)]
+    pub backing: Option<PathBuf>,
+    /// Allow TRIM and BLOCK_STATUS (reveals unused sectors; see docs/threat-model.md).
+    #[arg(long)]
+    pub discards: bool,
 }
 
 /// `nbdcrypt serve`.
@@ -46,12 +108,17 @@ pub struct ServeArgs {
     /// Most simultaneous client connections.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
-    /// An export, repeatable:
+    /// A named volume to serve (repeatable). Its key is unwrapped once, at start. With neither
+    /// `--volume` nor `--export`, the volume `scratch` is served, created first (1 GiB,
+    /// scratch) if it does not exist.
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
+    /// An export from a backing file and a raw key file (no KMS), repeatable:
     /// `name=NAME,file=PATH,key-file=PATH[,size=SIZE][,sector-size=512|1024|2048|4096]
     /// [,discards][,read-only][,description=TEXT]`. SIZE takes K/M/G/T suffixes (powers of
     /// 1024); without it an existing file's size is used. The key file holds 64 raw bytes or
     /// 128 hex digits.
-    #[arg(long = "export", required = true)]
+    #[arg(long = "export")]
     pub exports: Vec<ExportSpec>,
     /// XTS backend: auto, hw, portable or vaes.
     #[arg(long, env = "NBDCRYPT_XTS_BACKEND", default_value = "auto")]

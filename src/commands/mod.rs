@@ -4,3 +4,4 @@
 pub mod benchmark;
 pub mod info;
 pub mod serve;
+pub mod volume;

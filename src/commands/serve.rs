@@ -60,6 +60,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}"))
 }
 
+/// Parses a sector size: 512, 1024, 2048 or 4096 (suffixes allowed: `4K`).
+pub fn parse_sector_size(s: &str) -> Result<SectorSize, String> {
+    SectorSize::from_bytes(parse_size(s)?).map_err(|e| e.to_string())
+}
+
 impl FromStr for ExportSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -144,6 +149,9 @@ pub enum ServeError {
     /// The server could not start.
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    /// A named volume could not be opened.
+    #[error(transparent)]
+    NamedVolume(#[from] crate::volume::manager::ManagerError),
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
@@ -226,12 +234,62 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
     })
 }
 
+/// The quick-start volume served when `serve` gets no `--volume` and no `--export`.
+pub const QUICKSTART_VOLUME: &str = "scratch";
+/// Its size when it has to be created.
+pub const QUICKSTART_SIZE: u64 = 1 << 30;
+
 /// Runs the server until SIGINT or SIGTERM.
-pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+pub fn run(args: ServeArgs, state_dir: &Path) -> Result<(), ServeError> {
     if !crypto::locked::disable_core_dumps() {
         tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
     }
     let mut list = Vec::new();
+    let mut volumes = args.volumes.clone();
+    if volumes.is_empty() && args.exports.is_empty() {
+        volumes.push(QUICKSTART_VOLUME.into());
+        let kms = crate::kms::local::LocalKms::open(state_dir);
+        let m = crate::volume::manager::Manager::new(state_dir, &kms, "local");
+        if matches!(
+            m.entry(QUICKSTART_VOLUME),
+            Err(crate::volume::manager::ManagerError::NoSuchVolume(_))
+        ) {
+            let h = m.create(
+                QUICKSTART_VOLUME,
+                &crate::volume::manager::CreateOptions {
+                    size: QUICKSTART_SIZE,
+                    volume_type: crate::volume::header::VolumeType::Scratch,
+                    kms_key: None,
+                    sector_size: SectorSize::S4096,
+                    backing: None,
+                    discards: false,
+                },
+            )?;
+            tracing::info!(volume = h.name, size = h.size, state_dir = %state_dir.display(), "created the quick-start scratch volume on the local KMS");
+        }
+    }
+    if !volumes.is_empty() {
+        let kms = crate::kms::local::LocalKms::open(state_dir);
+        let m = crate::volume::manager::Manager::new(state_dir, &kms, "local");
+        for name in &volumes {
+            if list.iter().any(|e: &Export| &e.name == name) {
+                return Err(ServeError::DuplicateName(name.clone()));
+            }
+            // One Decrypt per volume per serve: the key is unwrapped here and only here.
+            let volume = m.open(name, args.backend, false)?;
+            tracing::info!(
+                volume = name,
+                size = volume.size(),
+                crypto = volume.engine_summary(),
+                "volume ready"
+            );
+            list.push(Export {
+                name: name.clone(),
+                description: format!("nbdcrypt volume {name}"),
+                volume: Arc::new(volume),
+            });
+        }
+    }
     for spec in &args.exports {
         if list.iter().any(|e: &Export| e.name == spec.name) {
             return Err(ServeError::DuplicateName(spec.name.clone()));
@@ -265,6 +323,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         let listener = Listener::bind(&config.listen).await?;
         let addr = listener.describe();
         tracing::info!(listen = addr, "serving");
+        print_attach_help(&config.listen, &exports);
         if let Some(path) = &args.ready_file
             && let Err(e) = std::fs::write(path, format!("{addr}\n"))
         {
@@ -280,6 +339,35 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+fn print_attach_help(listen: &Listen, exports: &Exports) {
+    let mut err = std::io::stderr().lock();
+    for e in exports.iter() {
+        let (uri, client) = match listen {
+            Listen::Tcp(a) => (
+                format!("nbd://{a}/{}", e.name),
+                format!(
+                    "nbd-client {} {} /dev/nbd0 -N {} -b 4096",
+                    a.ip(),
+                    a.port(),
+                    e.name
+                ),
+            ),
+            Listen::Unix(p) => (
+                format!("nbd+unix:///{}?socket={}", e.name, p.display()),
+                format!(
+                    "nbd-client -unix {} /dev/nbd0 -N {} -b 4096",
+                    p.display(),
+                    e.name
+                ),
+            ),
+        };
+        let _ = writeln!(
+            err,
+            "serving {uri}\n  kernel:  {client}\n  nbdfuse: mkdir -p fuse && nbdfuse fuse/disk {uri} & losetup -f --show -b 4096 fuse/disk"
+        );
+    }
 }
 
 async fn wait_for_signal() {

@@ -99,6 +99,19 @@ impl XtsEngine {
         )
     }
 
+    /// A key-check value: the first 32 bytes of the encryption of a zero sector at the last
+    /// sector index whose IV fits 64 bits — a position no volume reaches, so the value never
+    /// equals any stored data. It identifies the key without revealing it (one known
+    /// plaintext/ciphertext pair under a tweak that is never used for data).
+    pub fn key_check_value(&self) -> Result<[u8; 32], CryptoError> {
+        let mut sector = vec![0u8; self.sector_size.bytes()];
+        let last = u64::MAX / self.sector_size.iv_units();
+        self.encrypt_sectors(SectorIndex(last), &mut sector)?;
+        let mut kcv = [0u8; 32];
+        kcv.copy_from_slice(&sector[..32]);
+        Ok(kcv)
+    }
+
     /// The backend in use.
     pub fn backend_kind(&self) -> BackendKind {
         match self.backend {

@@ -22,6 +22,7 @@
 
 pub mod header;
 mod locks;
+pub mod manager;
 
 use std::io;
 

@@ -1,0 +1,502 @@
+//! Named volumes: create, open (unwrap the key once), describe, delete (crypto-shred).
+//!
+//! A volume is a backing file (or device) that starts with the two header copies
+//! ([`super::header`]) and a small registry entry `<state-dir>/volumes/<name>.json` that maps
+//! the name to the backing path. The registry holds no key material and no wrapped key; after a
+//! delete it keeps a tombstone so that a later `serve` can say the volume was deleted.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::header::{self, DATA_OFFSET, HEADER_COPIES, HEADER_COPY_BYTES, Header, VolumeType};
+use super::{EncryptedVolume, VolumeConfig, VolumeError};
+use crate::crypto::{self, BackendChoice, SectorSize, VolumeKey, XtsEngine};
+use crate::kms::{Caller, EncryptionContext, KeyService, KmsError, local::DEFAULT_ALIAS};
+use crate::storage::FileStorage;
+
+/// Context key binding a wrapped key to its volume.
+pub const CONTEXT_VOLUME_ID: &str = "nbdcrypt:volume-id";
+/// Context key carrying the volume name (for audit records).
+pub const CONTEXT_VOLUME_NAME: &str = "nbdcrypt:volume";
+
+/// A registry entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// Volume name.
+    pub name: String,
+    /// Backing file or device.
+    pub backing: PathBuf,
+    /// Volume UUID, hex.
+    pub uuid: String,
+    /// Deleted (tombstone).
+    pub deleted: bool,
+}
+
+/// What went wrong with a named volume.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// No such volume.
+    #[error("no volume named {0:?} (see `nbdcrypt volume list`)")]
+    NoSuchVolume(String),
+    /// The volume was deleted.
+    #[error("volume {0:?} was deleted: its key was destroyed, its data can never be read again")]
+    Deleted(String),
+    /// A volume of that name exists.
+    #[error("a volume named {0:?} already exists")]
+    Exists(String),
+    /// The name is not usable.
+    #[error(
+        "invalid volume name {0:?}: use letters, digits, '-', '_' and '.', up to 64 characters"
+    )]
+    BadName(String),
+    /// The key service refused or failed.
+    #[error("volume {volume}: {source}")]
+    Kms {
+        /// Volume.
+        volume: String,
+        /// The KMS error (names the key, operation and reason).
+        source: KmsError,
+    },
+    /// Both header copies are unusable.
+    #[error(
+        "volume {volume}: both header copies are unusable ({first}; {second}); refusing to serve"
+    )]
+    Header {
+        /// Volume.
+        volume: String,
+        /// Copy 0's problem.
+        first: header::HeaderError,
+        /// Copy 1's problem.
+        second: header::HeaderError,
+    },
+    /// The unwrapped key does not match the key-check value.
+    #[error(
+        "volume {0}: the unwrapped key does not match the volume's key-check value; refusing to serve garbage"
+    )]
+    WrongKey(String),
+    /// The crypto layer refused.
+    #[error("volume {volume}: {source}")]
+    Crypto {
+        /// Volume.
+        volume: String,
+        /// Why.
+        source: crypto::CryptoError,
+    },
+    /// The volume layer refused.
+    #[error("volume {volume}: {source}")]
+    Volume {
+        /// Volume.
+        volume: String,
+        /// Why.
+        source: VolumeError,
+    },
+    /// File system trouble.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Something the request cannot do (e.g. export-key on a scratch volume).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Settings for `volume create`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Size in bytes.
+    pub size: u64,
+    /// Scratch or persistent.
+    pub volume_type: VolumeType,
+    /// KMS key for persistent volumes (default: the managed default key).
+    pub kms_key: Option<String>,
+    /// Sector size.
+    pub sector_size: SectorSize,
+    /// Backing file (default: `<state-dir>/volumes/<name>.img`).
+    pub backing: Option<PathBuf>,
+    /// Discards on.
+    pub discards: bool,
+}
+
+/// The volumes of one state directory, backed by one key service.
+pub struct Manager<'k> {
+    state_dir: PathBuf,
+    kms: &'k dyn KeyService,
+    kms_name: String,
+    caller: Caller,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError {
+    let path = path.to_owned();
+    move |source| ManagerError::Io { what, path, source }
+}
+
+fn check_name(name: &str) -> Result<(), ManagerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManagerError::BadName(name.to_owned()))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads both header copies of a backing store.
+pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerError> {
+    let f = std::fs::File::open(path).map_err(io("cannot open the backing store", path))?;
+    let mut slots = vec![0u8; HEADER_COPY_BYTES * HEADER_COPIES];
+    let mut done = 0;
+    while done < slots.len() {
+        match f.read_at(&mut slots[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => return Err(io("cannot read the header of", path)(e)),
+        }
+    }
+    let (a, b) = slots.split_at(HEADER_COPY_BYTES);
+    header::choose([a, b]).map_err(|[first, second]| ManagerError::Header {
+        volume: name.to_owned(),
+        first,
+        second,
+    })
+}
+
+/// Writes one header copy into `slot` and syncs.
+pub fn write_header(path: &Path, h: &Header, slot: usize) -> Result<(), ManagerError> {
+    let bytes = h
+        .encode()
+        .map_err(|e| ManagerError::Refused(e.to_string()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io("cannot open the backing store", path))?;
+    f.write_all_at(&bytes, (slot * HEADER_COPY_BYTES) as u64)
+        .and_then(|()| f.sync_data())
+        .map_err(io("cannot write the header of", path))
+}
+
+impl<'k> Manager<'k> {
+    /// Volumes under `state_dir`, keys from `kms` (named `kms_name` in headers).
+    pub fn new(state_dir: &Path, kms: &'k dyn KeyService, kms_name: &str) -> Self {
+        Manager {
+            state_dir: state_dir.to_owned(),
+            kms,
+            kms_name: kms_name.to_owned(),
+            caller: Caller::local_service(),
+        }
+    }
+
+    fn registry(&self) -> PathBuf {
+        self.state_dir.join("volumes")
+    }
+
+    fn entry_path(&self, name: &str) -> PathBuf {
+        self.registry().join(format!("{name}.json"))
+    }
+
+    /// The registry entry of `name`.
+    pub fn entry(&self, name: &str) -> Result<Entry, ManagerError> {
+        check_name(name)?;
+        let p = self.entry_path(name);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ManagerError::NoSuchVolume(name.into()));
+            }
+            Err(e) => return Err(io("cannot read", &p)(e)),
+        };
+        serde_json::from_str(&text)
+            .map_err(|e| io("corrupt registry entry", &p)(std::io::Error::other(e)))
+    }
+
+    fn save_entry(&self, e: &Entry) -> Result<(), ManagerError> {
+        let dir = self.registry();
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let p = self.entry_path(&e.name);
+        let tmp = dir.join(format!(".{}.tmp", e.name));
+        let text = serde_json::to_vec_pretty(e)
+            .map_err(|e| io("cannot encode", &p)(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &p))
+            .map_err(io("cannot write", &p))
+    }
+
+    /// All registry entries, by name.
+    pub fn list(&self) -> Result<Vec<Entry>, ManagerError> {
+        let dir = self.registry();
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io("cannot list", &dir)(e)),
+        };
+        for f in rd.flatten() {
+            let n = f.file_name().to_string_lossy().into_owned();
+            if let Some(name) = n.strip_suffix(".json")
+                && !name.starts_with('.')
+            {
+                out.push(self.entry(name)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn context(uuid: &[u8; 16], name: &str) -> EncryptionContext {
+        let mut c = EncryptionContext::single(CONTEXT_VOLUME_ID, &hex(uuid));
+        c.0.insert(CONTEXT_VOLUME_NAME.into(), name.into());
+        c
+    }
+
+    /// `volume create`: a new data key from `GenerateDataKey`, a header, an empty data area.
+    pub fn create(&self, name: &str, opts: &CreateOptions) -> Result<Header, ManagerError> {
+        check_name(name)?;
+        match self.entry(name) {
+            Ok(e) if !e.deleted => return Err(ManagerError::Exists(name.into())),
+            Ok(_) | Err(ManagerError::NoSuchVolume(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let sector = opts.sector_size.bytes() as u64;
+        if opts.size == 0 || !opts.size.is_multiple_of(sector) {
+            return Err(ManagerError::Refused(format!(
+                "size {} is not a positive multiple of the {sector}-byte sector size",
+                opts.size
+            )));
+        }
+        let key_id = match (opts.volume_type, &opts.kms_key) {
+            (VolumeType::Scratch, Some(_)) => {
+                return Err(ManagerError::Refused(
+                    "scratch volumes always use the service-managed default key; --kms-key is for persistent volumes".into(),
+                ));
+            }
+            (VolumeType::Scratch, None) | (VolumeType::Persistent, None) => {
+                DEFAULT_ALIAS.to_owned()
+            }
+            (VolumeType::Persistent, Some(k)) => k.clone(),
+        };
+        let mut uuid = [0u8; 16];
+        getrandom::fill(&mut uuid).map_err(|e| ManagerError::Refused(e.to_string()))?;
+        let context = Self::context(&uuid, name);
+        let kms_err = |source| ManagerError::Kms {
+            volume: name.into(),
+            source,
+        };
+        let mut dk = self
+            .kms
+            .generate_data_key(&key_id, crypto::VOLUME_KEY_BYTES, &context, &self.caller)
+            .map_err(kms_err)?;
+        let key =
+            VolumeKey::take_from(&mut dk.plaintext).map_err(|source| ManagerError::Crypto {
+                volume: name.into(),
+                source,
+            })?;
+        let engine =
+            XtsEngine::new(&key, opts.sector_size, BackendChoice::Auto).map_err(|source| {
+                ManagerError::Crypto {
+                    volume: name.into(),
+                    source,
+                }
+            })?;
+        drop(key);
+        let key_check = engine
+            .key_check_value()
+            .map_err(|source| ManagerError::Crypto {
+                volume: name.into(),
+                source,
+            })?;
+        let backing = opts
+            .backing
+            .clone()
+            .unwrap_or_else(|| self.registry().join(format!("{name}.img")));
+        if let Some(parent) = backing.parent() {
+            std::fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&backing)
+            .map_err(io("cannot create the backing file", &backing))?;
+        let meta = f.metadata().map_err(io("cannot stat", &backing))?;
+        if meta.is_file() && meta.len() < DATA_OFFSET + opts.size {
+            f.set_len(DATA_OFFSET + opts.size)
+                .map_err(io("cannot size", &backing))?;
+        }
+        // A reused file must not show old data: zero the header area.
+        f.write_all_at(&vec![0u8; DATA_OFFSET as usize], 0)
+            .map_err(io("cannot initialise", &backing))?;
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut h = Header {
+            sequence: 1,
+            uuid,
+            name: name.into(),
+            volume_type: opts.volume_type,
+            size: opts.size,
+            sector_size: u16::try_from(opts.sector_size.bytes()).unwrap_or(4096),
+            discards: opts.discards,
+            deleted: false,
+            created,
+            kms: self.kms_name.clone(),
+            key_id: dk.key_arn.clone(),
+            wrapped_key: dk.blob.clone(),
+            context: context
+                .0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            key_check,
+        };
+        write_header(&backing, &h, 0)?;
+        h.sequence = 2;
+        write_header(&backing, &h, 1)?;
+        self.save_entry(&Entry {
+            name: name.into(),
+            backing,
+            uuid: hex(&uuid),
+            deleted: false,
+        })?;
+        Ok(h)
+    }
+
+    /// The live header of `name` (refuses deleted volumes).
+    pub fn header(&self, name: &str) -> Result<(Entry, header::Loaded), ManagerError> {
+        let e = self.entry(name)?;
+        if e.deleted {
+            return Err(ManagerError::Deleted(name.into()));
+        }
+        let loaded = read_header(&e.backing, name)?;
+        if loaded.header.deleted {
+            return Err(ManagerError::Deleted(name.into()));
+        }
+        Ok((e, loaded))
+    }
+
+    /// Unwraps the volume's key (one `Decrypt`) and opens it for serving.
+    pub fn open(
+        &self,
+        name: &str,
+        backend: BackendChoice,
+        read_only: bool,
+    ) -> Result<EncryptedVolume, ManagerError> {
+        let (entry, loaded) = self.header(name)?;
+        if let Some(problem) = &loaded.damaged {
+            tracing::warn!(volume = name, %problem, "one header copy is damaged; using the other (it is rewritten on the next update)");
+        }
+        let h = loaded.header;
+        let sector_size = SectorSize::from_bytes(u64::from(h.sector_size)).map_err(|source| {
+            ManagerError::Crypto {
+                volume: name.into(),
+                source,
+            }
+        })?;
+        let context = EncryptionContext(h.context.iter().cloned().collect());
+        let mut plain = self
+            .kms
+            .decrypt(&h.key_id, &h.wrapped_key, &context, &self.caller)
+            .map_err(|source| ManagerError::Kms {
+                volume: name.into(),
+                source,
+            })?;
+        let key = VolumeKey::take_from(&mut plain).map_err(|source| ManagerError::Crypto {
+            volume: name.into(),
+            source,
+        })?;
+        let engine =
+            XtsEngine::new(&key, sector_size, backend).map_err(|source| ManagerError::Crypto {
+                volume: name.into(),
+                source,
+            })?;
+        drop(key);
+        let kcv = engine
+            .key_check_value()
+            .map_err(|source| ManagerError::Crypto {
+                volume: name.into(),
+                source,
+            })?;
+        // Constant-time comparison: no timing hint about how close a wrong key came.
+        if kcv
+            .iter()
+            .zip(h.key_check.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            != 0
+        {
+            return Err(ManagerError::WrongKey(name.into()));
+        }
+        let storage = FileStorage::open(&entry.backing, 0, read_only)
+            .map_err(io("cannot open", &entry.backing))?;
+        EncryptedVolume::new(
+            Box::new(storage),
+            engine,
+            VolumeConfig {
+                size: h.size,
+                sector_size,
+                discards: h.discards,
+                read_only,
+                data_offset: DATA_OFFSET,
+            },
+        )
+        .map_err(|source| ManagerError::Volume {
+            volume: name.into(),
+            source,
+        })
+    }
+
+    /// `volume delete`: destroys the wrapped key in both header copies (crypto-shredding),
+    /// leaves a tombstone, and removes the backing file unless `keep_ciphertext`.
+    pub fn delete(&self, name: &str, keep_ciphertext: bool) -> Result<(), ManagerError> {
+        let mut entry = self.entry(name)?;
+        if entry.deleted {
+            return Err(ManagerError::Deleted(name.into()));
+        }
+        match read_header(&entry.backing, name) {
+            Ok(loaded) => {
+                let mut h = loaded.header;
+                h.deleted = true;
+                h.wrapped_key.clear();
+                h.key_check = [0; 32];
+                // Both copies, newest last: no copy of the blob survives either way.
+                let first = header::next_slot(loaded.slot);
+                h.sequence += 1;
+                write_header(&entry.backing, &h, first)?;
+                h.sequence += 1;
+                write_header(&entry.backing, &h, loaded.slot)?;
+            }
+            Err(ManagerError::Io { .. }) if !entry.backing.exists() => {}
+            Err(e) => {
+                // Unreadable headers: overwrite both slots with zeroes rather than keep them.
+                tracing::warn!(volume = name, error = %e, "headers unreadable; wiping both header slots");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&entry.backing)
+                    .map_err(io("cannot open", &entry.backing))?;
+                f.write_all_at(&vec![0u8; HEADER_COPY_BYTES * HEADER_COPIES], 0)
+                    .and_then(|()| f.sync_data())
+                    .map_err(io("cannot wipe the header of", &entry.backing))?;
+            }
+        }
+        if !keep_ciphertext && entry.backing.is_file() {
+            std::fs::remove_file(&entry.backing).map_err(io("cannot remove", &entry.backing))?;
+        }
+        entry.deleted = true;
+        self.save_entry(&entry)
+    }
+}
