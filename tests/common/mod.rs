@@ -143,6 +143,17 @@ impl Server {
     }
 
     pub fn start_with(dir: &TempDir, exports: &[String], extra: &[&str]) -> Server {
+        Self::try_start(dir, exports, extra, &[])
+            .unwrap_or_else(|log| panic!("server exited early:\n{log}"))
+    }
+
+    /// Starts the server; `Err(log)` if it exits before becoming ready.
+    pub fn try_start(
+        dir: &TempDir,
+        exports: &[String],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let ready = dir.path(&format!("ready-{}", std::process::id()));
         let _ = std::fs::remove_file(&ready);
         let log = dir.path("server.log");
@@ -157,6 +168,9 @@ impl Server {
         }
         cmd.args(extra);
         cmd.env("NBDCRYPT_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -170,13 +184,13 @@ impl Server {
                 && s.ends_with('\n')
             {
                 let addr = s.trim().trim_start_matches("nbd://").to_owned();
-                return Server { child, addr, log };
+                return Ok(Server { child, addr, log });
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "server exited early ({status}):\n{}",
+                return Err(format!(
+                    "({status}) {}",
                     std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                ));
             }
             assert!(
                 start.elapsed().as_secs() < 30,

@@ -1,0 +1,259 @@
+//! Named-volume lifecycles through the CLI, against a temporary state directory and the local
+//! KMS: scratch create → serve → write → restart → same data → delete → serve refused; a
+//! persistent volume on a customer-managed key that is disabled, re-enabled, rotated and
+//! scheduled for deletion; header corruption; the audit trail (one Decrypt per serve).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{Rng, Server, TempDir, run_ok, seed};
+use nbdcrypt::kms::local::LocalKms;
+use nbdcrypt::kms::{Caller, Origin};
+use nbdcrypt::volume::header::{HEADER_COPY_BYTES, Header};
+use nbdcrypt::volume::manager::read_header;
+
+fn cli(state: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+    c.env("NBDCRYPT_STATE_DIR", state)
+        .env_remove("NBDCRYPT_LOG");
+    c
+}
+
+fn serve(dir: &TempDir, state: &std::path::Path, volumes: &[&str]) -> Result<Server, String> {
+    let mut args = Vec::new();
+    for v in volumes {
+        args.push("--volume");
+        args.push(v);
+    }
+    Server::try_start(
+        dir,
+        &[],
+        &args,
+        &[("NBDCRYPT_STATE_DIR", state.to_str().unwrap())],
+    )
+}
+
+fn qemu_io(server: &Server, volume: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let out = run_ok(c.arg(server.uri(volume)));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    out
+}
+
+fn decrypts_for(state: &std::path::Path, volume: &str) -> usize {
+    LocalKms::open(state)
+        .audit()
+        .read_all()
+        .unwrap()
+        .iter()
+        .filter(|r| r.operation == "Decrypt" && r.volume.as_deref() == Some(volume))
+        .count()
+}
+
+fn files_under(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn scratch_lifecycle_create_serve_restart_delete() {
+    if !common::peer_available("qemu-io", common::have("qemu-io")) {
+        return;
+    }
+    let dir = TempDir::new("scratch-life");
+    let state = dir.path("state");
+    run_ok(cli(&state).args(["volume", "create", "job1", "--size", "32M"]));
+    let describe = run_ok(cli(&state).args(["volume", "describe", "job1", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&describe).unwrap();
+    assert_eq!(v["type"], "scratch");
+    assert!(
+        v.get("kms_key").is_none(),
+        "a scratch volume must never show its key: {describe}"
+    );
+
+    let server = serve(&dir, &state, &["job1"]).unwrap();
+    qemu_io(&server, "job1", &["write -P 0x3c 1M 2M"]);
+    drop(server.stop());
+    let server = serve(&dir, &state, &["job1"]).unwrap();
+    qemu_io(&server, "job1", &["read -P 0x3c 1M 2M", "read -P 0 0 1M"]);
+    drop(server.stop());
+    assert_eq!(
+        decrypts_for(&state, "job1"),
+        2,
+        "exactly one Decrypt per serve"
+    );
+
+    let backing = state.join("volumes/job1.img");
+    let blob = read_header(&backing, "job1").unwrap().header.wrapped_key;
+    assert!(blob.len() > 60);
+    let out = run_ok(cli(&state).args(["volume", "delete", "job1"]));
+    assert!(out.contains("key is destroyed"), "{out}");
+    let err = serve(&dir, &state, &["job1"])
+        .err()
+        .expect("a deleted volume must not serve");
+    assert!(err.contains("was deleted"), "{err}");
+    for f in files_under(&state) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(32).any(|w| w == &blob[8..40]),
+            "{} holds a copy of the wrapped key",
+            f.display()
+        );
+    }
+    assert!(!backing.exists(), "the backing file is removed by default");
+}
+
+#[test]
+fn persistent_volume_follows_its_customer_key_state() {
+    if !common::peer_available("qemu-io", common::have("qemu-io")) {
+        return;
+    }
+    let dir = TempDir::new("persistent-life");
+    let state = dir.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let kms = LocalKms::open(&state);
+    let me = Caller::local_service();
+    let cmk = kms
+        .create_key(
+            "team key",
+            Some("alias/team"),
+            &Default::default(),
+            Origin::AwsKms,
+            &me,
+        )
+        .unwrap();
+    run_ok(cli(&state).args([
+        "volume",
+        "create",
+        "db",
+        "--size",
+        "16M",
+        "--type",
+        "persistent",
+        "--kms-key",
+        "alias/team",
+    ]));
+    let describe = run_ok(cli(&state).args(["volume", "describe", "db", "--json"]));
+    assert!(
+        describe.contains(&cmk.arn),
+        "persistent volumes show their key: {describe}"
+    );
+
+    let server = serve(&dir, &state, &["db"]).unwrap();
+    qemu_io(&server, "db", &["write -P 0x5d 0 1M"]);
+    drop(server.stop());
+
+    kms.disable_key("alias/team", &me).unwrap();
+    let err = serve(&dir, &state, &["db"])
+        .err()
+        .expect("disabled key must stop the serve");
+    assert!(
+        err.contains("DisabledException") && err.contains(&cmk.arn),
+        "{err}"
+    );
+    kms.enable_key("alias/team", &me).unwrap();
+    let server = serve(&dir, &state, &["db"]).unwrap();
+    qemu_io(&server, "db", &["read -P 0x5d 0 1M"]);
+    drop(server.stop());
+
+    kms.rotate_key_on_demand("alias/team", &me).unwrap();
+    let server = serve(&dir, &state, &["db"]).unwrap();
+    qemu_io(&server, "db", &["read -P 0x5d 0 1M"]);
+    drop(server.stop());
+
+    kms.schedule_key_deletion("alias/team", 7, &me).unwrap();
+    let err = serve(&dir, &state, &["db"])
+        .err()
+        .expect("pending deletion must stop the serve");
+    assert!(
+        err.contains("KMSInvalidStateException") && err.contains("PendingDeletion"),
+        "{err}"
+    );
+    kms.cancel_key_deletion("alias/team", &me).unwrap();
+    kms.enable_key("alias/team", &me).unwrap();
+    let server = serve(&dir, &state, &["db"]).unwrap();
+    qemu_io(&server, "db", &["read -P 0x5d 0 1M"]);
+    drop(server.stop());
+
+    let records = kms.audit().read_all().unwrap();
+    for (op, code) in [
+        ("Decrypt", Some("DisabledException")),
+        ("Decrypt", Some("KMSInvalidStateException")),
+        ("DisableKey", None),
+        ("RotateKeyOnDemand", None),
+    ] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.operation == op && r.error_code.as_deref() == code),
+            "audit lacks {op} {code:?}"
+        );
+    }
+    // Serves: 4 successful + 2 refused, one Decrypt each.
+    assert_eq!(decrypts_for(&state, "db"), 6);
+}
+
+#[test]
+fn header_damage_is_survived_once_and_refused_twice() {
+    let dir = TempDir::new("header-damage");
+    let state = dir.path("state");
+    let mut rng = Rng::new(seed("header damage"));
+    run_ok(cli(&state).args(["volume", "create", "h", "--size", "8M"]));
+    let backing = state.join("volumes/h.img");
+    let flip = |offset: usize| {
+        let mut b = std::fs::read(&backing).unwrap();
+        b[offset] ^= 0x40;
+        std::fs::write(&backing, b).unwrap();
+    };
+    // One damaged copy: still serves.
+    flip(100 + usize::try_from(rng.below(50)).unwrap());
+    let server = serve(&dir, &state, &["h"]).unwrap();
+    drop(server.stop());
+    // Both damaged: a clear refusal.
+    flip(HEADER_COPY_BYTES + 100);
+    let err = serve(&dir, &state, &["h"])
+        .err()
+        .expect("both copies damaged must not serve");
+    assert!(err.contains("both header copies are unusable"), "{err}");
+}
+
+#[test]
+fn wrong_key_check_is_refused_not_served() {
+    let dir = TempDir::new("wrong-key");
+    let state = dir.path("state");
+    run_ok(cli(&state).args(["volume", "create", "w", "--size", "8M"]));
+    let backing = state.join("volumes/w.img");
+    let loaded = read_header(&backing, "w").unwrap();
+    let mut h: Header = loaded.header;
+    h.key_check[0] ^= 1;
+    h.sequence += 1;
+    let bytes = h.encode().unwrap();
+    let mut file = std::fs::read(&backing).unwrap();
+    for slot in 0..2 {
+        file[slot * HEADER_COPY_BYTES..(slot + 1) * HEADER_COPY_BYTES].copy_from_slice(&bytes);
+    }
+    std::fs::write(&backing, file).unwrap();
+    let err = serve(&dir, &state, &["w"])
+        .err()
+        .expect("a key that fails its check must not serve");
+    assert!(
+        err.contains("does not match the volume's key-check value"),
+        "{err}"
+    );
+}
