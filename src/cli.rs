@@ -39,6 +39,123 @@ pub enum Command {
     /// Create, list, describe and delete named volumes (keys from the local KMS).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Administer keys of the embedded local KMS, and read the audit log.
+    #[command(subcommand)]
+    Kms(KmsCommand),
+}
+
+/// `nbdcrypt kms …` (AWS operation names, kebab-case).
+#[derive(Debug, Subcommand)]
+pub enum KmsCommand {
+    /// Create a customer-managed symmetric key; prints its id and ARN.
+    CreateKey {
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// An alias for it (`alias/NAME`).
+        #[arg(long)]
+        alias: Option<String>,
+        /// Key spec; only SYMMETRIC_DEFAULT is accepted.
+        #[arg(long, default_value = "SYMMETRIC_DEFAULT")]
+        key_spec: String,
+        /// AWS_KMS (generated) or EXTERNAL (import material later).
+        #[arg(long, default_value = "AWS_KMS", value_parser = ["AWS_KMS", "EXTERNAL"])]
+        origin: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys with their state.
+    ListKeys {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a key's metadata.
+    DescribeKey {
+        /// Key id, alias or ARN.
+        key: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a key.
+    EnableKey {
+        /// Key id, alias or ARN.
+        key: String,
+    },
+    /// Disable a key (volumes under it stop serving).
+    DisableKey {
+        /// Key id, alias or ARN.
+        key: String,
+    },
+    /// Schedule deletion after 7–30 days.
+    ScheduleKeyDeletion {
+        /// Key id, alias or ARN.
+        key: String,
+        /// Waiting period.
+        #[arg(long, default_value_t = 30)]
+        pending_window_in_days: u64,
+    },
+    /// Cancel a scheduled deletion (the key returns to Disabled).
+    CancelKeyDeletion {
+        /// Key id, alias or ARN.
+        key: String,
+    },
+    /// Turn on yearly automatic rotation.
+    EnableKeyRotation {
+        /// Key id, alias or ARN.
+        key: String,
+    },
+    /// Rotate now (old material stays for decryption).
+    RotateKeyOnDemand {
+        /// Key id, alias or ARN.
+        key: String,
+    },
+    /// List a key's material versions.
+    ListKeyRotations {
+        /// Key id, alias or ARN.
+        key: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import 32 bytes of key material (hex in a file) into an EXTERNAL key.
+    ImportKeyMaterial {
+        /// Key id, alias or ARN.
+        key: String,
+        /// File holding 64 hex digits.
+        #[arg(long)]
+        material_file: PathBuf,
+    },
+    /// Create an alias.
+    CreateAlias {
+        /// `alias/NAME`.
+        alias: String,
+        /// Key id, alias or ARN.
+        key: String,
+    },
+    /// List aliases.
+    ListAliases {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the audit log.
+    Audit {
+        /// Only this operation (e.g. Decrypt).
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only records about this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only failures and denials.
+        #[arg(long)]
+        failures: bool,
+        /// JSON lines output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `nbdcrypt volume …`.
@@ -59,6 +176,23 @@ pub enum VolumeCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Rewrap the volume's data key under another KMS key (ReEncrypt); no data is rewritten.
+    Rewrap {
+        /// Volume name.
+        name: String,
+        /// The new KMS key: id, alias or ARN.
+        #[arg(long)]
+        kms_key: String,
+    },
+    /// Print a persistent volume's 512-bit key as 128 hex digits, for recovery with
+    /// cryptsetup (audited; scratch volumes refuse).
+    ExportKey {
+        /// Volume name.
+        name: String,
+        /// Required: you are about to see the key.
+        #[arg(long)]
+        confirm: bool,
     },
     /// Delete a volume: its wrapped key is destroyed in every header copy (crypto-shredding),
     /// and the backing file is removed unless `--keep-ciphertext`.

@@ -33,6 +33,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &nbdcrypt::commands::volume::state_dir(cli.state_dir),
         )?,
         Command::Keygen(args) => nbdcrypt::commands::serve::keygen(&args.path)?,
+        Command::Kms(cmd) => {
+            let state = nbdcrypt::commands::volume::state_dir(cli.state_dir);
+            nbdcrypt::commands::kms::run(&state, cmd, &mut out)?
+        }
         Command::Volume(cmd) => {
             let state = nbdcrypt::commands::volume::state_dir(cli.state_dir);
             nbdcrypt::commands::volume::run(&state, cmd, &mut out)?

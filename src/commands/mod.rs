@@ -3,5 +3,6 @@
 
 pub mod benchmark;
 pub mod info;
+pub mod kms;
 pub mod serve;
 pub mod volume;

@@ -149,6 +149,20 @@ pub fn run(
                 }
             }
         }
+        VolumeCommand::Rewrap { name, kms_key } => {
+            let h = m.rewrap(&name, &kms_key)?;
+            writeln!(out, "volume {name} is now wrapped by {}", h.key_id)?;
+        }
+        VolumeCommand::ExportKey { name, confirm } => {
+            if !confirm {
+                return Err(ManagerError::Refused(
+                    "export-key prints the volume's plaintext key: add --confirm".into(),
+                )
+                .into());
+            }
+            let key = m.export_key(&name)?;
+            writeln!(out, "{}", key.as_str())?;
+        }
         VolumeCommand::Delete {
             name,
             keep_ciphertext,

@@ -460,6 +460,60 @@ impl<'k> Manager<'k> {
         })
     }
 
+    /// `volume rewrap`: `ReEncrypt` of the wrapped key under `new_key`; both header copies are
+    /// rewritten (older first), no data is touched and the plaintext key never leaves the KMS.
+    pub fn rewrap(&self, name: &str, new_key: &str) -> Result<Header, ManagerError> {
+        let (entry, loaded) = self.header(name)?;
+        let mut h = loaded.header;
+        if h.volume_type == VolumeType::Scratch {
+            return Err(ManagerError::Refused(format!(
+                "volume {name} is a scratch volume: its key is service-managed and cannot be moved to another KMS key"
+            )));
+        }
+        let context = EncryptionContext(h.context.iter().cloned().collect());
+        let (blob, arn) = self
+            .kms
+            .re_encrypt(&h.key_id, new_key, &h.wrapped_key, &context, &self.caller)
+            .map_err(|source| ManagerError::Kms {
+                volume: name.into(),
+                source,
+            })?;
+        h.wrapped_key = blob;
+        h.key_id = arn;
+        let first = header::next_slot(loaded.slot);
+        h.sequence += 1;
+        write_header(&entry.backing, &h, first)?;
+        h.sequence += 1;
+        write_header(&entry.backing, &h, loaded.slot)?;
+        Ok(h)
+    }
+
+    /// `volume export-key`: the plaintext key as 128 hex digits (persistent volumes only; one
+    /// audited `Decrypt`).
+    pub fn export_key(&self, name: &str) -> Result<zeroize::Zeroizing<String>, ManagerError> {
+        let (_, loaded) = self.header(name)?;
+        let h = loaded.header;
+        if h.volume_type == VolumeType::Scratch {
+            return Err(ManagerError::Refused(format!(
+                "volume {name} is a scratch volume: its service-managed key is never shown"
+            )));
+        }
+        let context = EncryptionContext(h.context.iter().cloned().collect());
+        let plain = self
+            .kms
+            .decrypt(&h.key_id, &h.wrapped_key, &context, &self.caller)
+            .map_err(|source| ManagerError::Kms {
+                volume: name.into(),
+                source,
+            })?;
+        let mut out = zeroize::Zeroizing::new(String::with_capacity(128));
+        for b in plain.iter() {
+            out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            out.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+        }
+        Ok(out)
+    }
+
     /// `volume delete`: destroys the wrapped key in both header copies (crypto-shredding),
     /// leaves a tombstone, and removes the backing file unless `keep_ciphertext`.
     pub fn delete(&self, name: &str, keep_ciphertext: bool) -> Result<(), ManagerError> {
