@@ -141,6 +141,55 @@ pub enum KmsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Grant a principal operations on a key (optionally for one encryption-context pair).
+    CreateGrant {
+        /// Key id, alias or ARN.
+        key: String,
+        /// Grantee principal ARN.
+        #[arg(long)]
+        grantee: String,
+        /// Operations (repeatable), e.g. Decrypt, GenerateDataKey.
+        #[arg(long = "operation", required = true)]
+        operations: Vec<String>,
+        /// Constraint `KEY=VALUE` the request's encryption context must contain (repeatable).
+        #[arg(long = "context-subset")]
+        context_subset: Vec<String>,
+    },
+    /// List a key's grants (with their GrantId).
+    ListGrants {
+        /// Key id, alias or ARN.
+        key: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant (key administrators).
+    RevokeGrant {
+        /// Key id, alias or ARN.
+        key: String,
+        /// Grant id.
+        grant_id: String,
+    },
+    /// Retire a grant (its grantee or retiring principal).
+    RetireGrant {
+        /// Key id, alias or ARN.
+        key: String,
+        /// Grant id.
+        grant_id: String,
+    },
+    /// Replace a key's policy (AWS JSON grammar) from a file.
+    PutKeyPolicy {
+        /// Key id, alias or ARN.
+        key: String,
+        /// Policy document file.
+        #[arg(long)]
+        policy_file: PathBuf,
+    },
+    /// Print a key's policy.
+    GetKeyPolicy {
+        /// Key id, alias or ARN.
+        key: String,
+    },
     /// Show the audit log.
     Audit {
         /// Only this operation (e.g. Decrypt).

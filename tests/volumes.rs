@@ -128,7 +128,7 @@ fn persistent_volume_follows_its_customer_key_state() {
     let state = dir.path("state");
     std::fs::create_dir_all(&state).unwrap();
     let kms = LocalKms::open(&state);
-    let me = Caller::local_service();
+    let me = Caller::local_admin();
     let cmk = kms
         .create_key(
             "team key",
@@ -172,6 +172,85 @@ fn persistent_volume_follows_its_customer_key_state() {
     qemu_io(&server, "db", &["read -P 0x5d 0 1M"]);
     drop(server.stop());
 
+    // Revoke the serving grant: AccessDeniedException; a new grant restores service.
+    let grants = kms.list_grants("alias/team", &me).unwrap();
+    assert_eq!(
+        grants.len(),
+        1,
+        "volume create grants the serving principal"
+    );
+    let service = Caller::local_service();
+    assert_eq!(grants[0].grantee, service.principal);
+    let out = run_ok(cli(&state).args(["kms", "revoke-grant", "alias/team", &grants[0].grant_id]));
+    assert!(out.contains("revoked"), "{out}");
+    let err = serve(&dir, &state, &["db"])
+        .err()
+        .expect("revoked grant must stop the serve");
+    assert!(
+        err.contains("AccessDeniedException")
+            && err.contains("is not authorized to perform: kms:Decrypt"),
+        "{err}"
+    );
+    let header = read_header(&state.join("volumes/db.img"), "db")
+        .unwrap()
+        .header;
+    let uuid = header
+        .context
+        .iter()
+        .find(|(k, _)| k == "nbdcrypt:volume-id")
+        .unwrap()
+        .1
+        .clone();
+    run_ok(
+        cli(&state)
+            .args([
+                "kms",
+                "create-grant",
+                "alias/team",
+                "--grantee",
+                &service.principal,
+                "--operation",
+                "Decrypt",
+            ])
+            .arg("--context-subset")
+            .arg(format!("nbdcrypt:volume-id={uuid}")),
+    );
+    let server = serve(&dir, &state, &["db"]).unwrap();
+    qemu_io(&server, "db", &["read -P 0x5d 0 1M"]);
+    drop(server.stop());
+
+    // A Deny in the key policy wins over the grant.
+    let policy = dir.path("deny.json");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"Version":"2012-10-17","Statement":[
+            {{"Effect":"Allow","Principal":{{"AWS":"{}"}},"Action":"kms:*","Resource":"*"}},
+            {{"Sid":"NoServing","Effect":"Deny","Principal":{{"AWS":"{}"}},"Action":"kms:Decrypt","Resource":"*"}}]}}"#,
+            me.principal, service.principal
+        ),
+    )
+    .unwrap();
+    run_ok(
+        cli(&state)
+            .args(["kms", "put-key-policy", "alias/team", "--policy-file"])
+            .arg(&policy),
+    );
+    let err = serve(&dir, &state, &["db"])
+        .err()
+        .expect("a Deny must stop the serve");
+    assert!(err.contains("explicit deny"), "{err}");
+    std::fs::write(
+        &policy,
+        format!(r#"{{"Statement":{{"Effect":"Allow","Principal":{{"AWS":"{}"}},"Action":"kms:*","Resource":"*"}}}}"#, me.principal),
+    )
+    .unwrap();
+    run_ok(
+        cli(&state)
+            .args(["kms", "put-key-policy", "alias/team", "--policy-file"])
+            .arg(&policy),
+    );
+
     kms.rotate_key_on_demand("alias/team", &me).unwrap();
     let server = serve(&dir, &state, &["db"]).unwrap();
     qemu_io(&server, "db", &["read -P 0x5d 0 1M"]);
@@ -205,8 +284,8 @@ fn persistent_volume_follows_its_customer_key_state() {
             "audit lacks {op} {code:?}"
         );
     }
-    // Serves: 4 successful + 2 refused, one Decrypt each.
-    assert_eq!(decrypts_for(&state, "db"), 6);
+    // Serves: 5 successful + 4 refused, one Decrypt each.
+    assert_eq!(decrypts_for(&state, "db"), 9);
 }
 
 #[test]

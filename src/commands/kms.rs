@@ -40,7 +40,8 @@ fn show(out: &mut impl Write, md: &KeyMetadata, json: bool) -> std::io::Result<(
 /// Runs a `kms` subcommand.
 pub fn run(state: &Path, cmd: KmsCommand, out: &mut impl Write) -> Result<(), KmsCommandError> {
     let kms = LocalKms::open(state);
-    let me = Caller::local_service();
+    // Administrative commands act as the local administrator.
+    let me = Caller::local_admin();
     match cmd {
         KmsCommand::CreateKey {
             description,
@@ -168,6 +169,59 @@ pub fn run(state: &Path, cmd: KmsCommand, out: &mut impl Write) -> Result<(), Km
                     writeln!(out, "{a}  {k}")?;
                 }
             }
+        }
+        KmsCommand::CreateGrant {
+            key,
+            grantee,
+            operations,
+            context_subset,
+        } => {
+            let mut ctx = crate::kms::EncryptionContext::default();
+            for pair in context_subset {
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    KmsCommandError::Input(format!("--context-subset {pair:?} must be KEY=VALUE"))
+                })?;
+                ctx.0.insert(k.to_owned(), v.to_owned());
+            }
+            let ops: Vec<&str> = operations.iter().map(String::as_str).collect();
+            let id = crate::kms::KeyService::create_grant(&kms, &key, &grantee, &ops, &ctx, &me)?;
+            writeln!(out, "{id}")?;
+        }
+        KmsCommand::ListGrants { key, json } => {
+            let grants = kms.list_grants(&key, &me)?;
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&grants).unwrap_or_default()
+                )?;
+            } else {
+                for g in grants {
+                    writeln!(
+                        out,
+                        "{}  {}  {}",
+                        g.grant_id,
+                        g.grantee,
+                        g.operations.join(",")
+                    )?;
+                }
+            }
+        }
+        KmsCommand::RevokeGrant { key, grant_id } => {
+            kms.revoke_grant(&key, &grant_id, &me)?;
+            writeln!(out, "revoked {grant_id}")?;
+        }
+        KmsCommand::RetireGrant { key, grant_id } => {
+            crate::kms::KeyService::retire_grant(&kms, &key, &grant_id, &me)?;
+            writeln!(out, "retired {grant_id}")?;
+        }
+        KmsCommand::PutKeyPolicy { key, policy_file } => {
+            let text = std::fs::read_to_string(&policy_file)?;
+            kms.put_key_policy(&key, &text, &me)?;
+            writeln!(out, "policy of {key} replaced")?;
+        }
+        KmsCommand::GetKeyPolicy { key } => {
+            writeln!(out, "{}", kms.get_key_policy(&key, &me)?)?;
         }
         KmsCommand::Audit {
             operation,

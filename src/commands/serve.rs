@@ -323,7 +323,11 @@ pub fn run(args: ServeArgs, state_dir: &Path) -> Result<(), ServeError> {
         let listener = Listener::bind(&config.listen).await?;
         let addr = listener.describe();
         tracing::info!(listen = addr, "serving");
-        print_attach_help(&config.listen, &exports);
+        let bound = match (&config.listen, listener.tcp_addr()) {
+            (Listen::Tcp(_), Some(a)) => Listen::Tcp(a),
+            (other, _) => other.clone(),
+        };
+        print_attach_help(&bound, &exports);
         if let Some(path) = &args.ready_file
             && let Err(e) = std::fs::write(path, format!("{addr}\n"))
         {

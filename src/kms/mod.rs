@@ -13,7 +13,10 @@
 pub mod audit;
 pub mod clock;
 pub mod local;
+pub mod policy;
 mod store;
+
+pub use store::Grant;
 
 use std::collections::BTreeMap;
 
@@ -56,6 +59,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The local administrator: who runs `nbdcrypt kms …` and creates volumes.
+    pub fn local_admin() -> Self {
+        Caller {
+            principal: local::ADMIN_PRINCIPAL.into(),
+            account: local::ACCOUNT.into(),
+            via_service: None,
+        }
+    }
+
     /// The principal nbdcrypt itself acts as on the local KMS.
     pub fn local_service() -> Self {
         Caller {
@@ -223,6 +235,16 @@ pub enum KmsError {
         /// Why.
         reason: String,
     },
+    /// A key policy that cannot be parsed or uses unsupported elements.
+    #[error("MalformedPolicyDocumentException: {operation} on key {key} failed: {reason}")]
+    MalformedPolicy {
+        /// Operation.
+        operation: &'static str,
+        /// Key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// The key service could not be reached or its state could not be read.
     #[error("KMS unavailable for {operation}: {reason}")]
     Unavailable {
@@ -244,6 +266,7 @@ impl KmsError {
             KmsError::IncorrectKey { .. } => "IncorrectKeyException",
             KmsError::AccessDenied { .. } => "AccessDeniedException",
             KmsError::Validation { .. } => "ValidationException",
+            KmsError::MalformedPolicy { .. } => "MalformedPolicyDocumentException",
             KmsError::Unavailable { .. } => "KMSUnavailable",
         }
     }
@@ -281,4 +304,18 @@ pub trait KeyService: Send + Sync {
 
     /// `DescribeKey`.
     fn describe_key(&self, key: &str, caller: &Caller) -> Result<KeyMetadata, KmsError>;
+
+    /// `CreateGrant`: lets `grantee` perform `operations` on `key` for requests whose context
+    /// contains `context_subset`. Returns the grant id.
+    fn create_grant(
+        &self,
+        key: &str,
+        grantee: &str,
+        operations: &[&str],
+        context_subset: &EncryptionContext,
+        caller: &Caller,
+    ) -> Result<String, KmsError>;
+
+    /// `RetireGrant`.
+    fn retire_grant(&self, key: &str, grant_id: &str, caller: &Caller) -> Result<(), KmsError>;
 }

@@ -66,6 +66,36 @@ pub struct KeyRecord {
     pub rotation_enabled: bool,
     /// Material versions, oldest first; the last one encrypts.
     pub materials: Vec<Material>,
+    /// The key policy (AWS JSON); `None` means the default policy for the key's manager.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Active grants.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+/// A grant: lets `grantee` perform `operations` on the key, optionally only for requests whose
+/// encryption context satisfies the constraints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Grant id.
+    pub grant_id: String,
+    /// Optional name.
+    pub name: String,
+    /// Who may use it.
+    pub grantee: String,
+    /// Who may retire it (besides the grantee and the key's administrators).
+    pub retiring_principal: Option<String>,
+    /// Allowed operations (AWS names: `Decrypt`, `GenerateDataKey`, `ReEncryptFrom`, …).
+    pub operations: Vec<String>,
+    /// `EncryptionContextSubset`: these pairs must be present in the request's context.
+    #[serde(default)]
+    pub context_subset: BTreeMap<String, String>,
+    /// `EncryptionContextEquals`: the request's context must be exactly this (when non-empty).
+    #[serde(default)]
+    pub context_equals: BTreeMap<String, String>,
+    /// Creation time.
+    pub created: u64,
 }
 
 /// The whole local KMS state.

@@ -131,6 +131,14 @@ impl Listener {
         }
     }
 
+    /// The bound TCP address, if TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
     /// The bound address, for logs (and port 0 in tests).
     pub fn describe(&self) -> String {
         match self {

@@ -33,7 +33,19 @@ pub struct Entry {
     pub uuid: String,
     /// Deleted (tombstone).
     pub deleted: bool,
+    /// The grant that lets the serving principal use a customer-managed key: `(key ARN, grant id)`.
+    #[serde(default)]
+    pub grant: Option<(String, String)>,
 }
+
+/// Operations the serving principal's grant allows on a customer-managed key.
+pub const GRANT_OPERATIONS: [&str; 5] = [
+    "Decrypt",
+    "GenerateDataKey",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "DescribeKey",
+];
 
 /// What went wrong with a named volume.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +142,10 @@ pub struct Manager<'k> {
     state_dir: PathBuf,
     kms: &'k dyn KeyService,
     kms_name: String,
+    /// The serving principal: data-key operations.
     caller: Caller,
+    /// The administrator: grants.
+    admin: Caller,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError {
@@ -198,6 +213,7 @@ impl<'k> Manager<'k> {
             kms,
             kms_name: kms_name.to_owned(),
             caller: Caller::local_service(),
+            admin: Caller::local_admin(),
         }
     }
 
@@ -296,6 +312,9 @@ impl<'k> Manager<'k> {
             volume: name.into(),
             source,
         };
+        // A customer-managed key: the administrator grants the serving principal what it needs,
+        // for this volume's context only (as FSx does for persistent file systems).
+        let grant = self.grant_for(&key_id, &uuid).map_err(kms_err)?;
         let mut dk = self
             .kms
             .generate_data_key(&key_id, crypto::VOLUME_KEY_BYTES, &context, &self.caller)
@@ -373,8 +392,29 @@ impl<'k> Manager<'k> {
             backing,
             uuid: hex(&uuid),
             deleted: false,
+            grant,
         })?;
         Ok(h)
+    }
+
+    /// Creates the serving principal's grant on `key` if it is customer-managed.
+    fn grant_for(&self, key: &str, uuid: &[u8; 16]) -> Result<Option<(String, String)>, KmsError> {
+        let md = self
+            .kms
+            .describe_key(key, &self.admin)
+            .or_else(|_| self.kms.describe_key(key, &self.caller))?;
+        if md.manager != crate::kms::KeyManager::Customer {
+            return Ok(None);
+        }
+        let subset = EncryptionContext::single(CONTEXT_VOLUME_ID, &hex(uuid));
+        let id = self.kms.create_grant(
+            &md.arn,
+            &self.caller.principal,
+            &GRANT_OPERATIONS,
+            &subset,
+            &self.admin,
+        )?;
+        Ok(Some((md.arn, id)))
     }
 
     /// The live header of `name` (refuses deleted volumes).
@@ -463,7 +503,7 @@ impl<'k> Manager<'k> {
     /// `volume rewrap`: `ReEncrypt` of the wrapped key under `new_key`; both header copies are
     /// rewritten (older first), no data is touched and the plaintext key never leaves the KMS.
     pub fn rewrap(&self, name: &str, new_key: &str) -> Result<Header, ManagerError> {
-        let (entry, loaded) = self.header(name)?;
+        let (mut entry, loaded) = self.header(name)?;
         let mut h = loaded.header;
         if h.volume_type == VolumeType::Scratch {
             return Err(ManagerError::Refused(format!(
@@ -471,13 +511,15 @@ impl<'k> Manager<'k> {
             )));
         }
         let context = EncryptionContext(h.context.iter().cloned().collect());
+        let kms_err = |source| ManagerError::Kms {
+            volume: name.into(),
+            source,
+        };
+        let new_grant = self.grant_for(new_key, &h.uuid).map_err(kms_err)?;
         let (blob, arn) = self
             .kms
             .re_encrypt(&h.key_id, new_key, &h.wrapped_key, &context, &self.caller)
-            .map_err(|source| ManagerError::Kms {
-                volume: name.into(),
-                source,
-            })?;
+            .map_err(kms_err)?;
         h.wrapped_key = blob;
         h.key_id = arn;
         let first = header::next_slot(loaded.slot);
@@ -485,6 +527,13 @@ impl<'k> Manager<'k> {
         write_header(&entry.backing, &h, first)?;
         h.sequence += 1;
         write_header(&entry.backing, &h, loaded.slot)?;
+        if let Some((key, id)) = entry.grant.take()
+            && let Err(e) = self.kms.retire_grant(&key, &id, &self.admin)
+        {
+            tracing::warn!(volume = name, error = %e, "could not retire the grant on the previous key");
+        }
+        entry.grant = new_grant;
+        self.save_entry(&entry)?;
         Ok(h)
     }
 
@@ -546,6 +595,11 @@ impl<'k> Manager<'k> {
                     .and_then(|()| f.sync_data())
                     .map_err(io("cannot wipe the header of", &entry.backing))?;
             }
+        }
+        if let Some((key, id)) = entry.grant.take()
+            && let Err(e) = self.kms.retire_grant(&key, &id, &self.admin)
+        {
+            tracing::warn!(volume = name, error = %e, "could not retire the serving grant; revoke it with `nbdcrypt kms revoke-grant`");
         }
         if !keep_ciphertext && entry.backing.is_file() {
             std::fs::remove_file(&entry.backing).map_err(io("cannot remove", &entry.backing))?;

@@ -113,6 +113,20 @@ impl LocalKms {
         self.transact(operation, key, caller, None, |state, me| {
             let (id, _) = me.resolve(state, operation, key)?;
             let now = me.clock.now();
+            if state
+                .keys
+                .get(&id)
+                .is_some_and(|k| k.manager == KeyManager::Customer)
+            {
+                Self::authorize(
+                    state,
+                    operation,
+                    operation,
+                    &id,
+                    caller,
+                    &Default::default(),
+                )?;
+            }
             let k = state.keys.get_mut(&id).ok_or_else(|| KmsError::NotFound {
                 operation,
                 key: key.to_owned(),
