@@ -30,9 +30,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 
-# Python venv with pyca/cryptography (OpenSSL's XTS, an oracle independent of our code).
+# Python venv: pyca/cryptography (OpenSSL XTS, an oracle independent of our code) and moto
+# (an AWS KMS emulator for the aws-sdk-kms path, started by the tests on loopback).
 VENV="${NBDCRYPT_VENV:-$ROOT/.venv}"
-if ! "$VENV/bin/python" -c 'import cryptography' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import cryptography, moto' 2>/dev/null || [ ! -x "$VENV/bin/moto_server" ]; then
     log "building the Python venv in $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip

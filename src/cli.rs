@@ -19,6 +19,16 @@ pub struct Cli {
     /// `$XDG_STATE_HOME/nbdcrypt` or `~/.local/state/nbdcrypt`.
     #[arg(long, global = true, env = "NBDCRYPT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Key service for volumes: the embedded local KMS, or AWS KMS (standard credential and
+    /// region chain). `nbdcrypt kms …` always administers the local KMS.
+    #[arg(long, global = true, env = "NBDCRYPT_KMS", default_value = "local", value_parser = ["local", "aws"])]
+    pub kms: String,
+    /// AWS KMS endpoint override (with `--kms aws`).
+    #[arg(long, global = true, env = "NBDCRYPT_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+    /// AWS region (with `--kms aws`; default: the standard chain).
+    #[arg(long, global = true)]
+    pub region: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -25,21 +25,30 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    match cli.command {
+    let Cli {
+        command,
+        state_dir,
+        kms,
+        kms_endpoint,
+        region,
+        ..
+    } = cli;
+    let state = nbdcrypt::commands::volume::state_dir(state_dir);
+    let key_service = || {
+        nbdcrypt::commands::key_service(&kms, kms_endpoint.as_deref(), region.as_deref(), &state)
+    };
+    match command {
         Command::Info(args) => nbdcrypt::commands::info::run(&args, &mut out)?,
         Command::Benchmark(args) => nbdcrypt::commands::benchmark::run(&args, &mut out)?,
-        Command::Serve(args) => nbdcrypt::commands::serve::run(
-            args,
-            &nbdcrypt::commands::volume::state_dir(cli.state_dir),
-        )?,
-        Command::Keygen(args) => nbdcrypt::commands::serve::keygen(&args.path)?,
-        Command::Kms(cmd) => {
-            let state = nbdcrypt::commands::volume::state_dir(cli.state_dir);
-            nbdcrypt::commands::kms::run(&state, cmd, &mut out)?
+        Command::Serve(args) => {
+            let (service, name) = key_service()?;
+            nbdcrypt::commands::serve::run(args, &state, service.as_ref(), name)?
         }
+        Command::Keygen(args) => nbdcrypt::commands::serve::keygen(&args.path)?,
+        Command::Kms(cmd) => nbdcrypt::commands::kms::run(&state, cmd, &mut out)?,
         Command::Volume(cmd) => {
-            let state = nbdcrypt::commands::volume::state_dir(cli.state_dir);
-            nbdcrypt::commands::volume::run(&state, cmd, &mut out)?
+            let (service, name) = key_service()?;
+            nbdcrypt::commands::volume::run(&state, service.as_ref(), name, cmd, &mut out)?
         }
     }
     Ok(())

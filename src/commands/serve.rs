@@ -240,7 +240,12 @@ pub const QUICKSTART_VOLUME: &str = "scratch";
 pub const QUICKSTART_SIZE: u64 = 1 << 30;
 
 /// Runs the server until SIGINT or SIGTERM.
-pub fn run(args: ServeArgs, state_dir: &Path) -> Result<(), ServeError> {
+pub fn run(
+    args: ServeArgs,
+    state_dir: &Path,
+    kms: &dyn crate::kms::KeyService,
+    kms_name: &str,
+) -> Result<(), ServeError> {
     if !crypto::locked::disable_core_dumps() {
         tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
     }
@@ -248,8 +253,7 @@ pub fn run(args: ServeArgs, state_dir: &Path) -> Result<(), ServeError> {
     let mut volumes = args.volumes.clone();
     if volumes.is_empty() && args.exports.is_empty() {
         volumes.push(QUICKSTART_VOLUME.into());
-        let kms = crate::kms::local::LocalKms::open(state_dir);
-        let m = crate::volume::manager::Manager::new(state_dir, &kms, "local");
+        let m = crate::volume::manager::Manager::new(state_dir, kms, kms_name);
         if matches!(
             m.entry(QUICKSTART_VOLUME),
             Err(crate::volume::manager::ManagerError::NoSuchVolume(_))
@@ -269,8 +273,7 @@ pub fn run(args: ServeArgs, state_dir: &Path) -> Result<(), ServeError> {
         }
     }
     if !volumes.is_empty() {
-        let kms = crate::kms::local::LocalKms::open(state_dir);
-        let m = crate::volume::manager::Manager::new(state_dir, &kms, "local");
+        let m = crate::volume::manager::Manager::new(state_dir, kms, kms_name);
         for name in &volumes {
             if list.iter().any(|e: &Export| &e.name == name) {
                 return Err(ServeError::DuplicateName(name.clone()));

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::cli::{VolumeCommand, VolumeCreateArgs};
-use crate::kms::local::LocalKms;
+use crate::kms::KeyService;
 use crate::volume::header::VolumeType;
 use crate::volume::manager::{CreateOptions, Manager, ManagerError, read_header};
 
@@ -32,11 +32,9 @@ pub enum VolumeCommandError {
 
 /// Creates a volume with the settings of `args`.
 pub fn create(
-    state: &Path,
+    m: &Manager<'_>,
     args: &VolumeCreateArgs,
 ) -> Result<crate::volume::header::Header, ManagerError> {
-    let kms = LocalKms::open(state);
-    let m = Manager::new(state, &kms, "local");
     m.create(
         &args.name,
         &CreateOptions {
@@ -84,14 +82,15 @@ fn describe_json(m: &Manager<'_>, name: &str) -> Result<serde_json::Value, Manag
 /// Runs a `volume` subcommand.
 pub fn run(
     state: &Path,
+    kms: &dyn KeyService,
+    kms_name: &str,
     cmd: VolumeCommand,
     out: &mut impl Write,
 ) -> Result<(), VolumeCommandError> {
-    let kms = LocalKms::open(state);
-    let m = Manager::new(state, &kms, "local");
+    let m = Manager::new(state, kms, kms_name);
     match cmd {
         VolumeCommand::Create(args) => {
-            let h = create(state, &args)?;
+            let h = create(&m, &args)?;
             writeln!(
                 out,
                 "created {} volume {} ({} bytes, {}-byte sectors)",

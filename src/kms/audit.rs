@@ -55,6 +55,9 @@ impl AuditLog {
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut f = std::fs::OpenOptions::new()

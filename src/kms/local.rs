@@ -662,6 +662,10 @@ impl KeyService for LocalKms {
         self.remove_grant("RetireGrant", key, grant_id, caller, false)
     }
 
+    fn serving_principal(&self) -> Option<String> {
+        Some(Caller::local_service().principal)
+    }
+
     fn describe_key(&self, key: &str, caller: &Caller) -> Result<KeyMetadata, KmsError> {
         const OP: &str = "DescribeKey";
         self.transact(OP, key, caller, None, |state, me| {

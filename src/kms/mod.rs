@@ -11,6 +11,7 @@
 //! [`crate::crypto::VolumeKey`].
 
 pub mod audit;
+pub mod aws;
 pub mod clock;
 pub mod local;
 pub mod policy;
@@ -318,4 +319,8 @@ pub trait KeyService: Send + Sync {
 
     /// `RetireGrant`.
     fn retire_grant(&self, key: &str, grant_id: &str, caller: &Caller) -> Result<(), KmsError>;
+
+    /// The principal that serving uses and that persistent volumes grant access to; `None`
+    /// when this service creates no grants (then the key policy must allow the caller).
+    fn serving_principal(&self) -> Option<String>;
 }

@@ -399,6 +399,14 @@ impl<'k> Manager<'k> {
 
     /// Creates the serving principal's grant on `key` if it is customer-managed.
     fn grant_for(&self, key: &str, uuid: &[u8; 16]) -> Result<Option<(String, String)>, KmsError> {
+        // The service default key needs no grant (its policy admits the service); a key
+        // service without a serving principal creates none.
+        let Some(grantee) = self.kms.serving_principal() else {
+            return Ok(None);
+        };
+        if key == DEFAULT_ALIAS {
+            return Ok(None);
+        }
         let md = self
             .kms
             .describe_key(key, &self.admin)
@@ -407,13 +415,9 @@ impl<'k> Manager<'k> {
             return Ok(None);
         }
         let subset = EncryptionContext::single(CONTEXT_VOLUME_ID, &hex(uuid));
-        let id = self.kms.create_grant(
-            &md.arn,
-            &self.caller.principal,
-            &GRANT_OPERATIONS,
-            &subset,
-            &self.admin,
-        )?;
+        let id =
+            self.kms
+                .create_grant(&md.arn, &grantee, &GRANT_OPERATIONS, &subset, &self.admin)?;
         Ok(Some((md.arn, id)))
     }
 

@@ -1,0 +1,451 @@
+//! AWS KMS through `aws-sdk-kms`: the same [`KeyService`] operations, the same error type.
+//!
+//! Credentials and region come from the standard AWS chain (environment, profile, SSO, IMDS…);
+//! `--kms-endpoint` points the client at another endpoint (a VPC endpoint, or an emulator such
+//! as moto in the tests). Calls run on a private single-threaded tokio runtime, because the
+//! volume layer calls the key service synchronously, before the server's runtime starts.
+//!
+//! Every call made by nbdcrypt is also appended to the local audit log (CloudTrail keeps AWS's
+//! own record). Plaintext data keys are copied out of the SDK's response into a zeroizing
+//! buffer at once; the SDK's own response buffer is not zeroized (a limitation of the SDK,
+//! recorded in `docs/threat-model.md`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{
+    GrantConstraints, GrantOperation, KeyManagerType, KeyState as AwsKeyState, OriginType,
+};
+use zeroize::Zeroizing;
+
+use super::audit::{AuditLog, Record};
+use super::clock::Clock;
+use super::{
+    Caller, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState, KmsError,
+    Origin,
+};
+
+/// Settings for the AWS client.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// Endpoint override (`--kms-endpoint`).
+    pub endpoint: Option<String>,
+    /// Region override (`--region`).
+    pub region: Option<String>,
+    /// The principal ARN to grant access to customer-managed keys for serving
+    /// (`NBDCRYPT_AWS_SERVICE_PRINCIPAL`); without it no grants are created and the serving
+    /// credentials must be allowed by the key policy.
+    pub service_principal: Option<String>,
+}
+
+/// AWS KMS.
+pub struct AwsKms {
+    client: aws_sdk_kms::Client,
+    rt: tokio::runtime::Runtime,
+    audit: AuditLog,
+    clock: Clock,
+    settings: AwsSettings,
+}
+
+impl std::fmt::Debug for AwsKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsKms")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The alias nbdcrypt uses as its service default key on AWS (AWS reserves `alias/aws/`).
+pub const AWS_DEFAULT_ALIAS: &str = "alias/nbdcrypt/default";
+
+fn map_err<E>(operation: &'static str, key: &str, e: aws_sdk_kms::error::SdkError<E>) -> KmsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let code = e.code().map(str::to_owned);
+    let message = e.message().unwrap_or_default().to_owned();
+    let key = key.to_owned();
+    match code.as_deref() {
+        Some("DisabledException") => KmsError::Disabled { operation, key },
+        Some("KMSInvalidStateException") => KmsError::InvalidState {
+            operation,
+            key,
+            state: message,
+        },
+        Some("NotFoundException") => KmsError::NotFound { operation, key },
+        Some("InvalidCiphertextException") => KmsError::InvalidCiphertext {
+            operation,
+            key,
+            reason: if message.is_empty() {
+                "the ciphertext or its context is wrong".into()
+            } else {
+                message
+            },
+        },
+        Some("IncorrectKeyException") => KmsError::IncorrectKey { operation, key },
+        Some("AccessDeniedException") => KmsError::AccessDenied {
+            operation,
+            key,
+            principal: "the calling AWS principal".into(),
+            reason: message,
+        },
+        Some("MalformedPolicyDocumentException") => KmsError::MalformedPolicy {
+            operation,
+            key,
+            reason: message,
+        },
+        Some(other) => KmsError::Validation {
+            operation,
+            reason: format!("{other}: {message}"),
+        },
+        None => KmsError::Unavailable {
+            operation,
+            reason: format!("cannot reach AWS KMS: {}", DisplayErrorContext(&e)),
+        },
+    }
+}
+
+fn context_map(c: &EncryptionContext) -> Option<HashMap<String, String>> {
+    (!c.0.is_empty()).then(|| c.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+impl AwsKms {
+    /// A client from the standard chain with the given overrides.
+    pub fn connect(state_dir: &Path, settings: AwsSettings) -> Result<Self, KmsError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| KmsError::Unavailable {
+                operation: "Connect",
+                reason: e.to_string(),
+            })?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &settings.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(e) = &settings.endpoint {
+            loader = loader.endpoint_url(e.clone());
+        }
+        let conf = rt.block_on(loader.load());
+        if conf.region().is_none() {
+            return Err(KmsError::Unavailable {
+                operation: "Connect",
+                reason: "no AWS region: set --region or AWS_REGION".into(),
+            });
+        }
+        Ok(AwsKms {
+            client: aws_sdk_kms::Client::new(&conf),
+            rt,
+            audit: AuditLog::new(&state_dir.join("audit.log")),
+            clock: Clock::from_env(),
+            settings,
+        })
+    }
+
+    fn audited<T>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        volume: Option<&str>,
+        r: Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let (outcome, code, message) = match &r {
+            Ok(_) => ("success", None, None),
+            Err(e) => (
+                if matches!(e, KmsError::AccessDenied { .. }) {
+                    "denied"
+                } else {
+                    "failure"
+                },
+                Some(e.code().to_owned()),
+                Some(e.to_string()),
+            ),
+        };
+        let rec = Record {
+            time: self.clock.now(),
+            operation: operation.into(),
+            key: key.into(),
+            principal: "aws:credential-chain".into(),
+            volume: volume.map(str::to_owned),
+            outcome: outcome.into(),
+            error_code: code,
+            error_message: message,
+        };
+        if let Err(e) = self.audit.append(&rec) {
+            return Err(KmsError::Unavailable {
+                operation,
+                reason: format!(
+                    "cannot write the audit log {}: {e}",
+                    self.audit.path().display()
+                ),
+            });
+        }
+        r
+    }
+
+    /// Resolves `key`, creating nbdcrypt's default key and alias on first use of
+    /// [`AWS_DEFAULT_ALIAS`].
+    fn ensure_default(&self, key: &str) -> Result<(), KmsError> {
+        if key != AWS_DEFAULT_ALIAS && key != super::local::DEFAULT_ALIAS {
+            return Ok(());
+        }
+        let exists = self
+            .rt
+            .block_on(self.client.describe_key().key_id(AWS_DEFAULT_ALIAS).send());
+        match exists {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("NotFoundException") => {
+                let created = self.rt.block_on(
+                    self.client
+                        .create_key()
+                        .description("nbdcrypt default key for scratch volumes")
+                        .send(),
+                );
+                let md = created.map_err(|e| map_err("CreateKey", AWS_DEFAULT_ALIAS, e))?;
+                let id = md
+                    .key_metadata()
+                    .map(|m| m.key_id().to_owned())
+                    .unwrap_or_default();
+                let r = self.rt.block_on(
+                    self.client
+                        .create_alias()
+                        .alias_name(AWS_DEFAULT_ALIAS)
+                        .target_key_id(&id)
+                        .send(),
+                );
+                self.audited(
+                    "CreateKey",
+                    &id,
+                    None,
+                    r.map(|_| ())
+                        .map_err(|e| map_err("CreateAlias", AWS_DEFAULT_ALIAS, e)),
+                )
+            }
+            Err(e) => Err(map_err("DescribeKey", AWS_DEFAULT_ALIAS, e)),
+        }
+    }
+
+    fn key_name(key: &str) -> &str {
+        if key == super::local::DEFAULT_ALIAS {
+            AWS_DEFAULT_ALIAS
+        } else {
+            key
+        }
+    }
+}
+
+impl KeyService for AwsKms {
+    fn generate_data_key(
+        &self,
+        key: &str,
+        bytes: usize,
+        context: &EncryptionContext,
+        _caller: &Caller,
+    ) -> Result<DataKey, KmsError> {
+        const OP: &str = "GenerateDataKey";
+        let volume = context.0.get("nbdcrypt:volume").cloned();
+        let r = (|| {
+            self.ensure_default(key)?;
+            let key = Self::key_name(key);
+            let n = i32::try_from(bytes).map_err(|_| KmsError::Validation {
+                operation: OP,
+                reason: "too many bytes".into(),
+            })?;
+            let out = self
+                .rt
+                .block_on(
+                    self.client
+                        .generate_data_key()
+                        .key_id(key)
+                        .number_of_bytes(n)
+                        .set_encryption_context(context_map(context))
+                        .send(),
+                )
+                .map_err(|e| map_err(OP, key, e))?;
+            let plaintext = Zeroizing::new(
+                out.plaintext()
+                    .map(|b| b.as_ref().to_vec())
+                    .unwrap_or_default(),
+            );
+            if plaintext.len() != bytes {
+                return Err(KmsError::InvalidCiphertext {
+                    operation: OP,
+                    key: key.into(),
+                    reason: format!("KMS returned {} bytes instead of {bytes}", plaintext.len()),
+                });
+            }
+            Ok(DataKey {
+                plaintext,
+                blob: out
+                    .ciphertext_blob()
+                    .map(|b| b.as_ref().to_vec())
+                    .unwrap_or_default(),
+                key_arn: out.key_id().unwrap_or(key).to_owned(),
+            })
+        })();
+        self.audited(OP, key, volume.as_deref(), r)
+    }
+
+    fn decrypt(
+        &self,
+        key: &str,
+        blob: &[u8],
+        context: &EncryptionContext,
+        _caller: &Caller,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        const OP: &str = "Decrypt";
+        let volume = context.0.get("nbdcrypt:volume").cloned();
+        let r = self
+            .rt
+            .block_on(
+                self.client
+                    .decrypt()
+                    .key_id(Self::key_name(key))
+                    .ciphertext_blob(Blob::new(blob.to_vec()))
+                    .set_encryption_context(context_map(context))
+                    .send(),
+            )
+            .map(|out| {
+                Zeroizing::new(
+                    out.plaintext()
+                        .map(|b| b.as_ref().to_vec())
+                        .unwrap_or_default(),
+                )
+            })
+            .map_err(|e| map_err(OP, key, e));
+        self.audited(OP, key, volume.as_deref(), r)
+    }
+
+    fn re_encrypt(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        blob: &[u8],
+        context: &EncryptionContext,
+        _caller: &Caller,
+    ) -> Result<(Vec<u8>, String), KmsError> {
+        const OP: &str = "ReEncrypt";
+        let volume = context.0.get("nbdcrypt:volume").cloned();
+        let r = self
+            .rt
+            .block_on(
+                self.client
+                    .re_encrypt()
+                    .source_key_id(Self::key_name(source_key))
+                    .destination_key_id(Self::key_name(dest_key))
+                    .ciphertext_blob(Blob::new(blob.to_vec()))
+                    .set_source_encryption_context(context_map(context))
+                    .set_destination_encryption_context(context_map(context))
+                    .send(),
+            )
+            .map(|out| {
+                (
+                    out.ciphertext_blob()
+                        .map(|b| b.as_ref().to_vec())
+                        .unwrap_or_default(),
+                    out.key_id().unwrap_or(dest_key).to_owned(),
+                )
+            })
+            .map_err(|e| map_err(OP, source_key, e));
+        self.audited(OP, source_key, volume.as_deref(), r)
+    }
+
+    fn describe_key(&self, key: &str, _caller: &Caller) -> Result<KeyMetadata, KmsError> {
+        const OP: &str = "DescribeKey";
+        let r = (|| {
+            self.ensure_default(key)?;
+            let key = Self::key_name(key);
+            let out = self
+                .rt
+                .block_on(self.client.describe_key().key_id(key).send())
+                .map_err(|e| map_err(OP, key, e))?;
+            let m = out.key_metadata().ok_or_else(|| KmsError::NotFound {
+                operation: OP,
+                key: key.into(),
+            })?;
+            Ok(KeyMetadata {
+                key_id: m.key_id().to_owned(),
+                arn: m.arn().unwrap_or(m.key_id()).to_owned(),
+                state: match m.key_state() {
+                    Some(AwsKeyState::Enabled) => KeyState::Enabled,
+                    Some(AwsKeyState::PendingDeletion) => KeyState::PendingDeletion,
+                    Some(AwsKeyState::PendingImport) => KeyState::PendingImport,
+                    _ => KeyState::Disabled,
+                },
+                manager: if m.key_manager() == Some(&KeyManagerType::Aws) {
+                    KeyManager::Aws
+                } else {
+                    KeyManager::Customer
+                },
+                origin: if m.origin() == Some(&OriginType::External) {
+                    Origin::External
+                } else {
+                    Origin::AwsKms
+                },
+                description: m.description().unwrap_or_default().to_owned(),
+                created: m
+                    .creation_date()
+                    .map_or(0, |d| u64::try_from(d.secs()).unwrap_or(0)),
+                deletion_date: m
+                    .deletion_date()
+                    .map(|d| u64::try_from(d.secs()).unwrap_or(0)),
+                rotation_enabled: false,
+            })
+        })();
+        self.audited(OP, key, None, r)
+    }
+
+    fn create_grant(
+        &self,
+        key: &str,
+        grantee: &str,
+        operations: &[&str],
+        context_subset: &EncryptionContext,
+        _caller: &Caller,
+    ) -> Result<String, KmsError> {
+        const OP: &str = "CreateGrant";
+        let ops = operations
+            .iter()
+            .map(|o| GrantOperation::from(*o))
+            .collect();
+        let constraints = GrantConstraints::builder()
+            .set_encryption_context_subset(context_map(context_subset))
+            .build();
+        let r = self
+            .rt
+            .block_on(
+                self.client
+                    .create_grant()
+                    .key_id(Self::key_name(key))
+                    .grantee_principal(grantee)
+                    .set_operations(Some(ops))
+                    .constraints(constraints)
+                    .send(),
+            )
+            .map(|out| out.grant_id().unwrap_or_default().to_owned())
+            .map_err(|e| map_err(OP, key, e));
+        self.audited(OP, key, None, r)
+    }
+
+    fn retire_grant(&self, key: &str, grant_id: &str, _caller: &Caller) -> Result<(), KmsError> {
+        const OP: &str = "RetireGrant";
+        let r = self
+            .rt
+            .block_on(
+                self.client
+                    .retire_grant()
+                    .key_id(Self::key_name(key))
+                    .grant_id(grant_id)
+                    .send(),
+            )
+            .map(|_| ())
+            .map_err(|e| map_err(OP, key, e));
+        self.audited(OP, key, None, r)
+    }
+
+    fn serving_principal(&self) -> Option<String> {
+        self.settings.service_principal.clone()
+    }
+}
