@@ -432,3 +432,96 @@ fn kms_cli_rewrap_and_export_key_for_recovery() {
     let audit = run_ok(cli(&state).args(["kms", "audit", "--operation", "ReEncrypt", "--json"]));
     assert_eq!(audit.lines().count(), 1, "{audit}");
 }
+
+/// Whether any readable, writable mapping of process `pid` contains `needle`.
+fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap()];
+        if mem.read_exact_at(&mut buf, start).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn deleting_a_served_volume_withdraws_it_and_wipes_its_key_from_server_memory() {
+    if !common::peer_available("qemu-io", common::have("qemu-io")) {
+        return;
+    }
+    let dir = TempDir::new("shred-live");
+    let state = dir.path("state");
+    run_ok(cli(&state).args(["kms", "create-key", "--alias", "alias/m"]));
+    run_ok(cli(&state).args([
+        "volume",
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--type",
+        "persistent",
+        "--kms-key",
+        "alias/m",
+    ]));
+    let hex_key = run_ok(cli(&state).args(["volume", "export-key", "m", "--confirm"]));
+    let key = hex::decode(hex_key.trim()).unwrap();
+    let server = serve(&dir, &state, &["m"]).unwrap();
+    qemu_io(
+        &server,
+        "m",
+        &["write -P 0x11 0 256k", "read -P 0x11 0 256k"],
+    );
+    let pid = server.child.id();
+    // The AES-256 key schedules begin with the raw key halves: the key is in memory now.
+    assert!(
+        memory_contains(pid, &key[..32]) && memory_contains(pid, &key[32..]),
+        "the scan must find the key while the volume is served"
+    );
+    run_ok(cli(&state).args(["volume", "delete", "m"]));
+    let start = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+        if log.contains("volume key destroyed in memory") {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "the server did not drop the deleted volume:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !memory_contains(pid, &key[..32]),
+        "data-key half K1 survives in the server's memory"
+    );
+    assert!(
+        !memory_contains(pid, &key[32..]),
+        "tweak-key half K2 survives in the server's memory"
+    );
+    // The export is gone for new clients.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k"])
+        .arg(server.uri("m"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a deleted volume is still served");
+    drop(server.stop());
+}

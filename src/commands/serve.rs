@@ -223,15 +223,15 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
         export: spec.name.clone(),
         source,
     })?;
-    Ok(Export {
-        name: spec.name.clone(),
-        description: if spec.description.is_empty() {
+    Ok(Export::new(
+        spec.name.clone(),
+        if spec.description.is_empty() {
             format!("nbdcrypt aes-xts-plain64 volume {}", spec.name)
         } else {
             spec.description.clone()
         },
-        volume: Arc::new(volume),
-    })
+        volume,
+    ))
 }
 
 /// The quick-start volume served when `serve` gets no `--volume` and no `--export`.
@@ -286,11 +286,11 @@ pub fn run(
                 crypto = volume.engine_summary(),
                 "volume ready"
             );
-            list.push(Export {
-                name: name.clone(),
-                description: format!("nbdcrypt volume {name}"),
-                volume: Arc::new(volume),
-            });
+            list.push(Export::new(
+                name.clone(),
+                format!("nbdcrypt volume {name}"),
+                volume,
+            ));
         }
     }
     for spec in &args.exports {
@@ -336,6 +336,13 @@ pub fn run(
         {
             tracing::warn!(error = %e, path = %path.display(), "could not write the ready file");
         }
+        if !volumes.is_empty() {
+            tokio::spawn(watch_deletions(
+                exports.clone(),
+                volumes.clone(),
+                state_dir.to_owned(),
+            ));
+        }
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -350,7 +357,7 @@ pub fn run(
 
 fn print_attach_help(listen: &Listen, exports: &Exports) {
     let mut err = std::io::stderr().lock();
-    for e in exports.iter() {
+    for e in exports.all() {
         let (uri, client) = match listen {
             Listen::Tcp(a) => (
                 format!("nbd://{a}/{}", e.name),
@@ -374,6 +381,34 @@ fn print_attach_help(listen: &Listen, exports: &Exports) {
             err,
             "serving {uri}\n  kernel:  {client}\n  nbdfuse: mkdir -p fuse && nbdfuse fuse/disk {uri} & losetup -f --show -b 4096 fuse/disk"
         );
+    }
+}
+
+/// Withdraws served volumes that `volume delete` has tombstoned, and destroys their in-memory
+/// keys once the last connection lets go: a deleted volume stops being served within a second.
+async fn watch_deletions(exports: Exports, volumes: Vec<String>, state_dir: std::path::PathBuf) {
+    let mut live = volumes;
+    while !live.is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut still = Vec::new();
+        for name in live {
+            if !crate::volume::manager::is_deleted(&state_dir, &name) {
+                still.push(name);
+                continue;
+            }
+            let Some(export) = exports.withdraw(&name) else {
+                continue;
+            };
+            tracing::warn!(volume = name, "volume deleted while served: withdrawing it");
+            // Wait for its connections to end, then drop the last reference: the key schedules
+            // are wiped as the volume is dropped.
+            while Arc::strong_count(&export.volume) > 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            drop(export);
+            tracing::warn!(volume = name, "volume key destroyed in memory");
+        }
+        live = still;
     }
 }
 

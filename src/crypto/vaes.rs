@@ -309,6 +309,20 @@ unsafe fn xts<const ENCRYPT: bool>(keys: &RoundKeys, job: &Job) {
         }
         done += n;
     }
+    // The broadcast round keys may have been spilled to this frame: wipe them before returning.
+    wipe(&mut k);
+    wipe(&mut kt);
+}
+
+/// Overwrites `x` with zero bytes through volatile writes (not optimised away).
+#[inline(never)]
+fn wipe<T: Copy>(x: &mut T) {
+    // SAFETY: `x` is a valid, exclusively borrowed `T: Copy` (no drop glue, no invariants on
+    // its bytes for the SIMD array types used here); we write exactly size_of::<T>() bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut((x as *mut T).cast::<u8>(), std::mem::size_of::<T>())
+    };
+    zeroize::Zeroize::zeroize(bytes);
 }
 
 #[cfg(test)]

@@ -30,33 +30,65 @@ pub struct Export {
     pub description: String,
     /// The encrypted volume behind it.
     pub volume: Arc<EncryptedVolume>,
+    /// Turns true when the export is withdrawn (its volume was deleted): its connections end.
+    pub retired: watch::Sender<bool>,
 }
 
-/// The exports of a server; the first one is the default (empty name).
+impl Export {
+    /// An export of `volume`.
+    pub fn new(name: String, description: String, volume: EncryptedVolume) -> Self {
+        Export {
+            name,
+            description,
+            volume: Arc::new(volume),
+            retired: watch::Sender::new(false),
+        }
+    }
+}
+
+/// The exports of a server; the first one is the default (empty name). Exports can be
+/// withdrawn while the server runs.
 #[derive(Debug, Clone, Default)]
 pub struct Exports {
-    list: Vec<Arc<Export>>,
+    list: Arc<std::sync::RwLock<Vec<Arc<Export>>>>,
 }
 
 impl Exports {
     /// Exports in the given order.
     pub fn new(list: Vec<Export>) -> Self {
         Exports {
-            list: list.into_iter().map(Arc::new).collect(),
+            list: Arc::new(std::sync::RwLock::new(
+                list.into_iter().map(Arc::new).collect(),
+            )),
         }
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Export>> {
+        self.list.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The export called `name`; the empty name means the first export.
     pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        let list = self.snapshot();
         if name.is_empty() {
-            return self.list.first().cloned();
+            return list.first().cloned();
         }
-        self.list.iter().find(|e| e.name == name).cloned()
+        list.iter().find(|e| e.name == name).cloned()
     }
 
-    /// All exports.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.list.iter()
+    /// All exports (a snapshot).
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        self.snapshot()
+    }
+
+    /// Withdraws an export: new clients no longer see it, and its connections are told to end.
+    /// Returns it, so the caller can wait for the last connection to let go of the volume.
+    pub fn withdraw(&self, name: &str) -> Option<Arc<Export>> {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        let pos = list.iter().position(|e| e.name == name)?;
+        let export = list.remove(pos);
+        export.retired.send_replace(true);
+        Some(export)
     }
 }
 
@@ -183,6 +215,13 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         transmit::End::Shutdown => {
             tracing::info!(conn = id, export, "connection closed: server shutting down")
         }
+        transmit::End::Retired => {
+            tracing::info!(
+                conn = id,
+                export,
+                "connection closed: the volume was deleted"
+            )
+        }
         transmit::End::Error(e) => {
             tracing::warn!(conn = id, export, error = %e, "connection dropped")
         }
@@ -231,7 +270,7 @@ pub async fn run(
         "shutting down: draining connections"
     );
     while tasks.join_next().await.is_some() {}
-    for e in exports.iter() {
+    for e in exports.all() {
         let v = Arc::clone(&e.volume);
         match tokio::task::spawn_blocking(move || v.flush()).await {
             Ok(Ok(())) => tracing::info!(export = e.name, "flushed"),

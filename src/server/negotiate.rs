@@ -159,7 +159,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     error(s, h.code, rep::ERR_INVALID, "LIST takes no data").await?;
                     continue;
                 }
-                for e in exports.iter() {
+                for e in exports.all() {
                     reply(
                         s,
                         h.code,

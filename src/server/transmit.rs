@@ -40,6 +40,8 @@ pub enum End {
     Clean,
     /// The server is shutting down.
     Shutdown,
+    /// The export was withdrawn (its volume was deleted).
+    Retired,
     /// The client broke the protocol or the socket failed.
     Error(String),
 }
@@ -182,6 +184,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let volume = Arc::clone(&session.export.volume);
     let structured = session.structured;
     let cfg = volume.config().clone();
+    let mut retired = session.export.retired.subscribe();
     let limits = Limits {
         size: volume.size(),
         read_only: cfg.read_only,
@@ -195,6 +198,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         let read = tokio::select! {
             r = rd.read_exact(&mut hdr) => r,
             _ = shutdown.changed() => break End::Shutdown,
+            _ = retired.wait_for(|r| *r) => break End::Retired,
         };
         match read {
             Ok(_) => {}

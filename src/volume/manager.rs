@@ -171,6 +171,14 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Whether the registry has a tombstone for `name` (cheap; for a running server to poll).
+pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
+    std::fs::read_to_string(state_dir.join("volumes").join(format!("{name}.json")))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Entry>(&t).ok())
+        .is_some_and(|e| e.deleted)
+}
+
 /// Reads both header copies of a backing store.
 pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerError> {
     let f = std::fs::File::open(path).map_err(io("cannot open the backing store", path))?;
