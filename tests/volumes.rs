@@ -467,7 +467,13 @@ fn deleting_a_served_volume_withdraws_it_and_wipes_its_key_from_server_memory() 
     if !common::peer_available("qemu-io", common::have("qemu-io")) {
         return;
     }
-    let dir = TempDir::new("shred-live");
+    for backend in nbdcrypt::crypto::BackendKind::available() {
+        shred_live(backend.name());
+    }
+}
+
+fn shred_live(backend: &str) {
+    let dir = TempDir::new(&format!("shred-live-{backend}"));
     let state = dir.path("state");
     run_ok(cli(&state).args(["kms", "create-key", "--alias", "alias/m"]));
     run_ok(cli(&state).args([
@@ -483,7 +489,13 @@ fn deleting_a_served_volume_withdraws_it_and_wipes_its_key_from_server_memory() 
     ]));
     let hex_key = run_ok(cli(&state).args(["volume", "export-key", "m", "--confirm"]));
     let key = hex::decode(hex_key.trim()).unwrap();
-    let server = serve(&dir, &state, &["m"]).unwrap();
+    let server = Server::try_start(
+        &dir,
+        &[],
+        &["--volume", "m", "--backend", backend],
+        &[("NBDCRYPT_STATE_DIR", state.to_str().unwrap())],
+    )
+    .unwrap();
     qemu_io(
         &server,
         "m",
@@ -493,7 +505,7 @@ fn deleting_a_served_volume_withdraws_it_and_wipes_its_key_from_server_memory() 
     // The AES-256 key schedules begin with the raw key halves: the key is in memory now.
     assert!(
         memory_contains(pid, &key[..32]) && memory_contains(pid, &key[32..]),
-        "the scan must find the key while the volume is served"
+        "{backend}: the scan must find the key while the volume is served"
     );
     run_ok(cli(&state).args(["volume", "delete", "m"]));
     let start = std::time::Instant::now();

@@ -110,6 +110,9 @@ impl PortableXts {
             }
             done += n;
         }
+        // The `aes` crate's backends copy (broadcast) the round keys into their stack frames,
+        // below this one, and do not wipe them: wipe that stack area before returning.
+        super::scrub_stack();
     }
 }
 
