@@ -70,6 +70,49 @@ impl AuditLog {
         f.sync_data()
     }
 
+    /// Records the outcome of one KMS operation. Returns the operation's own error, or an
+    /// `Unavailable` error when the record cannot be written: an unaudited operation fails.
+    #[allow(clippy::too_many_arguments)]
+    pub fn outcome<T>(
+        &self,
+        time: u64,
+        operation: &'static str,
+        key: &str,
+        principal: &str,
+        volume: Option<&str>,
+        result: Result<T, super::KmsError>,
+    ) -> Result<T, super::KmsError> {
+        let (outcome, code, message) = match &result {
+            Ok(_) => ("success", None, None),
+            Err(e) => (
+                if matches!(e, super::KmsError::AccessDenied { .. }) {
+                    "denied"
+                } else {
+                    "failure"
+                },
+                Some(e.code().to_owned()),
+                Some(e.to_string()),
+            ),
+        };
+        let record = Record {
+            time,
+            operation: operation.to_owned(),
+            key: key.to_owned(),
+            principal: principal.to_owned(),
+            volume: volume.map(str::to_owned),
+            outcome: outcome.to_owned(),
+            error_code: code,
+            error_message: message,
+        };
+        if let Err(e) = self.append(&record) {
+            return Err(super::KmsError::Unavailable {
+                operation,
+                reason: format!("cannot write the audit log {}: {e}", self.path.display()),
+            });
+        }
+        result
+    }
+
     /// Every record, oldest first (unparsable lines are skipped).
     pub fn read_all(&self) -> std::io::Result<Vec<Record>> {
         let text = match std::fs::read_to_string(&self.path) {

@@ -20,7 +20,7 @@ use aws_sdk_kms::types::{
 };
 use zeroize::Zeroizing;
 
-use super::audit::{AuditLog, Record};
+use super::audit::AuditLog;
 use super::clock::Clock;
 use super::{
     Caller, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState, KmsError,
@@ -151,38 +151,14 @@ impl AwsKms {
         volume: Option<&str>,
         r: Result<T, KmsError>,
     ) -> Result<T, KmsError> {
-        let (outcome, code, message) = match &r {
-            Ok(_) => ("success", None, None),
-            Err(e) => (
-                if matches!(e, KmsError::AccessDenied { .. }) {
-                    "denied"
-                } else {
-                    "failure"
-                },
-                Some(e.code().to_owned()),
-                Some(e.to_string()),
-            ),
-        };
-        let rec = Record {
-            time: self.clock.now(),
-            operation: operation.into(),
-            key: key.into(),
-            principal: "aws:credential-chain".into(),
-            volume: volume.map(str::to_owned),
-            outcome: outcome.into(),
-            error_code: code,
-            error_message: message,
-        };
-        if let Err(e) = self.audit.append(&rec) {
-            return Err(KmsError::Unavailable {
-                operation,
-                reason: format!(
-                    "cannot write the audit log {}: {e}",
-                    self.audit.path().display()
-                ),
-            });
-        }
-        r
+        self.audit.outcome(
+            self.clock.now(),
+            operation,
+            key,
+            "aws:credential-chain",
+            volume,
+            r,
+        )
     }
 
     /// Resolves `key`, creating nbdcrypt's default key and alias on first use of

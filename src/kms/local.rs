@@ -20,7 +20,7 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
-use super::audit::{AuditLog, Record};
+use super::audit::AuditLog;
 use super::clock::{Clock, DAY};
 use super::store::{KeyRecord, Material, State, Store};
 use super::{
@@ -210,38 +210,18 @@ impl LocalKms {
                 }
             }
         })();
-        let (outcome, code, message, key) = match &result {
-            Ok((_, arn)) => ("success", None, None, arn.clone()),
-            Err(e) => (
-                if matches!(e, KmsError::AccessDenied { .. }) {
-                    "denied"
-                } else {
-                    "failure"
-                },
-                Some(e.code().to_owned()),
-                Some(e.to_string()),
-                key_for_audit.to_owned(),
-            ),
+        let key = match &result {
+            Ok((_, arn)) => arn.clone(),
+            Err(_) => key_for_audit.to_owned(),
         };
-        let record = Record {
-            time: self.clock.now(),
-            operation: operation.to_owned(),
-            key,
-            principal: caller.principal.clone(),
-            volume: volume.map(str::to_owned),
-            outcome: outcome.to_owned(),
-            error_code: code,
-            error_message: message,
-        };
-        if let Err(e) = self.audit.append(&record) {
-            return Err(KmsError::Unavailable {
-                operation,
-                reason: format!(
-                    "cannot write the audit log {}: {e}",
-                    self.audit.path().display()
-                ),
-            });
-        }
+        let result = self.audit.outcome(
+            self.clock.now(),
+            operation,
+            &key,
+            &caller.principal,
+            volume,
+            result,
+        );
         result.map(|(v, _)| v)
     }
 

@@ -179,6 +179,25 @@ pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
         .is_some_and(|e| e.deleted)
 }
 
+/// Moves an unwrapped data key into a [`VolumeKey`] (wiping `plain`), builds the engine, and
+/// drops the key: only the engine's protected schedules remain. Returns the key-check value.
+fn engine_with_check(
+    volume: &str,
+    plain: &mut [u8],
+    sector_size: SectorSize,
+    backend: BackendChoice,
+) -> Result<(XtsEngine, [u8; 32]), ManagerError> {
+    let crypto_err = |source| ManagerError::Crypto {
+        volume: volume.into(),
+        source,
+    };
+    let key = VolumeKey::take_from(plain).map_err(crypto_err)?;
+    let engine = XtsEngine::new(&key, sector_size, backend).map_err(crypto_err)?;
+    drop(key);
+    let kcv = engine.key_check_value().map_err(crypto_err)?;
+    Ok((engine, kcv))
+}
+
 /// Reads both header copies of a backing store.
 pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerError> {
     let f = std::fs::File::open(path).map_err(io("cannot open the backing store", path))?;
@@ -327,25 +346,12 @@ impl<'k> Manager<'k> {
             .kms
             .generate_data_key(&key_id, crypto::VOLUME_KEY_BYTES, &context, &self.caller)
             .map_err(kms_err)?;
-        let key =
-            VolumeKey::take_from(&mut dk.plaintext).map_err(|source| ManagerError::Crypto {
-                volume: name.into(),
-                source,
-            })?;
-        let engine =
-            XtsEngine::new(&key, opts.sector_size, BackendChoice::Auto).map_err(|source| {
-                ManagerError::Crypto {
-                    volume: name.into(),
-                    source,
-                }
-            })?;
-        drop(key);
-        let key_check = engine
-            .key_check_value()
-            .map_err(|source| ManagerError::Crypto {
-                volume: name.into(),
-                source,
-            })?;
+        let (_engine, key_check) = engine_with_check(
+            name,
+            &mut dk.plaintext,
+            opts.sector_size,
+            BackendChoice::Auto,
+        )?;
         let backing = opts
             .backing
             .clone()
@@ -468,22 +474,7 @@ impl<'k> Manager<'k> {
                 volume: name.into(),
                 source,
             })?;
-        let key = VolumeKey::take_from(&mut plain).map_err(|source| ManagerError::Crypto {
-            volume: name.into(),
-            source,
-        })?;
-        let engine =
-            XtsEngine::new(&key, sector_size, backend).map_err(|source| ManagerError::Crypto {
-                volume: name.into(),
-                source,
-            })?;
-        drop(key);
-        let kcv = engine
-            .key_check_value()
-            .map_err(|source| ManagerError::Crypto {
-                volume: name.into(),
-                source,
-            })?;
+        let (engine, kcv) = engine_with_check(name, &mut plain, sector_size, backend)?;
         // Constant-time comparison: no timing hint about how close a wrong key came.
         if kcv
             .iter()
