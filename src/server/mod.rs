@@ -265,6 +265,7 @@ pub async fn run(
         // Reap finished connection tasks so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
     }
+    while tasks.try_join_next().is_some() {}
     tracing::info!(
         connections = tasks.len(),
         "shutting down: draining connections"
