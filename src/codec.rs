@@ -136,3 +136,56 @@ impl Put for Vec<u8> {
         self.extend_from_slice(s.as_bytes());
     }
 }
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// Decodes exactly `out.len()` bytes of hex from `s` into `out` (no allocation, so secret
+/// material can be decoded straight into protected or zeroizing memory). False on any other
+/// length or a non-hex digit; `out` may then hold partial output, which the caller wipes.
+pub fn hex_into(s: &str, out: &mut [u8]) -> bool {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let s = s.as_bytes();
+    if s.len() != out.len() * 2 {
+        return false;
+    }
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(h), Some(l)) => *o = (h << 4) | l,
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_roundtrips_and_refuses_bad_input() {
+        let data = [0u8, 1, 0xab, 0xff];
+        let h = to_hex(&data);
+        assert_eq!(h, "0001abff");
+        let mut out = [0u8; 4];
+        assert!(hex_into(&h.to_uppercase(), &mut out));
+        assert_eq!(out, data);
+        assert!(!hex_into("0001abf", &mut out));
+        assert!(!hex_into("0001abfg", &mut out));
+    }
+}

@@ -130,17 +130,12 @@ pub fn run(state: &Path, cmd: KmsCommand, out: &mut impl Write) -> Result<(), Km
         }
         KmsCommand::ImportKeyMaterial { key, material_file } => {
             let text = zeroize::Zeroizing::new(std::fs::read_to_string(&material_file)?);
-            let hex = text.trim();
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut material = zeroize::Zeroizing::new([0u8; 32]);
+            if !crate::codec::hex_into(text.trim(), &mut material[..]) {
                 return Err(KmsCommandError::Input(format!(
                     "{} must hold 64 hex digits (32 bytes of key material)",
                     material_file.display()
                 )));
-            }
-            let mut material = zeroize::Zeroizing::new([0u8; 32]);
-            for (i, b) in material.iter_mut().enumerate() {
-                *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                    .map_err(|e| KmsCommandError::Input(e.to_string()))?;
             }
             show(
                 out,

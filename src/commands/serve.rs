@@ -173,17 +173,11 @@ pub fn read_key_file(path: &Path) -> Result<VolumeKey, ServeError> {
     } else {
         let text = std::str::from_utf8(&raw)
             .map_err(|_| fail("neither 64 raw bytes nor 128 hex digits".into()))?;
-        let hex = text.trim();
-        if hex.len() != 2 * crypto::VOLUME_KEY_BYTES || !hex.bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        if !crate::codec::hex_into(text.trim(), &mut key) {
             return Err(fail(format!(
                 "holds {} bytes: neither 64 raw bytes nor 128 hex digits",
                 raw.len()
             )));
-        }
-        for (i, out) in key.iter_mut().enumerate() {
-            *out = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| fail("bad hex".into()))?;
         }
     }
     VolumeKey::take_from(&mut key).map_err(|e| fail(e.to_string()))

@@ -221,7 +221,7 @@ impl KeyService for AwsKms {
         _caller: &Caller,
     ) -> Result<DataKey, KmsError> {
         const OP: &str = "GenerateDataKey";
-        let volume = context.0.get("nbdcrypt:volume").cloned();
+        let volume = context.volume_name();
         let r = (|| {
             self.ensure_default(key)?;
             let key = Self::key_name(key);
@@ -261,7 +261,7 @@ impl KeyService for AwsKms {
                 key_arn: out.key_id().unwrap_or(key).to_owned(),
             })
         })();
-        self.audited(OP, key, volume.as_deref(), r)
+        self.audited(OP, key, volume, r)
     }
 
     fn decrypt(
@@ -272,7 +272,7 @@ impl KeyService for AwsKms {
         _caller: &Caller,
     ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         const OP: &str = "Decrypt";
-        let volume = context.0.get("nbdcrypt:volume").cloned();
+        let volume = context.volume_name();
         let r = self
             .rt
             .block_on(
@@ -291,7 +291,7 @@ impl KeyService for AwsKms {
                 )
             })
             .map_err(|e| map_err(OP, key, e));
-        self.audited(OP, key, volume.as_deref(), r)
+        self.audited(OP, key, volume, r)
     }
 
     fn re_encrypt(
@@ -303,7 +303,7 @@ impl KeyService for AwsKms {
         _caller: &Caller,
     ) -> Result<(Vec<u8>, String), KmsError> {
         const OP: &str = "ReEncrypt";
-        let volume = context.0.get("nbdcrypt:volume").cloned();
+        let volume = context.volume_name();
         let r = self
             .rt
             .block_on(
@@ -325,7 +325,7 @@ impl KeyService for AwsKms {
                 )
             })
             .map_err(|e| map_err(OP, source_key, e));
-        self.audited(OP, source_key, volume.as_deref(), r)
+        self.audited(OP, source_key, volume, r)
     }
 
     fn describe_key(&self, key: &str, _caller: &Caller) -> Result<KeyMetadata, KmsError> {

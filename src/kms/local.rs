@@ -16,8 +16,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
 use super::audit::AuditLog;
@@ -58,94 +56,6 @@ pub struct LocalKms {
     clock: Clock,
     lock: Mutex<()>,
     state_dir: PathBuf,
-}
-
-fn new_uuid() -> String {
-    let mut b = [0u8; 16];
-    // getrandom failing leaves zeros; the uniqueness check in create_key catches a collision.
-    let _ = getrandom::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
-fn random_material() -> Result<Zeroizing<Vec<u8>>, KmsError> {
-    let mut m = Zeroizing::new(vec![0u8; 32]);
-    getrandom::fill(&mut m).map_err(|e| KmsError::Unavailable {
-        operation: "GenerateRandom",
-        reason: e.to_string(),
-    })?;
-    Ok(m)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Zeroizing<Vec<u8>>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    let mut out = Zeroizing::new(Vec::with_capacity(s.len() / 2));
-    for i in (0..s.len()).step_by(2) {
-        out.push(u8::from_str_radix(s.get(i..i + 2)?, 16).ok()?);
-    }
-    Some(out)
-}
-
-fn aad(key_id: &str, version: u32, context: &EncryptionContext) -> Vec<u8> {
-    let mut a = AAD_LABEL.to_vec();
-    a.extend_from_slice(key_id.as_bytes());
-    a.extend_from_slice(&version.to_be_bytes());
-    a.extend_from_slice(&context.canonical());
-    a
-}
-
-/// A parsed local blob.
-struct Blob<'a> {
-    key_id: String,
-    version: u32,
-    nonce: [u8; 12],
-    sealed: &'a [u8],
-}
-
-fn parse_blob(blob: &[u8]) -> Option<Blob<'_>> {
-    if blob.len() < 4 + 16 + 4 + 12 + 16 || &blob[..4] != BLOB_MAGIC {
-        return None;
-    }
-    let id = &blob[4..20];
-    let h = hex(id);
-    let key_id = format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    );
-    let version = u32::from_be_bytes(blob[20..24].try_into().ok()?);
-    let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&blob[24..36]);
-    Some(Blob {
-        key_id,
-        version,
-        nonce,
-        sealed: &blob[36..],
-    })
-}
-
-fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
-    let raw: String = id.chars().filter(|c| *c != '-').collect();
-    let v = unhex(&raw)?;
-    v.as_slice().try_into().ok()
 }
 
 impl LocalKms {
@@ -253,7 +163,7 @@ impl LocalKms {
                         version,
                         created: last + 365 * DAY,
                         kind: "automatic".into(),
-                        hex: hex(&m),
+                        hex: to_hex(&m[..]),
                     });
                     changed = true;
                 }
@@ -318,7 +228,7 @@ impl LocalKms {
                 version: 1,
                 created: now,
                 kind: "creation".into(),
-                hex: hex(&random_material()?),
+                hex: to_hex(&random_material()?[..]),
             }]
         } else {
             Vec::new()
@@ -347,73 +257,6 @@ impl LocalKms {
         Ok(id)
     }
 
-    /// Decides whether `caller` may perform `action` on key `id` (explicit Deny, then policy
-    /// Allow, then grants), as AWS does. `context` is the request's encryption context.
-    fn authorize(
-        state: &State,
-        operation: &'static str,
-        action: &str,
-        id: &str,
-        caller: &Caller,
-        context: &EncryptionContext,
-    ) -> Result<(), KmsError> {
-        let k = state.keys.get(id).ok_or_else(|| KmsError::NotFound {
-            operation,
-            key: arn(id),
-        })?;
-        let text = k.policy.clone().unwrap_or_else(|| match k.manager {
-            KeyManager::Aws => super::policy::default_managed_policy(ACCOUNT, VIA_SERVICE),
-            KeyManager::Customer => {
-                super::policy::default_customer_policy(ACCOUNT, ADMIN_PRINCIPAL)
-            }
-        });
-        let policy = super::policy::parse(&text).map_err(|reason| KmsError::MalformedPolicy {
-            operation,
-            key: arn(id),
-            reason,
-        })?;
-        let key_arn = arn(id);
-        let facts = super::policy::RequestFacts {
-            principal: &caller.principal,
-            account: &caller.account,
-            via_service: caller.via_service.as_deref(),
-            action,
-            resource: &key_arn,
-            context: &context.0,
-        };
-        let denied = |reason: String| KmsError::AccessDenied {
-            operation,
-            key: key_arn.clone(),
-            principal: caller.principal.clone(),
-            reason,
-        };
-        match policy.evaluate(&facts) {
-            super::policy::Decision::Allow => Ok(()),
-            super::policy::Decision::ExplicitDeny(sid) => Err(denied(format!(
-                "of an explicit deny in the key policy{}",
-                sid.map(|s| format!(" (statement {s:?})"))
-                    .unwrap_or_default()
-            ))),
-            super::policy::Decision::ImplicitDeny => {
-                let granted = k.grants.iter().any(|g| {
-                    g.grantee == caller.principal
-                        && g.operations.iter().any(|o| o == action)
-                        && g.context_subset
-                            .iter()
-                            .all(|(ck, cv)| context.0.get(ck) == Some(cv))
-                        && (g.context_equals.is_empty() || g.context_equals == context.0)
-                });
-                if granted {
-                    Ok(())
-                } else {
-                    Err(denied(format!(
-                        "no key policy statement or grant allows the kms:{action} action"
-                    )))
-                }
-            }
-        }
-    }
-
     /// The key if its state allows cryptographic use.
     fn usable<'s>(
         state: &'s State,
@@ -437,112 +280,6 @@ impl LocalKms {
             }),
         }
     }
-
-    fn seal(
-        k: &KeyRecord,
-        context: &EncryptionContext,
-        plaintext: &[u8],
-    ) -> Result<Vec<u8>, KmsError> {
-        let m = k.materials.last().ok_or_else(|| KmsError::InvalidState {
-            operation: "Encrypt",
-            key: arn(&k.id),
-            state: "without key material".into(),
-        })?;
-        let material = unhex(&m.hex).ok_or_else(|| KmsError::Unavailable {
-            operation: "Encrypt",
-            reason: "stored key material is malformed".into(),
-        })?;
-        let cipher = Aes256Gcm::new_from_slice(&material).map_err(|_| KmsError::Unavailable {
-            operation: "Encrypt",
-            reason: "stored key material has the wrong length".into(),
-        })?;
-        let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).map_err(|e| KmsError::Unavailable {
-            operation: "Encrypt",
-            reason: e.to_string(),
-        })?;
-        let mut sealed = plaintext.to_vec();
-        let tag = cipher
-            .encrypt_inout_detached(
-                &Nonce::from(nonce),
-                &aad(&k.id, m.version, context),
-                sealed.as_mut_slice().into(),
-            )
-            .map_err(|_| KmsError::Unavailable {
-                operation: "Encrypt",
-                reason: "AES-GCM refused the input".into(),
-            })?;
-        let mut blob = BLOB_MAGIC.to_vec();
-        blob.extend_from_slice(&uuid_bytes(&k.id).unwrap_or([0; 16]));
-        blob.extend_from_slice(&m.version.to_be_bytes());
-        blob.extend_from_slice(&nonce);
-        blob.extend_from_slice(&sealed);
-        blob.extend_from_slice(&tag);
-        Ok(blob)
-    }
-
-    fn open_blob(
-        state: &State,
-        operation: &'static str,
-        named: Option<&str>,
-        blob: &[u8],
-        context: &EncryptionContext,
-    ) -> Result<(Zeroizing<Vec<u8>>, String), KmsError> {
-        let b = parse_blob(blob).ok_or_else(|| KmsError::InvalidCiphertext {
-            operation,
-            key: named.map_or_else(|| "(unknown)".into(), arn),
-            reason: "the ciphertext blob is not a local KMS blob or is truncated".into(),
-        })?;
-        if let Some(n) = named
-            && n != b.key_id
-        {
-            return Err(KmsError::IncorrectKey {
-                operation,
-                key: arn(n),
-            });
-        }
-        let k = Self::usable(state, operation, &b.key_id)?;
-        let m = k
-            .materials
-            .iter()
-            .find(|m| m.version == b.version)
-            .ok_or_else(|| KmsError::InvalidCiphertext {
-                operation,
-                key: arn(&k.id),
-                reason: format!("key material version {} does not exist", b.version),
-            })?;
-        let material = unhex(&m.hex).ok_or_else(|| KmsError::Unavailable {
-            operation,
-            reason: "stored key material is malformed".into(),
-        })?;
-        let cipher = Aes256Gcm::new_from_slice(&material).map_err(|_| KmsError::Unavailable {
-            operation,
-            reason: "stored key material has the wrong length".into(),
-        })?;
-        if b.sealed.len() < 16 {
-            return Err(KmsError::InvalidCiphertext {
-                operation,
-                key: arn(&k.id),
-                reason: "truncated".into(),
-            });
-        }
-        let (body, tag) = b.sealed.split_at(b.sealed.len() - 16);
-        let mut plain = Zeroizing::new(body.to_vec());
-        let tag: [u8; 16] = tag.try_into().unwrap_or([0; 16]);
-        cipher
-            .decrypt_inout_detached(
-                &Nonce::from(b.nonce),
-                &aad(&k.id, b.version, context),
-                plain.as_mut_slice().into(),
-                &tag.into(),
-            )
-            .map_err(|_| KmsError::InvalidCiphertext {
-                operation,
-                key: arn(&k.id),
-                reason: "the ciphertext is damaged or the encryption context does not match".into(),
-            })?;
-        Ok((plain, k.id.clone()))
-    }
 }
 
 impl KeyService for LocalKms {
@@ -554,8 +291,8 @@ impl KeyService for LocalKms {
         caller: &Caller,
     ) -> Result<DataKey, KmsError> {
         const OP: &str = "GenerateDataKey";
-        let volume = context.0.get("nbdcrypt:volume").cloned();
-        self.transact(OP, key, caller, volume.as_deref(), |state, me| {
+        let volume = context.volume_name();
+        self.transact(OP, key, caller, volume, |state, me| {
             if !(1..=1024).contains(&bytes) {
                 return Err(KmsError::Validation {
                     operation: OP,
@@ -565,13 +302,10 @@ impl KeyService for LocalKms {
             let (id, created) = me.resolve(state, OP, key)?;
             Self::authorize(state, OP, OP, &id, caller, context)?;
             let k = Self::usable(state, OP, &id)?;
-            let plaintext = random_material().and_then(|_| {
-                let mut p = Zeroizing::new(vec![0u8; bytes]);
-                getrandom::fill(&mut p).map_err(|e| KmsError::Unavailable {
-                    operation: OP,
-                    reason: e.to_string(),
-                })?;
-                Ok(p)
+            let mut plaintext = Zeroizing::new(vec![0u8; bytes]);
+            getrandom::fill(&mut plaintext).map_err(|e| KmsError::Unavailable {
+                operation: OP,
+                reason: e.to_string(),
             })?;
             let blob = Self::seal(k, context, &plaintext)?;
             let key_arn = arn(&id);
@@ -595,8 +329,8 @@ impl KeyService for LocalKms {
         caller: &Caller,
     ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         const OP: &str = "Decrypt";
-        let volume = context.0.get("nbdcrypt:volume").cloned();
-        self.transact(OP, key, caller, volume.as_deref(), |state, me| {
+        let volume = context.volume_name();
+        self.transact(OP, key, caller, volume, |state, me| {
             let (id, created) = me.resolve(state, OP, key)?;
             Self::authorize(state, OP, OP, &id, caller, context)?;
             let (plain, id) = Self::open_blob(state, OP, Some(&id), blob, context)?;
@@ -613,8 +347,8 @@ impl KeyService for LocalKms {
         caller: &Caller,
     ) -> Result<(Vec<u8>, String), KmsError> {
         const OP: &str = "ReEncrypt";
-        let volume = context.0.get("nbdcrypt:volume").cloned();
-        self.transact(OP, source_key, caller, volume.as_deref(), |state, me| {
+        let volume = context.volume_name();
+        self.transact(OP, source_key, caller, volume, |state, me| {
             let (src, c1) = me.resolve(state, OP, source_key)?;
             let (dst, c2) = me.resolve(state, OP, dest_key)?;
             Self::authorize(state, OP, "ReEncryptFrom", &src, caller, context)?;
@@ -657,169 +391,6 @@ impl KeyService for LocalKms {
     }
 }
 
-impl LocalKms {
-    fn create_grant_impl(
-        &self,
-        key: &str,
-        grantee: &str,
-        operations: &[&str],
-        context_subset: &EncryptionContext,
-        caller: &Caller,
-    ) -> Result<String, KmsError> {
-        const OP: &str = "CreateGrant";
-        const GRANTABLE: [&str; 7] = [
-            "Decrypt",
-            "Encrypt",
-            "GenerateDataKey",
-            "ReEncryptFrom",
-            "ReEncryptTo",
-            "DescribeKey",
-            "RetireGrant",
-        ];
-        self.transact(OP, key, caller, None, |state, me| {
-            let (id, c) = me.resolve(state, OP, key)?;
-            Self::authorize(state, OP, OP, &id, caller, &EncryptionContext::default())?;
-            if let Some(bad) = operations.iter().find(|o| !GRANTABLE.contains(o)) {
-                return Err(KmsError::Validation {
-                    operation: OP,
-                    reason: format!("{bad} is not a grant operation"),
-                });
-            }
-            let k = state.keys.get_mut(&id).ok_or_else(|| KmsError::NotFound {
-                operation: OP,
-                key: key.to_owned(),
-            })?;
-            if matches!(k.state, KeyState::PendingDeletion) {
-                return Err(KmsError::InvalidState {
-                    operation: OP,
-                    key: arn(&id),
-                    state: k.state.to_string(),
-                });
-            }
-            let grant_id = new_uuid().replace('-', "");
-            k.grants.push(super::store::Grant {
-                grant_id: grant_id.clone(),
-                name: String::new(),
-                grantee: grantee.to_owned(),
-                retiring_principal: Some(caller.principal.clone()),
-                operations: operations.iter().map(|o| (*o).to_owned()).collect(),
-                context_subset: context_subset.0.clone(),
-                context_equals: Default::default(),
-                created: me.clock.now(),
-            });
-            let _ = c;
-            Ok((grant_id, true, arn(&id)))
-        })
-    }
-
-    fn remove_grant(
-        &self,
-        operation: &'static str,
-        key: &str,
-        grant_id: &str,
-        caller: &Caller,
-        revoke: bool,
-    ) -> Result<(), KmsError> {
-        self.transact(operation, key, caller, None, |state, me| {
-            let (id, _) = me.resolve(state, operation, key)?;
-            let k = state.keys.get(&id).ok_or_else(|| KmsError::NotFound {
-                operation,
-                key: key.to_owned(),
-            })?;
-            let g = k
-                .grants
-                .iter()
-                .find(|g| g.grant_id == grant_id)
-                .cloned()
-                .ok_or_else(|| KmsError::NotFound {
-                    operation,
-                    key: format!("{} grant {grant_id}", arn(&id)),
-                })?;
-            let retiring = !revoke
-                && (g.grantee == caller.principal
-                    || g.retiring_principal.as_deref() == Some(caller.principal.as_str()));
-            if !retiring {
-                Self::authorize(
-                    state,
-                    operation,
-                    operation,
-                    &id,
-                    caller,
-                    &EncryptionContext::default(),
-                )?;
-            }
-            if let Some(k) = state.keys.get_mut(&id) {
-                k.grants.retain(|x| x.grant_id != grant_id);
-            }
-            Ok(((), true, arn(&id)))
-        })
-    }
-
-    /// `RevokeGrant` (key administrators).
-    pub fn revoke_grant(&self, key: &str, grant_id: &str, caller: &Caller) -> Result<(), KmsError> {
-        self.remove_grant("RevokeGrant", key, grant_id, caller, true)
-    }
-
-    /// `ListGrants`.
-    pub fn list_grants(
-        &self,
-        key: &str,
-        caller: &Caller,
-    ) -> Result<Vec<super::store::Grant>, KmsError> {
-        const OP: &str = "ListGrants";
-        self.transact(OP, key, caller, None, |state, me| {
-            let (id, _) = me.resolve(state, OP, key)?;
-            Self::authorize(state, OP, OP, &id, caller, &EncryptionContext::default())?;
-            Ok((state.keys[&id].grants.clone(), false, arn(&id)))
-        })
-    }
-
-    /// `PutKeyPolicy`: refuses documents it does not fully understand.
-    pub fn put_key_policy(&self, key: &str, policy: &str, caller: &Caller) -> Result<(), KmsError> {
-        const OP: &str = "PutKeyPolicy";
-        self.transact(OP, key, caller, None, |state, me| {
-            let (id, _) = me.resolve(state, OP, key)?;
-            Self::authorize(state, OP, OP, &id, caller, &EncryptionContext::default())?;
-            super::policy::parse(policy).map_err(|reason| KmsError::MalformedPolicy {
-                operation: OP,
-                key: arn(&id),
-                reason,
-            })?;
-            let k = state.keys.get_mut(&id).ok_or_else(|| KmsError::NotFound {
-                operation: OP,
-                key: key.to_owned(),
-            })?;
-            if k.manager == KeyManager::Aws {
-                return Err(KmsError::AccessDenied {
-                    operation: OP,
-                    key: arn(&id),
-                    principal: caller.principal.clone(),
-                    reason: "the key is AWS managed and its policy cannot be changed".into(),
-                });
-            }
-            k.policy = Some(policy.to_owned());
-            Ok(((), true, arn(&id)))
-        })
-    }
-
-    /// `GetKeyPolicy` (the default policy when none was put).
-    pub fn get_key_policy(&self, key: &str, caller: &Caller) -> Result<String, KmsError> {
-        const OP: &str = "GetKeyPolicy";
-        self.transact(OP, key, caller, None, |state, me| {
-            let (id, _) = me.resolve(state, OP, key)?;
-            Self::authorize(state, OP, OP, &id, caller, &EncryptionContext::default())?;
-            let k = &state.keys[&id];
-            let p = k.policy.clone().unwrap_or_else(|| match k.manager {
-                KeyManager::Aws => super::policy::default_managed_policy(ACCOUNT, VIA_SERVICE),
-                KeyManager::Customer => {
-                    super::policy::default_customer_policy(ACCOUNT, ADMIN_PRINCIPAL)
-                }
-            });
-            Ok((p, false, arn(&id)))
-        })
-    }
-}
-
 /// The public metadata of a key record.
 pub fn metadata(k: &KeyRecord) -> KeyMetadata {
     KeyMetadata {
@@ -835,8 +406,12 @@ pub fn metadata(k: &KeyRecord) -> KeyMetadata {
     }
 }
 
+mod access;
 mod admin;
+mod blob;
+use crate::codec::to_hex;
 pub use admin::KeySpec;
+use blob::{new_uuid, random_material};
 
 #[cfg(test)]
 mod tests;

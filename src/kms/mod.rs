@@ -23,6 +23,11 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
+/// Context key binding a wrapped key to its volume.
+pub const CONTEXT_VOLUME_ID: &str = "nbdcrypt:volume-id";
+/// Context key carrying the volume name (for audit records).
+pub const CONTEXT_VOLUME_NAME: &str = "nbdcrypt:volume";
+
 /// An encryption context: non-secret key/value pairs bound to a wrapped key (AAD).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EncryptionContext(pub BTreeMap<String, String>);
@@ -33,6 +38,11 @@ impl EncryptionContext {
         let mut m = BTreeMap::new();
         m.insert(k.to_owned(), v.to_owned());
         EncryptionContext(m)
+    }
+
+    /// The volume name the context carries, for audit records.
+    pub fn volume_name(&self) -> Option<&str> {
+        self.0.get(CONTEXT_VOLUME_NAME).map(String::as_str)
     }
 
     /// Canonical bytes (sorted pairs, length-prefixed): the AAD.

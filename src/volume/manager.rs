@@ -17,10 +17,7 @@ use crate::crypto::{self, BackendChoice, SectorSize, VolumeKey, XtsEngine};
 use crate::kms::{Caller, EncryptionContext, KeyService, KmsError, local::DEFAULT_ALIAS};
 use crate::storage::FileStorage;
 
-/// Context key binding a wrapped key to its volume.
-pub const CONTEXT_VOLUME_ID: &str = "nbdcrypt:volume-id";
-/// Context key carrying the volume name (for audit records).
-pub const CONTEXT_VOLUME_NAME: &str = "nbdcrypt:volume";
+pub use crate::kms::{CONTEXT_VOLUME_ID, CONTEXT_VOLUME_NAME};
 
 /// A registry entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,9 +164,7 @@ fn check_name(name: &str) -> Result<(), ManagerError> {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use crate::codec::to_hex as hex;
 
 /// Whether the registry has a tombstone for `name` (cheap; for a running server to poll).
 pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
@@ -558,12 +553,7 @@ impl<'k> Manager<'k> {
                 volume: name.into(),
                 source,
             })?;
-        let mut out = zeroize::Zeroizing::new(String::with_capacity(128));
-        for b in plain.iter() {
-            out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-            out.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
-        }
-        Ok(out)
+        Ok(zeroize::Zeroizing::new(hex(&plain)))
     }
 
     /// `volume delete`: destroys the wrapped key in both header copies (crypto-shredding),

@@ -2,7 +2,8 @@
 
 use super::super::store::Material;
 use super::super::{Caller, KeyManager, KeyMetadata, KeyState, KmsError, Origin};
-use super::{DAY, LocalKms, arn, hex, metadata, random_material};
+use super::{DAY, LocalKms, arn, metadata, random_material};
+use crate::codec::to_hex;
 
 /// Key specs a caller may ask for; only `SYMMETRIC_DEFAULT` is accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,7 +246,7 @@ impl LocalKms {
                 version,
                 created: now,
                 kind: "on-demand".into(),
-                hex: hex(&random_material()?),
+                hex: to_hex(&random_material()?[..]),
             });
             Ok(())
         })
@@ -301,7 +302,7 @@ impl LocalKms {
                 version: 1,
                 created: now,
                 kind: "import".into(),
-                hex: hex(material),
+                hex: to_hex(material),
             });
             k.state = KeyState::Enabled;
             Ok(())
