@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::serve::ExportSpec;
+use crate::commands::export::ExportSpec;
 use crate::crypto::BackendChoice;
 
 /// An NBD server whose every volume is encrypted with XTS-AES-256 (aes-xts-plain64).
@@ -270,7 +270,7 @@ pub struct VolumeCreateArgs {
     /// Volume name.
     pub name: String,
     /// Size (K/M/G/T suffixes, powers of 1024).
-    #[arg(long, value_parser = crate::commands::serve::parse_size)]
+    #[arg(long, value_parser = crate::commands::export::parse_size)]
     pub size: u64,
     /// scratch (service-managed key, destroyed with the volume) or persistent.
     #[arg(long = "type", default_value = "scratch", value_parser = ["scratch", "persistent"])]
@@ -279,7 +279,7 @@ pub struct VolumeCreateArgs {
     #[arg(long)]
     pub kms_key: Option<String>,
     /// Encryption sector size.
-    #[arg(long, default_value = "4096", value_parser = crate::commands::serve::parse_sector_size)]
+    #[arg(long, default_value = "4096", value_parser = crate::commands::export::parse_sector_size)]
     pub sector_size: crate::crypto::SectorSize,
     /// Backing file or block device (default: `<state-dir>/volumes/NAME.img`).
     #[arg(long)]

@@ -7,16 +7,17 @@
 //! |---|---|---|
 //! | [`crypto`] | the XTS sector engine, its backends, [`crypto::VolumeKey`], protected memory | do I/O, log, or let key bytes out |
 //! | [`cli`] | the command-line grammar (clap definitions only) | contain logic |
-//! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`) | hold key material beyond one call |
+//! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`, `volume`, `kms`, raw-key exports and `keygen`) | hold key material beyond one call |
 //! | [`codec`] | big-endian byte reading/writing shared by the wire format and the volume header | panic on short input |
 //! | [`protocol`] | the NBD wire format, pure (no I/O) | panic on any input |
 //! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation | touch key bytes |
-//! | [`volume`] | plaintext byte ranges ↔ encrypted sectors (head/body/tail, RMW locks) | see raw key bytes |
+//! | [`volume`] | plaintext byte ranges ↔ encrypted sectors (head/body/tail, RMW locks), named volumes and headers | keep raw key bytes past opening a volume |
 //! | [`storage`] | ciphertext bytes on files and block devices | know keys or plaintext |
+//! | [`kms`] | key services (local KMS with policies and grants, AWS KMS), audit log | log or return key bytes except into a `VolumeKey` |
 //!
-//! Still to come: `kms` (local and AWS key services) with named volumes and headers.
 //! Dependencies point one way: `cli → server → volume → {crypto, storage}`,
-//! `server → protocol`; `crypto` and `protocol` depend on nothing else in the crate.
+//! `server → protocol`, `volume → kms` at open time only; `crypto` and `protocol` depend on
+//! nothing else in the crate (both use the leaf [`codec`]).
 
 pub mod cli;
 pub mod codec;

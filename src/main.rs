@@ -44,7 +44,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (service, name) = key_service()?;
             nbdcrypt::commands::serve::run(args, &state, service.as_ref(), name)?
         }
-        Command::Keygen(args) => nbdcrypt::commands::serve::keygen(&args.path)?,
+        Command::Keygen(args) => nbdcrypt::commands::export::keygen(&args.path)?,
         Command::Kms(cmd) => nbdcrypt::commands::kms::run(&state, cmd, &mut out)?,
         Command::Volume(cmd) => {
             let (service, name) = key_service()?;

@@ -2,6 +2,7 @@
 //! can read it without spawning the binary.
 
 pub mod benchmark;
+pub mod export;
 pub mod info;
 pub mod kms;
 pub mod serve;

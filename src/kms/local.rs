@@ -415,3 +415,5 @@ use blob::{new_uuid, random_material};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_access;

@@ -23,6 +23,7 @@
 pub mod header;
 mod locks;
 pub mod manager;
+mod ondisk;
 
 use std::io;
 
