@@ -279,12 +279,13 @@ impl BackendChoice {
     }
 }
 
-/// Best-effort wipe of stack space below the caller, where key-schedule temporaries may have
-/// been left by a constructor that returns by value.
+/// Wipes 8 KiB of stack below the caller, where key-schedule temporaries or round-key copies
+/// may have been left by code the caller called (a constructor returning by value, the `aes`
+/// crate's backends). Word-sized volatile stores: cheap enough to run after every request.
 #[inline(never)]
 pub(crate) fn scrub_stack() {
     use zeroize::Zeroize;
-    let mut area = [0u8; 16 * 1024];
+    let mut area = [0u64; 1024];
     area.zeroize();
     std::hint::black_box(&area);
 }

@@ -314,15 +314,15 @@ unsafe fn xts<const ENCRYPT: bool>(keys: &RoundKeys, job: &Job) {
     wipe(&mut kt);
 }
 
-/// Overwrites `x` with zero bytes through volatile writes (not optimised away).
-#[inline(never)]
-fn wipe<T: Copy>(x: &mut T) {
-    // SAFETY: `x` is a valid, exclusively borrowed `T: Copy` (no drop glue, no invariants on
-    // its bytes for the SIMD array types used here); we write exactly size_of::<T>() bytes.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut((x as *mut T).cast::<u8>(), std::mem::size_of::<T>())
-    };
-    zeroize::Zeroize::zeroize(bytes);
+/// Overwrites round-key registers spilled to the stack, with volatile full-width stores (not
+/// optimised away; 15 stores per array).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn wipe(keys: &mut [__m512i; ROUNDS]) {
+    for k in keys.iter_mut() {
+        // SAFETY: `k` is a valid, aligned, exclusively borrowed __m512i.
+        unsafe { std::ptr::write_volatile(k, _mm512_setzero_si512()) };
+    }
 }
 
 #[cfg(test)]
