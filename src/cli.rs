@@ -319,6 +319,17 @@ pub struct ServeArgs {
     /// Write the listening address to this file once bound (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Crypto worker threads for large requests (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Requests of at least this many bytes are split across the workers; smaller ones run
+    /// inline on their connection (K/M suffixes). The default was measured (BENCHMARKING.md).
+    #[arg(long, default_value = "128K", value_parser = crate::commands::export::parse_size_usize)]
+    pub split_bytes: usize,
+    /// Server-wide bound on request payloads in flight, in MiB (each connection is also
+    /// bounded to 96 MiB).
+    #[arg(long, default_value_t = 1024)]
+    pub max_buffer_mib: usize,
 }
 
 /// `nbdcrypt keygen`.

@@ -57,6 +57,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}"))
 }
 
+/// Parses a size in bytes that must fit in memory (`usize`).
+pub fn parse_size_usize(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_size(s)?).map_err(|_| format!("size {s:?} is too large"))
+}
+
 /// Parses a sector size: 512, 1024, 2048 or 4096 (suffixes allowed: `4K`).
 pub fn parse_sector_size(s: &str) -> Result<SectorSize, String> {
     SectorSize::from_bytes(parse_size(s)?).map_err(|e| e.to_string())

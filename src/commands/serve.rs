@@ -9,6 +9,9 @@ use super::export::open_export;
 
 use crate::cli::ServeArgs;
 use crate::crypto::{self, CryptoError, SectorSize};
+use crate::server::buffers::BufferPool;
+use crate::server::transmit::Resources;
+use crate::server::workers::Workers;
 use crate::server::{self, Export, Exports, Listen, Listener, ServerConfig};
 use crate::volume::VolumeError;
 
@@ -56,6 +59,9 @@ pub enum ServeError {
     /// A named volume could not be opened.
     #[error(transparent)]
     NamedVolume(#[from] crate::volume::manager::ManagerError),
+    /// The crypto workers could not start.
+    #[error(transparent)]
+    Workers(crate::server::workers::WorkersError),
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
@@ -143,7 +149,19 @@ pub fn run(
             None => Listen::Tcp(args.listen),
         },
         max_connections: args.max_connections,
+        resources: Resources {
+            workers: Arc::new(
+                Workers::new(args.workers, args.split_bytes).map_err(ServeError::Workers)?,
+            ),
+            buffers: BufferPool::new(args.max_buffer_mib.saturating_mul(1024 * 1024)),
+        },
     };
+    tracing::info!(
+        workers = config.resources.workers.threads(),
+        split_bytes = config.resources.workers.split_bytes(),
+        max_buffer_mib = args.max_buffer_mib,
+        "crypto workers ready"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nbdcrypt")

@@ -6,9 +6,11 @@
 //! connections stop reading new requests, in-flight requests finish and are answered, and the
 //! server flushes every volume before it returns.
 
+pub mod buffers;
 pub mod negotiate;
 pub mod transmit;
 pub mod validate;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -108,6 +110,8 @@ pub struct ServerConfig {
     pub listen: Listen,
     /// Most simultaneous connections; more wait in the accept queue.
     pub max_connections: usize,
+    /// Crypto workers and payload buffers, shared by every connection.
+    pub resources: transmit::Resources,
 }
 
 /// Errors that stop the server.
@@ -188,6 +192,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     mut stream: S,
     peer: String,
     exports: Exports,
+    resources: transmit::Resources,
     shutdown: watch::Receiver<bool>,
 ) {
     let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
@@ -210,7 +215,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         structured = session.structured,
         "transmission started"
     );
-    match transmit::serve(stream, session, shutdown).await {
+    match transmit::serve(stream, session, resources, shutdown).await {
         transmit::End::Clean => tracing::info!(conn = id, export, "connection closed"),
         transmit::End::Shutdown => {
             tracing::info!(conn = id, export, "connection closed: server shutting down")
@@ -252,8 +257,9 @@ pub async fn run(
             Ok((stream, peer)) => {
                 let exports = exports.clone();
                 let rx = shutdown.clone();
+                let resources = config.resources.clone();
                 tasks.spawn(async move {
-                    connection(stream, peer, exports, rx).await;
+                    connection(stream, peer, exports, resources, rx).await;
                     drop(permit);
                 });
             }

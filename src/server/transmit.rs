@@ -1,22 +1,38 @@
 //! The transmission phase of one connection: pipelined requests, replies by cookie.
 //!
-//! One task reads request headers (and write payloads) in order; each validated request runs
-//! on the blocking pool, concurrently with the others; its reply goes through a channel to the
-//! single task that owns the socket's write half. Replies therefore leave in completion order,
-//! matched to requests by cookie, as the spec allows.
+//! One task reads request headers (and write payloads) in order, through a read buffer so that
+//! a burst of small requests costs one `recv`. Each validated request then runs where it is
+//! cheapest (see [`Placement`]):
+//! - small reads and writes (below the workers' split threshold) **inline**, on this task: a
+//!   4 KiB request is done in about a microsecond, less than a hand-off to another thread;
+//! - large reads and writes on the **crypto workers**, split into sector runs in parallel,
+//!   while this task goes on reading the next requests;
+//! - `FLUSH`, FUA writes, `TRIM` and `WRITE_ZEROES` on tokio's **blocking pool**, because they
+//!   may wait for the disk and must not hold up either of the others.
 //!
-//! Bounds: at most [`MAX_IN_FLIGHT`] requests, and at most [`MAX_BUFFERED_BYTES`] of read and
-//! write payloads, are in flight per connection; the reader waits for permits before reading the
-//! next payload, so a client that pipelines faster than the volume serves is slowed down, not
-//! buffered without limit.
+//! Replies go through a channel to the one task that owns the socket's write half; it sends
+//! every ready reply, header and data, in one vectored write. Replies leave in completion
+//! order, matched to requests by cookie, as the spec allows.
+//!
+//! Data path: a read decrypts in place in the buffer `pread` filled, which is the buffer the
+//! reply is sent from; a write is received into a buffer, encrypted in place and written from
+//! it. Buffers come from the server's [`BufferPool`] and go back after the reply has left.
+//!
+//! Bounds: at most [`MAX_IN_FLIGHT`] requests and [`MAX_BUFFERED_BYTES`] of payload per
+//! connection, and the server-wide payload budget of the [`BufferPool`]; the reader waits for
+//! permits before it reads the next payload, so a client that pipelines faster than the volume
+//! serves is slowed down, not buffered without limit.
 
+use std::io::IoSlice;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+use super::buffers::{Buffer, BufferPool};
 use super::negotiate::{ALLOCATION_CONTEXT_ID, Session};
 use super::validate::{Command, Limits, Verdict, validate};
+use super::workers::Workers;
 use crate::protocol::Request;
 use crate::protocol::consts::err;
 use crate::protocol::transmission::{self, REQUEST_LEN};
@@ -25,12 +41,65 @@ use crate::volume::EncryptedVolume;
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Payload bytes in flight per connection (reads being served plus writes being applied).
+/// At least one maximum-size request (32 MiB) must fit.
 pub const MAX_BUFFERED_BYTES: usize = 96 * 1024 * 1024;
+/// The request read buffer: bursts of small requests are read with one `recv`.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Most replies sent in one vectored write.
+const MAX_BATCH: usize = 64;
+
+/// What every connection shares: the crypto workers and the payload buffers.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// Crypto workers for large requests.
+    pub workers: Arc<Workers>,
+    /// Payload buffers and the server-wide payload budget.
+    pub buffers: Arc<BufferPool>,
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On the connection's task.
+    Inline,
+    /// Split across the crypto workers.
+    Workers,
+    /// On tokio's blocking pool (may wait for the disk).
+    Blocking,
+}
+
+/// Where `cmd` runs, given the workers' split threshold.
+pub fn placement(cmd: &Command, workers: &Workers) -> Placement {
+    match *cmd {
+        Command::Read { len, .. } if workers.inline(len as usize) => Placement::Inline,
+        Command::Read { .. } => Placement::Workers,
+        Command::Write { len, fua, .. } if workers.inline(len as usize) => {
+            if fua {
+                Placement::Blocking
+            } else {
+                Placement::Inline
+            }
+        }
+        Command::Write { .. } => Placement::Workers,
+        Command::BlockStatus { .. } | Command::Disc => Placement::Inline,
+        Command::Flush | Command::Trim { .. } | Command::WriteZeroes { .. } => Placement::Blocking,
+    }
+}
+
+/// Permits held until a reply has been written.
+#[derive(Debug)]
+struct Permits {
+    _slot: OwnedSemaphorePermit,
+    _conn_bytes: Option<OwnedSemaphorePermit>,
+    _server_bytes: Option<OwnedSemaphorePermit>,
+}
 
 /// One reply: header bytes and optional data that follows them.
 struct Reply {
     header: Vec<u8>,
-    data: Option<Vec<u8>>,
+    data: Option<Buffer>,
+    /// Released when the reply has left (or was dropped).
+    _permits: Option<Permits>,
 }
 
 /// Why a connection ended.
@@ -57,7 +126,11 @@ fn error_reply(structured: bool, cookie: u64, errno: u32, msg: &str) -> Reply {
         }
         .encode(&mut header);
     }
-    Reply { header, data: None }
+    Reply {
+        header,
+        data: None,
+        _permits: None,
+    }
 }
 
 fn ok_reply(structured: bool, cookie: u64) -> Reply {
@@ -67,23 +140,47 @@ fn ok_reply(structured: bool, cookie: u64) -> Reply {
     } else {
         transmission::SimpleReply { error: 0, cookie }.encode(&mut header);
     }
-    Reply { header, data: None }
+    Reply {
+        header,
+        data: None,
+        _permits: None,
+    }
 }
 
-/// Executes a validated command on the volume (blocking) and builds its reply.
-fn execute(
-    volume: &EncryptedVolume,
+/// One request ready to run: everything `execute` needs, owned, so it can move to a thread.
+struct Job {
+    volume: Arc<EncryptedVolume>,
+    resources: Resources,
     structured: bool,
     cookie: u64,
     cmd: Command,
-    payload: Option<Vec<u8>>,
-) -> Reply {
+    payload: Option<Buffer>,
+    split: bool,
+}
+
+/// Executes a validated command on the volume (blocking) and builds its reply.
+fn execute(job: Job) -> Reply {
+    let Job {
+        volume,
+        resources,
+        structured,
+        cookie,
+        cmd,
+        payload,
+        split,
+    } = job;
+    let volume = &*volume;
     let result = match cmd {
         Command::Read { offset, len } => {
-            let mut data = vec![0u8; len as usize];
-            match volume.read(offset, &mut data) {
+            let mut data = resources.buffers.take(len as usize);
+            let done = if split {
+                resources.workers.read(volume, offset, &mut data)
+            } else {
+                volume.read(offset, &mut data)
+            };
+            match done {
                 Ok(()) => {
-                    let mut header = Vec::new();
+                    let mut header = Vec::with_capacity(32);
                     if structured {
                         transmission::offset_data_header(&mut header, cookie, offset, len, true);
                     } else {
@@ -92,15 +189,17 @@ fn execute(
                     return Reply {
                         header,
                         data: Some(data),
+                        _permits: None,
                     };
                 }
                 Err(e) => Err(e),
             }
         }
-        Command::Write { offset, fua, .. } => {
-            let mut data = payload.unwrap_or_default();
-            volume.write(offset, &mut data, fua)
-        }
+        Command::Write { offset, fua, .. } => match payload {
+            Some(mut data) if split => resources.workers.write(volume, offset, &mut data, fua),
+            Some(mut data) => volume.write(offset, &mut data, fua),
+            None => volume.write(offset, &mut [], fua),
+        },
         Command::Flush => volume.flush(),
         Command::Trim { offset, len, fua } => volume.trim(offset, u64::from(len), fua),
         Command::WriteZeroes {
@@ -135,7 +234,11 @@ fn execute(
                     ALLOCATION_CONTEXT_ID,
                     &extents,
                 );
-                return Reply { header, data: None };
+                return Reply {
+                    header,
+                    data: None,
+                    _permits: None,
+                };
             }
             Err(e) => Err(e),
         },
@@ -150,22 +253,47 @@ fn execute(
     }
 }
 
+/// Sends a batch of replies with as few vectored writes as the socket allows.
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for r in batch {
+        slices.push(IoSlice::new(&r.header));
+        if let Some(d) = &r.data
+            && !d.is_empty()
+        {
+            slices.push(IoSlice::new(d));
+        }
+    }
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
 async fn writer<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Reply>,
 ) -> std::io::Result<()> {
-    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, &mut w);
+    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     while let Some(r) = rx.recv().await {
-        out.write_all(&r.header).await?;
-        if let Some(d) = &r.data {
-            out.write_all(d).await?;
+        batch.push(r);
+        // Everything already waiting goes out in the same write.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
         }
-        // Flush only when no other reply is ready: batches small replies into one write.
-        if rx.is_empty() {
-            out.flush().await?;
-        }
+        write_batch(&mut w, &batch).await?;
+        // Dropping the replies returns their buffers and releases their permits.
+        batch.clear();
     }
-    out.flush().await?;
+    w.flush().await?;
     w.shutdown().await
 }
 
@@ -174,13 +302,15 @@ async fn writer<W: AsyncWrite + Unpin>(
 pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     session: Session,
+    resources: Resources,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
-    let (mut rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
     let writer_task = tokio::spawn(writer(wr, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let bytes = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES));
+    let conn_bytes = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES));
     let volume = Arc::clone(&session.export.volume);
     let structured = session.structured;
     let cfg = volume.config().clone();
@@ -209,7 +339,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             Ok(r) => r,
             Err(e) => break End::Error(format!("bad request header: {e}")),
         };
-        match validate(&req, &limits) {
+        let cmd = match validate(&req, &limits) {
             Verdict::Disconnect(why) => break End::Error(why.to_owned()),
             Verdict::Fail { errno, payload } => {
                 if payload > 0 {
@@ -232,53 +362,98 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
                 {
                     break End::Error("reply writer stopped".into());
                 }
+                continue;
             }
             Verdict::Run(Command::Disc) => break End::Clean,
-            Verdict::Run(cmd) => {
-                let (Ok(slot), payload_len) = (
-                    Arc::clone(&in_flight).acquire_owned().await,
-                    match cmd {
-                        Command::Read { len, .. } | Command::Write { len, .. } => len,
-                        _ => 0,
-                    },
-                ) else {
-                    break End::Error("in-flight limiter closed".into());
-                };
-                let Ok(budget) = Arc::clone(&bytes).acquire_many_owned(payload_len).await else {
-                    break End::Error("buffer limiter closed".into());
-                };
-                let payload = if let Command::Write { len, .. } = cmd {
-                    let mut data = vec![0u8; len as usize];
-                    if let Err(e) = rd.read_exact(&mut data).await {
-                        break End::Error(format!("reading a write payload: {e}"));
-                    }
-                    Some(data)
-                } else {
-                    None
-                };
-                let volume = Arc::clone(&volume);
+            Verdict::Run(cmd) => cmd,
+        };
+        let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
+            break End::Error("in-flight limiter closed".into());
+        };
+        let payload_len = match cmd {
+            Command::Read { len, .. } | Command::Write { len, .. } => len,
+            _ => 0,
+        };
+        let (conn_permit, server_permit) = if payload_len > 0 {
+            let Ok(c) = Arc::clone(&conn_bytes)
+                .acquire_many_owned(payload_len)
+                .await
+            else {
+                break End::Error("buffer limiter closed".into());
+            };
+            let budget = Arc::clone(resources.buffers.budget());
+            // A request larger than the whole server budget would wait forever: it takes all.
+            let want = payload_len
+                .min(u32::try_from(resources.buffers.budget_bytes()).unwrap_or(u32::MAX));
+            let Ok(s) = budget.acquire_many_owned(want).await else {
+                break End::Error("server buffer limiter closed".into());
+            };
+            (Some(c), Some(s))
+        } else {
+            (None, None)
+        };
+        let permits = Permits {
+            _slot: slot,
+            _conn_bytes: conn_permit,
+            _server_bytes: server_permit,
+        };
+        let payload = if let Command::Write { len, .. } = cmd {
+            let mut data = resources.buffers.take(len as usize);
+            if let Err(e) = rd.read_exact(&mut data).await {
+                break End::Error(format!("reading a write payload: {e}"));
+            }
+            Some(data)
+        } else {
+            None
+        };
+        let place = placement(&cmd, &resources.workers);
+        let job = Job {
+            volume: Arc::clone(&volume),
+            resources: resources.clone(),
+            structured,
+            cookie: req.cookie,
+            cmd,
+            payload,
+            split: place == Placement::Workers,
+        };
+        let cookie = req.cookie;
+        match place {
+            Placement::Inline => {
+                let mut reply = execute(job);
+                reply._permits = Some(permits);
+                if tx.send(reply).await.is_err() {
+                    break End::Error("reply writer stopped".into());
+                }
+            }
+            Placement::Workers => {
                 let tx = tx.clone();
-                let cookie = req.cookie;
-                tokio::spawn(async move {
-                    let reply = tokio::task::spawn_blocking(move || {
-                        execute(&volume, structured, cookie, cmd, payload)
-                    })
-                    .await
-                    .unwrap_or_else(|_| {
-                        error_reply(structured, cookie, err::EIO, "internal error")
-                    });
+                resources.workers.spawn(move || {
+                    let mut reply = execute(job);
+                    reply._permits = Some(permits);
                     // The writer may be gone if the client vanished; nothing else to do then.
+                    let _ = tx.blocking_send(reply);
+                });
+            }
+            Placement::Blocking => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut reply = tokio::task::spawn_blocking(move || execute(job))
+                        .await
+                        .unwrap_or_else(|_| {
+                            error_reply(structured, cookie, err::EIO, "internal error")
+                        });
+                    reply._permits = Some(permits);
                     let _ = tx.send(reply).await;
-                    drop((slot, budget));
                 });
             }
         }
     };
-    // Wait for every in-flight request to hand its reply to the writer.
+    // Wait for every in-flight request to be answered: a slot comes back only when its reply
+    // has been written (or dropped because the writer stopped).
+    drop(tx);
     let _all = in_flight
         .acquire_many(u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX))
         .await;
-    drop(tx);
     match writer_task.await {
         Ok(Ok(())) | Ok(Err(_)) => {}
         Err(e) => tracing::warn!(error = %e, "reply writer panicked"),

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Whole-server benchmark: nbdcrypt against its peers, side by side, in one run.
+#
+# Servers (all on loopback, all data in tmpfs):
+#   nbdcrypt        XTS-AES-256 volume, default workers (one per core)
+#   nbdcrypt-wN     the same with --workers N, for the scaling sweep (N < cores, and 1)
+#   nbdkit-memory   nbdkit's memory plugin: no encryption, the reference
+#   nbdkit-luks     nbdkit's luks filter over a LUKS image made by qemu-img (aes-xts-plain64)
+#   qemu-nbd-luks   qemu-nbd serving that LUKS image
+# Jobs (fio, nbd engine): seq 1 MiB write/read at QD16, 4 KiB randread/randwrite at QD32, a 70/30
+# 4 KiB mix at QD32, and 4 KiB randread at QD32 over 1, 2 and 4 connections (numjobs).
+# Each round starts every server in turn (fresh, prefilled), runs every job against it, and
+# stops it; rounds alternate so slow drifts of this shared machine hit every server alike.
+# The server's CPU time per job comes from /proc/PID/stat (utime+stime).
+#
+# Usage: scripts/bench.sh [--quick] [--rounds N] [--runtime SECONDS] [--out DIR] [--bin PATH]
+#                         [--servers "NAME ..."]   (a subset, e.g. "nbdcrypt nbdkit-memory")
+#   --quick   one round, 1 s jobs, 64 MiB volumes, debug binary: a smoke run for CI.
+# Output: a table on stdout, and in OUT (default target/bench): results.json, table.md,
+# chart.png, and every fio JSON file.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+QUICK=0
+ROUNDS=3
+RUNTIME=4
+OUT="$ROOT/target/bench"
+BIN=""
+ONLY=""
+while (($#)); do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --rounds) ROUNDS="$2"; shift ;;
+        --runtime) RUNTIME="$2"; shift ;;
+        --out) OUT="$2"; shift ;;
+        --bin) BIN="$2"; shift ;;
+        --servers) ONLY="$2"; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+SIZE_MIB=1024
+if ((QUICK)); then ROUNDS=1; RUNTIME=1; SIZE_MIB=64; fi
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
+
+# --- peers -------------------------------------------------------------------------------
+# fio (nbd engine), nbdkit (memory plugin, luks filter), qemu-utils (qemu-img, qemu-nbd),
+# gnuplot (chart), python3 (aggregation; standard library only).
+need=()
+for p in fio nbdkit qemu-utils gnuplot-nox python3; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+    log "installing Debian packages: ${need[*]}"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[[ -e /usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-luks-filter.so ]] ||
+    nbdkit --dump-config >/dev/null || die "nbdkit is not usable"
+
+if [[ -z "$BIN" ]]; then
+    if ((QUICK)); then
+        log "building nbdcrypt (debug)"
+        cargo build --locked --quiet
+        BIN="$ROOT/target/debug/nbdcrypt"
+    else
+        log "building nbdcrypt (release)"
+        cargo build --locked --release --quiet
+        BIN="$ROOT/target/release/nbdcrypt"
+    fi
+fi
+[[ -x "$BIN" ]] || die "no nbdcrypt binary at $BIN"
+
+# --- work area and cleanup ---------------------------------------------------------------
+WORK="$(mktemp -d /dev/shm/nbdcrypt-bench.XXXXXX)"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+CORES="$(nproc)"
+PASS=bench-passphrase
+LUKS="$WORK/luks.img"
+log "making the LUKS image (qemu-img, aes-xts-plain64, ${SIZE_MIB} MiB)"
+qemu-img create -q -f luks --object "secret,id=sec0,data=$PASS" \
+    -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10 \
+    "$LUKS" "${SIZE_MIB}M"
+"$BIN" keygen "$WORK/volume.key" >/dev/null
+
+# Servers, and the jobs each runs. The sweep servers run the jobs that show scaling.
+FULL="seqwrite seqread randread randwrite mix70 mc1 mc2 mc4"
+SWEEP="seqwrite seqread randread mc4"
+SERVERS=(nbdcrypt nbdkit-memory nbdkit-luks qemu-nbd-luks)
+declare -A JOBS=([nbdcrypt]="$FULL" [nbdkit-memory]="$FULL" [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL")
+w=1
+while ((w < CORES)); do
+    SERVERS+=("nbdcrypt-w$w")
+    JOBS[nbdcrypt-w$w]="$SWEEP"
+    w=$((w * 2))
+done
+((QUICK)) && SERVERS=(nbdcrypt nbdkit-memory nbdkit-luks qemu-nbd-luks nbdcrypt-w1) &&
+    JOBS[nbdcrypt-w1]="seqwrite randread"
+if [[ -n "$ONLY" ]]; then
+    read -ra SERVERS <<<"$ONLY"
+    for s in "${SERVERS[@]}"; do [[ -n "${JOBS[$s]:-}" ]] || JOBS[$s]="$SWEEP"; done
+fi
+
+start_server() { # NAME PORT -> sets SERVER_PID, URI
+    local name="$1" port="$2"
+    case "$name" in
+        nbdcrypt*)
+            local workers=()
+            [[ "$name" == nbdcrypt-w* ]] && workers=(--workers "${name#nbdcrypt-w}")
+            rm -f "$WORK/volume.img"
+            "$BIN" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" \
+                --export "name=bench,file=$WORK/volume.img,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
+                >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-memory)
+            nbdkit -f -i 127.0.0.1 -p "$port" memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-luks)
+            nbdkit -f -i 127.0.0.1 -p "$port" --filter=luks file "$LUKS" "passphrase=$PASS" \
+                >"$WORK/server.log" 2>&1 &
+            ;;
+        qemu-nbd-luks)
+            qemu-nbd -b 127.0.0.1 -p "$port" -x bench -t -e 8 --cache=writeback \
+                --object "secret,id=sec0,data=$PASS" \
+                --image-opts "driver=luks,key-secret=sec0,file.driver=file,file.filename=$LUKS" \
+                >"$WORK/server.log" 2>&1 &
+            ;;
+        *) die "unknown server $name" ;;
+    esac
+    SERVER_PID=$!
+    URI="nbd://127.0.0.1:$port/bench"
+    local i
+    for i in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "$name exited at start"; }
+        sleep 0.05
+    done
+    die "$name did not start listening on port $port"
+}
+
+stop_server() {
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+
+cpu_ticks() { # utime + stime of SERVER_PID (all threads), in clock ticks
+    awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$SERVER_PID/stat"
+}
+
+fio_job() { # JOB -> fio arguments
+    local common=(--ioengine=nbd "--uri=$URI" --size="${SIZE_MIB}M" --time_based
+        "--runtime=$RUNTIME" --ramp_time=0.5 --group_reporting --output-format=json)
+    case "$1" in
+        seqwrite) echo "${common[*]} --rw=write --bs=1M --iodepth=16" ;;
+        seqread) echo "${common[*]} --rw=read --bs=1M --iodepth=16" ;;
+        randread) echo "${common[*]} --rw=randread --bs=4k --iodepth=32" ;;
+        randwrite) echo "${common[*]} --rw=randwrite --bs=4k --iodepth=32" ;;
+        mix70) echo "${common[*]} --rw=randrw --rwmixread=70 --bs=4k --iodepth=32" ;;
+        mc1 | mc2 | mc4) echo "${common[*]} --rw=randread --bs=4k --iodepth=32 --numjobs=${1#mc}" ;;
+    esac
+}
+
+TICKS="$(getconf CLK_TCK)"
+START=$(date +%s)
+for round in $(seq 1 "$ROUNDS"); do
+    # Alternate the order: odd rounds forward, even rounds backward.
+    order=("${SERVERS[@]}")
+    if ((round % 2 == 0)); then
+        order=()
+        for ((i = ${#SERVERS[@]} - 1; i >= 0; i--)); do order+=("${SERVERS[i]}"); done
+    fi
+    for name in "${order[@]}"; do
+        log "round $round/$ROUNDS: $name"
+        dir="$OUT/raw/round-$round/$name"
+        mkdir -p "$dir"
+        start_server "$name" "$(free_port)"
+        # Prefill: every read job reads written (encrypted) data, not holes.
+        fio --name=prefill --ioengine=nbd "--uri=$URI" --rw=write --bs=1M --iodepth=16 \
+            --size="${SIZE_MIB}M" --output-format=terse >/dev/null
+        for job in ${JOBS[$name]}; do
+            before=$(cpu_ticks)
+            # shellcheck disable=SC2046
+            fio --name="$job" $(fio_job "$job") --output="$dir/$job.json" >/dev/null
+            after=$(cpu_ticks)
+            echo "$(((after - before)))" >"$dir/$job.cpu"
+        done
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "$name died"; }
+        stop_server
+    done
+done
+ELAPSED=$(($(date +%s) - START))
+
+CPU_FLAGS="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(aes|vaes|vpclmulqdq|avx2|avx512f|pclmulqdq)$' | sort | tr '\n' ' ')"
+CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+python3 "$ROOT/scripts/bench_report.py" "$OUT" \
+    --ticks "$TICKS" --rounds "$ROUNDS" --cores "$CORES" --elapsed "$ELAPSED" \
+    --cpu "$CPU_MODEL" --flags "$CPU_FLAGS" --size-mib "$SIZE_MIB" --runtime "$RUNTIME" \
+    --nbdcrypt-version "$("$BIN" --version)" --quick "$QUICK"
+if command -v gnuplot >/dev/null; then
+    gnuplot "$OUT/chart.gp"
+    [[ -s "$OUT/chart.png" ]] || die "gnuplot drew no chart"
+fi
+log "done in ${ELAPSED}s; results in $OUT"

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Aggregates scripts/bench.sh's raw fio results into a table, a JSON file and a gnuplot chart.
+
+Ratios are computed within each round (the same machine state for every server of that round)
+and their median over rounds is reported, with the medians and min-max of the absolute figures.
+Standard library only.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+REFERENCE = "nbdkit-memory"
+# metric key -> (job, label, unit, extractor name)
+METRICS = [
+    ("seqwrite", "seqwrite", "seq 1 MiB write QD16", "GB/s"),
+    ("seqread", "seqread", "seq 1 MiB read QD16", "GB/s"),
+    ("seqwrite_gb_per_cpu_s", "seqwrite", "1 MiB write: GB per server CPU-s", "GB/CPU-s"),
+    ("seqread_gb_per_cpu_s", "seqread", "1 MiB read: GB per server CPU-s", "GB/CPU-s"),
+    ("randread", "randread", "4 KiB randread QD32", "kIOPS"),
+    ("randwrite", "randwrite", "4 KiB randwrite QD32", "kIOPS"),
+    ("mix70", "mix70", "4 KiB 70/30 randrw QD32", "kIOPS"),
+    ("mc1", "mc1", "4 KiB randread, 1 conn", "kIOPS"),
+    ("mc2", "mc2", "4 KiB randread, 2 conns", "kIOPS"),
+    ("mc4", "mc4", "4 KiB randread, 4 conns", "kIOPS"),
+]
+SERVER_ORDER = ["nbdcrypt", "nbdkit-memory", "nbdkit-luks", "qemu-nbd-luks"]
+
+
+def load_fio(path):
+    with open(path) as f:
+        text = f.read()
+    # fio may print notes before the JSON document.
+    return json.loads(text[text.index("{"):])
+
+
+def figure(metric, job_dir, job, ticks, wall_s):
+    fio = load_fio(os.path.join(job_dir, f"{job}.json"))
+    j = fio["jobs"][0]
+    rd, wr = j["read"], j["write"]
+    if metric in ("seqwrite", "seqread"):
+        side = wr if metric == "seqwrite" else rd
+        return side["bw_bytes"] / 1e9
+    if metric.endswith("_gb_per_cpu_s"):
+        side = wr if metric.startswith("seqwrite") else rd
+        with open(os.path.join(job_dir, f"{job}.cpu")) as f:
+            cpu_s = int(f.read().strip()) / ticks
+        if cpu_s <= 0:
+            return None
+        # bandwidth / (server CPU-seconds per wall second)
+        return side["bw_bytes"] / 1e9 / (cpu_s / wall_s)
+    return (rd["iops"] + wr["iops"]) / 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--ticks", type=int, required=True)
+    ap.add_argument("--rounds", type=int, required=True)
+    ap.add_argument("--cores", type=int, required=True)
+    ap.add_argument("--elapsed", type=int, required=True)
+    ap.add_argument("--cpu", default="")
+    ap.add_argument("--flags", default="")
+    ap.add_argument("--size-mib", type=int, required=True)
+    ap.add_argument("--runtime", type=float, required=True)
+    ap.add_argument("--nbdcrypt-version", default="")
+    ap.add_argument("--quick", type=int, default=0)
+    a = ap.parse_args()
+    wall_s = a.runtime + 0.5  # fio --ramp_time=0.5 runs before the measured window
+
+    raw = os.path.join(a.out, "raw")
+    rounds = sorted(os.listdir(raw))
+    servers = set()
+    values = {}  # (server, metric) -> [per round]
+    by_round = {}  # (server, metric) -> {round: value}
+    ratios = {}  # (server, metric) -> [per round ratio to REFERENCE]
+    for r in rounds:
+        per_round = {}
+        for server in os.listdir(os.path.join(raw, r)):
+            servers.add(server)
+            d = os.path.join(raw, r, server)
+            for metric, job, _, _ in METRICS:
+                if not os.path.exists(os.path.join(d, f"{job}.json")):
+                    continue
+                v = figure(metric, d, job, a.ticks, wall_s)
+                if v is not None:
+                    per_round[(server, metric)] = v
+                    values.setdefault((server, metric), []).append(v)
+                    by_round.setdefault((server, metric), {})[r] = v
+        for (server, metric), v in per_round.items():
+            ref = per_round.get((REFERENCE, metric))
+            if ref:
+                ratios.setdefault((server, metric), []).append(v / ref)
+    order = [s for s in SERVER_ORDER if s in servers] + sorted(
+        s for s in servers if s not in SERVER_ORDER
+    )
+
+    def med(xs):
+        return statistics.median(xs) if xs else None
+
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": a.cpu,
+        "cpu_flags": a.flags.split(),
+        "cores": a.cores,
+        "rounds": a.rounds,
+        "runtime_s": a.runtime,
+        "volume_mib": a.size_mib,
+        "elapsed_s": a.elapsed,
+        "nbdcrypt": a.nbdcrypt_version,
+        "quick": bool(a.quick),
+        "reference": REFERENCE,
+        "servers": {},
+    }
+    for s in order:
+        results["servers"][s] = {}
+        for metric, _, label, unit in METRICS:
+            xs = values.get((s, metric))
+            if not xs:
+                continue
+            results["servers"][s][metric] = {
+                "label": label,
+                "unit": unit,
+                "median": med(xs),
+                "min": min(xs),
+                "max": max(xs),
+                "rounds": xs,
+                "ratio_to_reference": med(ratios.get((s, metric), [])),
+            }
+
+    # Targets of issue 5, as ratios measured in the same run.
+    def ratio(server, metric, peer):
+        # Per-round ratio, then the median over rounds.
+        v, p = by_round.get((server, metric), {}), by_round.get((peer, metric), {})
+        rs = [v[r] / p[r] for r in v if r in p and p[r]]
+        return med(rs) if rs else None
+
+    targets = []
+    for metric, need in [
+        ("seqwrite", 0.9),
+        ("seqread", 0.9),
+        ("randread", 1.0),
+        ("randwrite", 1.0),
+        ("seqwrite_gb_per_cpu_s", 0.8),
+    ]:
+        targets.append((metric, REFERENCE, need, ratio("nbdcrypt", metric, REFERENCE)))
+    for peer in ("nbdkit-luks", "qemu-nbd-luks"):
+        for metric in ("seqwrite", "seqread"):
+            targets.append((metric, peer, 5.0, ratio("nbdcrypt", metric, peer)))
+    results["targets"] = [
+        {
+            "metric": m,
+            "peer": p,
+            "need": n,
+            "ratio": r,
+            "holds": None if r is None else r >= n,
+        }
+        for m, p, n, r in targets
+    ]
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    # Markdown table: one row per metric; each cell median (min–max) and ratio to reference.
+    lines = []
+    lines.append(
+        f"Run {results['date']} on {a.cpu} ({a.cores} cores; flags: {a.flags.strip()}), "
+        f"{a.rounds} round(s) of {a.runtime:g} s jobs, {a.size_mib} MiB volumes in tmpfs, "
+        f"{a.elapsed} s in all. Cells: median (min–max) and ×ratio to {REFERENCE} "
+        f"(per-round ratio, median)."
+    )
+    lines.append("")
+    lines.append("| metric | " + " | ".join(order) + " |")
+    lines.append("|---|" + "---|" * len(order))
+    for metric, _, label, unit in METRICS:
+        cells = []
+        for s in order:
+            e = results["servers"][s].get(metric)
+            if not e:
+                cells.append("–")
+                continue
+            fmt = "{:.2f}" if unit != "kIOPS" else "{:.1f}"
+            cell = f"{fmt.format(e['median'])} ({fmt.format(e['min'])}–{fmt.format(e['max'])})"
+            if e["ratio_to_reference"] is not None and s != REFERENCE:
+                cell += f" ×{e['ratio_to_reference']:.2f}"
+            cells.append(cell)
+        lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| target | need | measured | |")
+    lines.append("|---|---|---|---|")
+    for t in results["targets"]:
+        label = dict((m, l) for m, _, l, _ in METRICS)[t["metric"]]
+        r = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}×"
+        verdict = "n/a" if t["holds"] is None else ("holds" if t["holds"] else "MISSED")
+        lines.append(f"| nbdcrypt / {t['peer']}: {label} | ≥ {t['need']:g}× | {r} | {verdict} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(table)
+    sys.stdout.write(table)
+
+    # gnuplot: clustered bars of the ratio to the reference, one cluster per metric.
+    shown = [s for s in order if s != REFERENCE]
+    with open(os.path.join(a.out, "chart.dat"), "w") as f:
+        f.write("metric " + " ".join(shown) + "\n")
+        for metric, _, label, _ in METRICS:
+            row = []
+            for s in shown:
+                e = results["servers"][s].get(metric)
+                r = e["ratio_to_reference"] if e else None
+                row.append("NaN" if r is None else f"{r:.4f}")
+            f.write('"' + label.replace("QD", "\\nQD").replace(": ", ":\\n") + '" ' + " ".join(row) + "\n")
+    cols = " , ".join(
+        f"'chart.dat' using {i + 2}:xtic(1) title '{s}'" for i, s in enumerate(shown)
+    )
+    with open(os.path.join(a.out, "chart.gp"), "w") as f:
+        f.write(
+            f"""set terminal pngcairo size 1400,600 font ',10'
+set output '{os.path.join(a.out, 'chart.png')}'
+cd '{a.out}'
+set title "Throughput relative to nbdkit memory (unencrypted) = 1.0 -- {results['date'][:10]}, {a.cores} cores, median of {a.rounds} round(s)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set yrange [0:*]
+set grid ytics
+set key top right
+set ylabel 'ratio to nbdkit memory'
+set arrow from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 1.5
+plot {cols}
+"""
+        )
+
+
+if __name__ == "__main__":
+    main()
