@@ -215,21 +215,37 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         structured = session.structured,
         "transmission started"
     );
-    match transmit::serve(stream, session, resources, shutdown).await {
-        transmit::End::Clean => tracing::info!(conn = id, export, "connection closed"),
-        transmit::End::Shutdown => {
-            tracing::info!(conn = id, export, "connection closed: server shutting down")
-        }
-        transmit::End::Retired => {
-            tracing::info!(
-                conn = id,
-                export,
-                "connection closed: the volume was deleted"
-            )
-        }
-        transmit::End::Error(e) => {
-            tracing::warn!(conn = id, export, error = %e, "connection dropped")
-        }
+    let (end, stats) = transmit::serve(stream, session, resources, shutdown).await;
+    let transmit::Stats {
+        inline,
+        workers,
+        blocking,
+    } = stats;
+    let why = match &end {
+        transmit::End::Clean => "client disconnected",
+        transmit::End::Shutdown => "server shutting down",
+        transmit::End::Retired => "the volume was deleted",
+        transmit::End::Error(_) => "error",
+    };
+    match end {
+        transmit::End::Error(e) => tracing::warn!(
+            conn = id,
+            export,
+            error = %e,
+            inline,
+            workers,
+            blocking,
+            "connection dropped"
+        ),
+        _ => tracing::info!(
+            conn = id,
+            export,
+            why,
+            inline,
+            workers,
+            blocking,
+            "connection closed"
+        ),
     }
 }
 

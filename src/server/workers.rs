@@ -16,6 +16,8 @@
 //! This module never sees key bytes; it calls the volume, which calls the crypto engine.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -44,6 +46,8 @@ pub struct Workers {
     pool: rayon::ThreadPool,
     threads: usize,
     split_bytes: usize,
+    /// Jobs queued or running on the pool.
+    busy: Arc<AtomicUsize>,
 }
 
 /// One run of a split request: the volume byte offset it starts at and its range in the
@@ -117,6 +121,7 @@ impl Workers {
             pool,
             threads,
             split_bytes: split_bytes.max(1),
+            busy: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -137,16 +142,33 @@ impl Workers {
 
     /// Runs `job` on a worker; it returns at once.
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
-        self.pool.spawn(job);
+        let busy = Arc::clone(&self.busy);
+        busy.fetch_add(1, Ordering::Relaxed);
+        self.pool.spawn(move || {
+            job();
+            busy.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
+    /// The runs to cut a request into. A request is split only while other workers are idle:
+    /// when every worker already has a request of its own (deep queues), splitting would add
+    /// hand-offs and buy no parallelism.
     fn runs(&self, volume: &EncryptedVolume, offset: u64, len: usize) -> Vec<Run> {
+        // `busy` counts this request too.
+        let idle = self
+            .threads
+            .saturating_sub(self.busy.load(Ordering::Relaxed));
+        let runs = if idle == 0 {
+            1
+        } else {
+            // Two runs per worker that can take part, so one that finishes early takes another.
+            (idle + 1) * 2
+        };
         split(
             offset,
             len,
             volume.config().sector_size.bytes(),
-            // Two runs per worker, so a worker that finishes early can take another.
-            self.threads * 2,
+            runs,
             MIN_RUN_BYTES,
         )
     }
@@ -167,8 +189,11 @@ impl Workers {
         })
     }
 
-    /// Writes `data` at `offset`, split across the workers (`data` is encrypted in place).
-    /// With `fua`, one flush follows the last run.
+    /// Writes `data` at `offset` with the workers (`data` is encrypted in place). An aligned
+    /// request is encrypted in parallel runs and written with one call (see
+    /// [`EncryptedVolume::write_aligned_with`]); an unaligned one is written run by run, in
+    /// parallel, each run read-modify-writing its own partial edge sector. With `fua`, one
+    /// flush follows.
     pub fn write(
         &self,
         volume: &EncryptedVolume,
@@ -176,6 +201,18 @@ impl Workers {
         data: &mut [u8],
         fua: bool,
     ) -> Result<(), VolumeError> {
+        let sector = volume.config().sector_size.bytes();
+        if offset.is_multiple_of(sector as u64) && data.len().is_multiple_of(sector) {
+            let runs = self.runs(volume, 0, data.len());
+            return volume.write_aligned_with(offset, data, fua, |buf, encrypt| {
+                let slices = carve(buf, &runs);
+                self.pool.install(|| {
+                    slices.into_par_iter().try_for_each(|(at, piece)| {
+                        encrypt(usize::try_from(at).unwrap_or(usize::MAX), piece)
+                    })
+                })
+            });
+        }
         let runs = self.runs(volume, offset, data.len());
         let slices = carve(data, &runs);
         self.pool.install(|| {

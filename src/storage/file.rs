@@ -103,6 +103,11 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
+    fn serializes_writes(&self) -> bool {
+        // Buffered writes to a regular file take its inode lock; a block device's do not.
+        !self.block_device
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.block_device {
             // BLKDISCARD does not guarantee zeroes on read; refuse rather than lie.

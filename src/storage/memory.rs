@@ -32,6 +32,11 @@ fn range(offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
 }
 
 impl Storage for MemoryStorage {
+    fn serializes_writes(&self) -> bool {
+        // One mutex guards the bytes.
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         let r = range(offset, buf.len())?;

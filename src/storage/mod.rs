@@ -34,4 +34,31 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()>;
     /// Data and hole runs covering `offset..offset+len`.
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>>;
+    /// Whether concurrent writes are serialized below us anyway (a regular file's buffered
+    /// writes hold its inode lock), so that issuing them in parallel buys nothing.
+    fn serializes_writes(&self) -> bool {
+        false
+    }
+}
+
+/// A shared store (tests keep a handle to inspect the ciphertext a volume wrote).
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        (**self).sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+        (**self).extents(offset, len)
+    }
+    fn serializes_writes(&self) -> bool {
+        (**self).serializes_writes()
+    }
 }

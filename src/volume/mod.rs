@@ -187,6 +187,11 @@ impl EncryptedVolume {
         self.config.size
     }
 
+    /// Whether the backing store serializes writes anyway (see [`Storage::serializes_writes`]).
+    pub fn serializes_writes(&self) -> bool {
+        self.storage.serializes_writes()
+    }
+
     /// The crypto engine's one-line description (for the startup log).
     pub fn engine_summary(&self) -> String {
         self.engine.summary()
@@ -296,6 +301,53 @@ impl EncryptedVolume {
             covering[span.head_skip..span.head_skip + data.len()].copy_from_slice(data);
             self.write_sectors(span.first, &mut covering)?;
         }
+        self.finish(fua)
+    }
+
+    /// Writes sector-aligned plaintext `data` at `offset` (both multiples of the sector size),
+    /// handing the cipher pass to `par`, which may run it on disjoint pieces in parallel: `par`
+    /// gets the buffer and an encryptor taking a piece's byte offset within the buffer (a
+    /// multiple of the sector size) and the piece. The ciphertext then goes to the store in one
+    /// write: buffered writes to one file serialize on its inode lock in the kernel, so
+    /// parallel writes of the pieces would only contend. `data` is encrypted in place.
+    pub fn write_aligned_with<P>(
+        &self,
+        offset: u64,
+        data: &mut [u8],
+        fua: bool,
+        par: P,
+    ) -> Result<(), VolumeError>
+    where
+        P: FnOnce(
+            &mut [u8],
+            &(dyn Fn(usize, &mut [u8]) -> Result<(), VolumeError> + Sync),
+        ) -> Result<(), VolumeError>,
+    {
+        self.check_writable()?;
+        self.check(offset, data.len() as u64)?;
+        let sector = self.sector();
+        if !offset.is_multiple_of(sector) || !(data.len() as u64).is_multiple_of(sector) {
+            return Err(VolumeError::Config(
+                "unaligned request on the aligned path".into(),
+            ));
+        }
+        if data.is_empty() {
+            return self.finish(fua);
+        }
+        let first = offset / sector;
+        let count = data.len() as u64 / sector;
+        let _guard = self.locks.lock_for_write(first, count, false, false);
+        let encrypt = |at: usize, piece: &mut [u8]| -> Result<(), VolumeError> {
+            if !(at as u64).is_multiple_of(sector) {
+                return Err(VolumeError::Config("piece not on a sector boundary".into()));
+            }
+            self.engine
+                .encrypt_sectors(SectorIndex(first + at as u64 / sector), piece)?;
+            Ok(())
+        };
+        par(data, &encrypt)?;
+        self.storage
+            .write_at(data, self.config.data_offset + offset)?;
         self.finish(fua)
     }
 

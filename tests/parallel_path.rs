@@ -1,0 +1,143 @@
+//! fio `verify=crc32c` over 4 connections with large pipelined requests, so that reads and
+//! writes run on the sector-parallel workers, not only inline. The server's per-connection
+//! close lines count where requests ran; the test requires the workers to have served some.
+//! Peers: fio (nbd engine); for the block-device case also losetup (root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// Requests that ran on the workers, summed over the log's `connection closed` lines.
+fn worker_requests(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("connection closed"))
+        .filter_map(|l| {
+            let at = l.find(" workers=")? + " workers=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+fn fio_verify(uri: &str, bs_min: &str) {
+    let out = run_ok(
+        Command::new("fio")
+            .args([
+                "--name=parallel",
+                "--ioengine=nbd",
+                "--rw=randrw",
+                "--iodepth=16",
+                "--numjobs=4",
+            ])
+            .arg(format!("--uri={uri}"))
+            .arg(format!("--bsrange={bs_min}-1m"))
+            .arg(format!("--blockalign={bs_min}"))
+            .args([
+                "--size=8M",
+                "--offset_increment=8M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--group_reporting",
+                "--output-format=json",
+            ]),
+    );
+    let v = serde_json::from_str::<serde_json::Value>(&out[out.find('{').unwrap()..]).unwrap();
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"].as_u64(), Some(0), "{out}");
+    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{out}");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{out}");
+}
+
+#[test]
+fn fio_verify_multi_conn_large_requests_run_on_workers() {
+    if !peer_available("fio", have("fio")) {
+        return;
+    }
+    let dir = TempDir::new("parallel-file");
+    let mut rng = Rng::new(seed("parallel-file"));
+    let (k1, _) = key_file(&dir, "k1", &mut rng);
+    let (k2, _) = key_file(&dir, "k2", &mut rng);
+    let server = Server::start_with(
+        &dir,
+        &[
+            format!(
+                "name=s4k,file={},key-file={},size=32M",
+                dir.path("s4k.img").display(),
+                k1.display()
+            ),
+            format!(
+                "name=s512,file={},key-file={},size=32M,sector-size=512",
+                dir.path("s512.img").display(),
+                k2.display()
+            ),
+        ],
+        &["--split-bytes", "64K", "--workers", "3"],
+    );
+    fio_verify(&server.uri("s4k"), "4k");
+    fio_verify(&server.uri("s512"), "512");
+    let log = server.stop();
+    assert!(
+        worker_requests(&log) > 0,
+        "no request ran on the workers:\n{log}"
+    );
+}
+
+struct LoopDev(String);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn fio_verify_block_device_parallel_writes() {
+    // A block device does not serialize writes, so large writes go to the workers too.
+    let root = run_ok(Command::new("id").arg("-u")).trim() == "0";
+    let prereq = have("fio").and_then(|()| have("losetup")).and_then(|()| {
+        if root {
+            Ok(())
+        } else {
+            Err("losetup needs root".into())
+        }
+    });
+    if !peer_available("fio + losetup (root)", prereq) {
+        return;
+    }
+    let dir = TempDir::new("parallel-dev");
+    let mut rng = Rng::new(seed("parallel-dev"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let img = dir.path("dev.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let dev = LoopDev(
+        run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))
+            .trim()
+            .to_owned(),
+    );
+    let server = Server::start_with(
+        &dir,
+        &[format!(
+            "name=dev,file={},key-file={},sector-size=512",
+            dev.0,
+            key.display()
+        )],
+        &["--split-bytes", "64K"],
+    );
+    fio_verify(&server.uri("dev"), "512");
+    let log = server.stop();
+    assert!(
+        worker_requests(&log) > 0,
+        "no request ran on the workers:\n{log}"
+    );
+}
