@@ -5,6 +5,7 @@
 #   nbdcrypt        XTS-AES-256 volume, default workers (one per core)
 #   nbdcrypt-wN     the same with --workers N, for the scaling sweep (N < cores, and 1)
 #   nbdkit-memory   nbdkit's memory plugin: no encryption, the reference
+#   nbdkit-file     nbdkit's file plugin over a tmpfs file: no encryption, same store as ours
 #   nbdkit-luks     nbdkit's luks filter over a LUKS image made by qemu-img (aes-xts-plain64)
 #   qemu-nbd-luks   qemu-nbd serving that LUKS image
 # Jobs (fio, nbd engine): seq 1 MiB write/read at QD16, 4 KiB randread/randwrite at QD32, a 70/30
@@ -108,15 +109,16 @@ qemu-img create -q -f luks --object "secret,id=sec0,data=$PASS" \
 # Servers, and the jobs each runs. The sweep servers run the jobs that show scaling.
 FULL="seqwrite seqread randread randwrite mix70 mc1 mc2 mc4"
 SWEEP="seqwrite seqread randread mc4"
-SERVERS=(nbdcrypt nbdkit-memory nbdkit-luks qemu-nbd-luks)
-declare -A JOBS=([nbdcrypt]="$FULL" [nbdkit-memory]="$FULL" [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL")
+SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks)
+declare -A JOBS=([nbdcrypt]="$FULL" [nbdkit-memory]="$FULL" [nbdkit-file]="$FULL"
+    [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL")
 w=1
 while ((w < CORES)); do
     SERVERS+=("nbdcrypt-w$w")
     JOBS[nbdcrypt-w$w]="$SWEEP"
     w=$((w * 2))
 done
-((QUICK)) && SERVERS=(nbdcrypt nbdkit-memory nbdkit-luks qemu-nbd-luks nbdcrypt-w1) &&
+((QUICK)) && SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-w1) &&
     JOBS[nbdcrypt-w1]="seqwrite randread"
 if [[ -n "$ONLY" ]]; then
     read -ra SERVERS <<<"$ONLY"
@@ -136,6 +138,11 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
             ;;
         nbdkit-memory)
             nbdkit -f -i 127.0.0.1 -p "$port" memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-file)
+            rm -f "$WORK/plain.img"
+            truncate -s "${SIZE_MIB}M" "$WORK/plain.img"
+            nbdkit -f -i 127.0.0.1 -p "$port" file "$WORK/plain.img" >"$WORK/server.log" 2>&1 &
             ;;
         nbdkit-luks)
             nbdkit -f -i 127.0.0.1 -p "$port" --filter=luks file "$LUKS" "passphrase=$PASS" \

@@ -26,7 +26,7 @@ METRICS = [
     ("mc2", "mc2", "4 KiB randread, 2 conns", "kIOPS"),
     ("mc4", "mc4", "4 KiB randread, 4 conns", "kIOPS"),
 ]
-SERVER_ORDER = ["nbdcrypt", "nbdkit-memory", "nbdkit-luks", "qemu-nbd-luks"]
+SERVER_ORDER = ["nbdcrypt", "nbdkit-memory", "nbdkit-file", "nbdkit-luks", "qemu-nbd-luks"]
 
 
 def load_fio(path):
@@ -164,6 +164,12 @@ def main():
 
     # Markdown table: one row per metric; each cell median (min–max) and ratio to reference.
     lines = []
+    if a.quick:
+        lines.append(
+            "**Quick smoke run** (`--quick`: debug build, 1 s jobs, one round): checks that "
+            "every server and job runs; its figures are not measurements."
+        )
+        lines.append("")
     lines.append(
         f"Run {results['date']} on {a.cpu} ({a.cores} cores; flags: {a.flags.strip()}), "
         f"{a.rounds} round(s) of {a.runtime:g} s jobs, {a.size_mib} MiB volumes in tmpfs, "
@@ -193,6 +199,8 @@ def main():
         label = dict((m, l) for m, _, l, _ in METRICS)[t["metric"]]
         r = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}×"
         verdict = "n/a" if t["holds"] is None else ("holds" if t["holds"] else "MISSED")
+        if a.quick:
+            verdict = "not judged (--quick)"
         lines.append(f"| nbdcrypt / {t['peer']}: {label} | ≥ {t['need']:g}× | {r} | {verdict} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(a.out, "table.md"), "w") as f:
@@ -200,35 +208,45 @@ def main():
     sys.stdout.write(table)
 
     # gnuplot: clustered bars of the ratio to the reference, one cluster per metric.
+    short = {
+        "seqwrite": "seq write 1M",
+        "seqread": "seq read 1M",
+        "seqwrite_gb_per_cpu_s": "write GB/CPU-s",
+        "seqread_gb_per_cpu_s": "read GB/CPU-s",
+        "randread": "randread 4K",
+        "randwrite": "randwrite 4K",
+        "mix70": "70/30 4K",
+        "mc1": "1 conn 4K",
+        "mc2": "2 conns 4K",
+        "mc4": "4 conns 4K",
+    }
     shown = [s for s in order if s != REFERENCE]
     with open(os.path.join(a.out, "chart.dat"), "w") as f:
         f.write("metric " + " ".join(shown) + "\n")
-        for metric, _, label, _ in METRICS:
+        for metric, _, _, _ in METRICS:
             row = []
             for s in shown:
                 e = results["servers"][s].get(metric)
                 r = e["ratio_to_reference"] if e else None
                 row.append("NaN" if r is None else f"{r:.4f}")
-            f.write('"' + label.replace("QD", "\\nQD").replace(": ", ":\\n") + '" ' + " ".join(row) + "\n")
-    cols = " , ".join(
-        f"'chart.dat' using {i + 2}:xtic(1) title '{s}'" for i, s in enumerate(shown)
-    )
+            f.write(f'"{short[metric]}" ' + " ".join(row) + "\n")
     with open(os.path.join(a.out, "chart.gp"), "w") as f:
         f.write(
-            f"""set terminal pngcairo size 1400,600 font ',10'
+            f"""set terminal pngcairo size 1400,620 font ',11'
 set output '{os.path.join(a.out, 'chart.png')}'
 cd '{a.out}'
-set title "Throughput relative to nbdkit memory (unencrypted) = 1.0 -- {results['date'][:10]}, {a.cores} cores, median of {a.rounds} round(s)"
+set title "{'QUICK SMOKE RUN (debug build), not a measurement. ' if a.quick else ''}Each server relative to nbdkit memory (unencrypted, = 1.0; dashed line). fio nbd engine, loopback, tmpfs.\\n{results['date'][:10]}, {a.cpu}, {a.cores} cores, median of {a.rounds} round(s)"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1
 set boxwidth 0.9
 set yrange [0:*]
 set grid ytics
-set key top right
-set ylabel 'ratio to nbdkit memory'
+set key outside right top autotitle columnhead
+set ylabel 'ratio to nbdkit memory (higher is better)'
+set xtics rotate by -20
 set arrow from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 1.5
-plot {cols}
+plot for [i=2:{len(shown) + 1}] 'chart.dat' using i:xtic(1)
 """
         )
 

@@ -3,7 +3,8 @@
 #
 # Installs every peer the tests drive (Debian packages, a Python venv), then runs formatting,
 # lints and every test in the debug profile. Peers are required: a missing one fails the run
-# (NBDCRYPT_REQUIRE_PEERS=1). Benchmarks are separate: scripts/bench-xts.sh.
+# (NBDCRYPT_REQUIRE_PEERS=1). Benchmarks are separate (scripts/bench.sh, scripts/bench-xts.sh);
+# only a short smoke run of scripts/bench.sh --quick runs here.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,8 +16,9 @@ log() { printf '\n==> %s\n' "$*"; }
 # - libssl-dev + pkg-config: the `openssl` crate the benchmarks use as a reference;
 # - util-linux: setpriv/prlimit (refused-mlock test), losetup (ext4 test);
 # - the NBD peers: qemu-utils (qemu-io), libnbd-bin (nbdinfo, nbdcopy, nbdfuse), fio;
-# - fuse3 and e2fsprogs: nbdfuse's mount helper, mkfs.ext4 and e2fsck.
-DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs)
+# - fuse3 and e2fsprogs: nbdfuse's mount helper, mkfs.ext4 and e2fsck;
+# - nbdkit and gnuplot-nox: the peers and the chart of the benchmark smoke run (bench.sh --quick).
+DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs nbdkit gnuplot-nox)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 missing=()
@@ -55,3 +57,6 @@ cargo test --locked --all-targets
 
 log "doc tests"
 cargo test --locked --doc
+
+log "benchmark smoke run (scripts/bench.sh --quick: debug build, every peer server, every job)"
+scripts/bench.sh --quick --out "$ROOT/target/bench-quick"

@@ -90,14 +90,6 @@ fn fio_verify_multi_conn_large_requests_run_on_workers() {
     );
 }
 
-struct LoopDev(String);
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn fio_verify_block_device_parallel_writes() {
     // A block device does not serialize writes, so large writes go to the workers too.
@@ -120,11 +112,7 @@ fn fio_verify_block_device_parallel_writes() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    let dev = LoopDev(
-        run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))
-            .trim()
-            .to_owned(),
-    );
+    let dev = LoopDev::attach(&img);
     let server = Server::start_with(
         &dir,
         &[format!(

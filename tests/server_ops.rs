@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
+use common::{LoopDev, Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
 use nbdcrypt::protocol::consts::{client_flags, cmd, err, opt, rep};
 use nbdcrypt::protocol::{InfoRequest, OptionHeader, OptionReplyHeader, Request, SimpleReply};
 
@@ -189,14 +189,6 @@ fn server_alive(server: &Server) -> bool {
     TcpStream::connect(&server.addr).is_ok()
 }
 
-struct LoopDev(String);
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn raw_block_device_backs_an_export() {
     let prereq = tmpfs_available()
@@ -213,11 +205,7 @@ fn raw_block_device_backs_an_export() {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let dev = LoopDev(
-        run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))
-            .trim()
-            .to_owned(),
-    );
+    let dev = LoopDev::attach(&img);
     // No size: the export takes the device's size.
     let server = Server::start(
         &dir,

@@ -9,12 +9,16 @@
     clippy::cast_possible_truncation
 )]
 
+mod common;
+
 use std::sync::Arc;
 
 use nbdcrypt::crypto::{BackendChoice, SectorSize, VolumeKey, XtsEngine};
 use nbdcrypt::server::workers::{MIN_RUN_BYTES, Workers, split};
 use nbdcrypt::storage::MemoryStorage;
 use nbdcrypt::volume::{EncryptedVolume, VolumeConfig};
+
+use common::Rng;
 
 const SIZE: u64 = 8 << 20;
 
@@ -35,25 +39,6 @@ fn volume(sector: SectorSize) -> (EncryptedVolume, Arc<MemoryStorage>) {
     };
     let v = EncryptedVolume::new(Box::new(Arc::clone(&mem)), engine, config).unwrap();
     (v, mem)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
-            chunk.copy_from_slice(&x[..chunk.len()]);
-        }
-    }
 }
 
 /// (offset, len) pairs: aligned, unaligned at either or both ends, and tiny edges.
@@ -78,7 +63,7 @@ fn requests(sector: u64, rng: &mut Rng) -> Vec<(u64, usize)> {
 #[test]
 fn split_requests_match_single_threaded_path_for_every_sector_size() {
     let workers = Workers::new(4, 1).unwrap();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     for bytes in [512u64, 1024, 2048, 4096] {
         let sector = SectorSize::from_bytes(bytes).unwrap();
         let (split_vol, split_mem) = volume(sector);
@@ -141,7 +126,7 @@ fn split_concurrent_disjoint_writes_match_sequential_writes() {
     let (par_vol, par_mem) = volume(sector);
     let (seq_vol, seq_mem) = volume(sector);
     let par_vol = Arc::new(par_vol);
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let mut jobs = Vec::new();
     let mut at = 3u64;
     for _ in 0..8 {

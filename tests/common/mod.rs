@@ -258,3 +258,30 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
     );
     stdout
 }
+
+/// A loop device over a file (root only), detached on drop.
+pub struct LoopDev(pub String);
+
+impl LoopDev {
+    /// Attaches `file` to the first free loop device.
+    pub fn attach(file: &std::path::Path) -> LoopDev {
+        LoopDev(
+            run_ok(
+                std::process::Command::new("losetup")
+                    .args(["-f", "--show"])
+                    .arg(file),
+            )
+            .trim()
+            .to_owned(),
+        )
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
