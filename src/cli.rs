@@ -52,6 +52,12 @@ pub enum Command {
     /// Administer keys of the embedded local KMS, and read the audit log.
     #[command(subcommand)]
     Kms(KmsCommand),
+    /// Print a shell completion script, e.g. `nbdcrypt completions bash >
+    /// /etc/bash_completion.d/nbdcrypt`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `nbdcrypt kms …` (AWS operation names, kebab-case).

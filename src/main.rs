@@ -46,6 +46,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keygen(args) => nbdcrypt::commands::export::keygen(&args.path)?,
         Command::Kms(cmd) => nbdcrypt::commands::kms::run(&state, cmd, &mut out)?,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = nbdcrypt::cli::Cli::command();
+            // Into memory first: clap_complete panics on a write error (e.g. a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "nbdcrypt", &mut script);
+            std::io::Write::write_all(&mut out, &script)?;
+        }
         Command::Volume(cmd) => {
             let (service, name) = key_service()?;
             nbdcrypt::commands::volume::run(&state, service.as_ref(), name, cmd, &mut out)?

@@ -103,3 +103,20 @@ fn refused_mlock_degrades_with_a_warning() {
     assert!(stdout.contains("NOT locked"), "{stdout}");
     assert!(stderr.contains("could not lock key memory"), "{stderr}");
 }
+
+#[test]
+fn completions_for_each_shell_name_the_subcommands() {
+    for (shell, marker) in [
+        ("bash", "complete -F _nbdcrypt"),
+        ("zsh", "#compdef nbdcrypt"),
+        ("fish", "complete -c nbdcrypt"),
+    ] {
+        let (out, err) = run(nbdcrypt().args(["completions", shell]));
+        assert!(out.contains(marker), "{shell}: {err}");
+        for sub in ["serve", "volume", "kms", "keygen"] {
+            assert!(out.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let out = nbdcrypt().args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+}

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# The real kernel path: the Linux NBD driver (`nbd-client`) inside a qemu VM, against nbdcrypt
+# serving on the host's loopback.
+#
+# The VM runs Debian's kernel (it ships nbd.ko) under TCG with a small initramfs: busybox,
+# nbd-client, e2fsprogs, fio and cryptsetup with their libraries. Inside it (scripts/vm/
+# guest-test.sh): attach with 4096- and 512-byte blocks and with 2 connections, mkfs.ext4,
+# mount, write, unmount, detach, reattach, e2fsck -fn, verify checksums; a fio verify job on
+# /dev/nbd0; and the recovery path: a persistent volume's backing file, attached as a second
+# disk, opened with `cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512` and
+# the key from `nbdcrypt volume export-key`, shows the same files.
+#
+# Kernel, modules and the initramfs base are cached in $NBDCRYPT_VM_CACHE (default
+# ~/.cache/nbdcrypt/vm), so reruns skip the downloads and the build.
+#
+# Usage: scripts/vm-e2e.sh [--bin PATH]   (default: target/debug/nbdcrypt, built if missing)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BIN=""
+while (($#)); do
+    case "$1" in
+        --bin) BIN="$2"; shift ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "vm-e2e.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+CACHE="${NBDCRYPT_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nbdcrypt/vm}"
+TIMEOUT="${NBDCRYPT_VM_TIMEOUT:-900}"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'vm-e2e.sh: %s\n' "$*" >&2; exit 1; }
+
+# --- host packages -----------------------------------------------------------------------
+# qemu-system-x86 (the VM), cpio (the initramfs), and the tools copied into the guest with
+# their libraries: e2fsprogs, fio, cryptsetup-bin. kmod provides depmod.
+need=()
+for p in qemu-system-x86 cpio e2fsprogs fio cryptsetup-bin kmod xxd; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+    log "installing Debian packages: ${need[*]}"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [[ -z "$BIN" ]]; then
+    cargo build --locked --quiet
+    BIN="$ROOT/target/debug/nbdcrypt"
+fi
+[[ -x "$BIN" ]] || die "no nbdcrypt binary at $BIN"
+
+# --- kernel and guest packages (cached) ----------------------------------------------------
+KPKG="$(apt-cache depends linux-image-amd64 2>/dev/null | grep -o 'linux-image-6[^ ]*' | head -1)"
+[[ -n "$KPKG" ]] || die "cannot resolve Debian's linux-image-amd64 package"
+KVER="${KPKG#linux-image-}"
+GUEST_DEBS=("$KPKG" busybox-static nbd-client libnl-3-200 libnl-genl-3-200)
+EXTRACT="$CACHE/extract-$KVER"
+if [[ ! -f "$EXTRACT/.done" ]]; then
+    log "downloading ${GUEST_DEBS[*]}"
+    rm -rf "$EXTRACT" "$CACHE/debs"
+    mkdir -p "$EXTRACT" "$CACHE/debs"
+    (cd "$CACHE/debs" && apt-get download "${GUEST_DEBS[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+    for d in "$CACHE"/debs/*.deb; do dpkg -x "$d" "$EXTRACT"; done
+    [[ -f "$EXTRACT/boot/vmlinuz-$KVER" ]] || die "the kernel package did not unpack"
+    touch "$EXTRACT/.done"
+fi
+KERNEL="$EXTRACT/boot/vmlinuz-$KVER"
+
+# --- initramfs base (cached; rebuilt when this script or the tool versions change) ---------
+GUEST_TOOLS=("$EXTRACT/sbin/nbd-client" /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio /usr/sbin/cryptsetup)
+MODULES=(virtio_pci virtio_net virtio_blk nbd ext4 dm_crypt xts)
+stamp="$( (sha256sum "$0" "${GUEST_TOOLS[@]}"; echo "$KVER ${MODULES[*]}") | sha256sum | cut -c1-16)"
+BASE="$CACHE/base-$stamp.cpio"
+if [[ ! -f "$BASE" ]]; then
+    log "building the initramfs base ($KVER)"
+    R="$(mktemp -d)"
+    mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,proc,sys,dev,tmp,run,mnt,e2e}
+    cp "$EXTRACT/bin/busybox" "$R/bin/busybox"
+    libpath="$EXTRACT/lib/x86_64-linux-gnu:$EXTRACT/usr/lib/x86_64-linux-gnu"
+    for tool in "${GUEST_TOOLS[@]}"; do
+        cp "$tool" "$R/bin/$(basename "$tool")"
+        LD_LIBRARY_PATH="$libpath" ldd "$tool" | awk '/=> \// { print $3 } /^\t\/lib64/ { print $1 }' |
+            while read -r lib; do
+                dest="$R/lib/x86_64-linux-gnu/$(basename "$lib")"
+                [[ "$lib" == /lib64/* ]] && dest="$R$lib"
+                mkdir -p "$(dirname "$dest")"
+                [[ -e "$dest" ]] || cp -L "$lib" "$dest"
+            done
+    done
+    ln -sf mke2fs "$R/bin/mkfs.ext4"
+    # Kernel modules and everything they depend on, from modules.dep.
+    MD="$EXTRACT/lib/modules/$KVER"
+    want=()
+    for m in "${MODULES[@]}"; do
+        path="$(grep -E "(^|/)${m//_/[-_]}\.ko:" "$MD/modules.dep" | head -1 | cut -d: -f1)"
+        [[ -n "$path" ]] || die "module $m not in $KVER"
+        want+=("$path")
+        deps="$(grep -E "^$path:" "$MD/modules.dep" | cut -d: -f2)"
+        for d in $deps; do want+=("$d"); done
+    done
+    for path in "${want[@]}"; do
+        mkdir -p "$R/lib/modules/$KVER/$(dirname "$path")"
+        cp "$MD/$path" "$R/lib/modules/$KVER/$path"
+    done
+    cp "$MD"/modules.{order,builtin,builtin.modinfo} "$R/lib/modules/$KVER/" 2>/dev/null || true
+    depmod -b "$R" "$KVER"
+    (cd "$R" && find . | cpio -o -H newc --quiet) >"$BASE.tmp"
+    mv "$BASE.tmp" "$BASE"
+    rm -rf "$R"
+fi
+
+# --- the host side: volumes and the server ------------------------------------------------
+RUN="$(mktemp -d "$ROOT/target/vm-e2e.XXXXXX")"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+STATE="$RUN/state"
+export NBDCRYPT_STATE_DIR="$STATE"
+"$BIN" keygen "$RUN/k4k" >/dev/null
+"$BIN" keygen "$RUN/k512" >/dev/null
+"$BIN" --log warn volume create persist --type persistent --size 128M >/dev/null
+"$BIN" --log warn volume export-key persist --confirm | tr -d '\n' | xxd -r -p >"$RUN/recovery.key"
+[[ "$(stat -c %s "$RUN/recovery.key")" == 64 ]] || die "export-key did not give 64 bytes"
+BACKING="$STATE/volumes/persist.img"
+[[ -f "$BACKING" ]] || die "no backing file at $BACKING"
+
+"$BIN" serve --listen 127.0.0.1:0 --ready-file "$RUN/ready" --volume persist \
+    --export "name=s4k,file=$RUN/s4k.img,key-file=$RUN/k4k,size=64M" \
+    --export "name=s512,file=$RUN/s512.img,key-file=$RUN/k512,size=64M,sector-size=512" \
+    >"$RUN/server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 300); do [[ -s "$RUN/ready" ]] && break; sleep 0.1; done
+[[ -s "$RUN/ready" ]] || { cat "$RUN/server.log" >&2; die "the server did not start"; }
+PORT="$(sed -E 's/.*:([0-9]+)$/\1/' "$RUN/ready")"
+
+# --- the per-run part of the initramfs: the test, its settings and the recovery key --------
+G="$RUN/guest"
+mkdir -p "$G/e2e"
+cp "$ROOT/scripts/vm/init.sh" "$G/init"
+cp "$ROOT/scripts/vm/guest-test.sh" "$G/e2e/guest-test.sh"
+chmod +x "$G/init"
+cp "$RUN/recovery.key" "$G/e2e/recovery.key"
+cat >"$G/e2e/env" <<EOF
+NBD_HOST=10.0.2.2
+NBD_PORT=$PORT
+EXPORT_4K=s4k
+EXPORT_512=s512
+PERSISTENT=persist
+PERSISTENT_SECTOR=4096
+EOF
+(cd "$G" && find . | cpio -o -H newc --quiet) >"$RUN/run.cpio"
+# Uncompressed cpio archives concatenate: the kernel unpacks both.
+cat "$BASE" "$RUN/run.cpio" >"$RUN/initrd"
+
+log "booting the VM (TCG; kernel $KVER); server on 127.0.0.1:$PORT"
+set +e
+timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 \
+    -nographic -no-reboot -kernel "$KERNEL" -initrd "$RUN/initrd" \
+    -append "console=ttyS0 panic=-1 loglevel=3" \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
+    -drive "file=$BACKING,format=raw,if=virtio,readonly=on" \
+    </dev/null >"$RUN/console.log" 2>&1
+rc=$?
+set -e
+grep -E '^E2E-' "$RUN/console.log" | tr -d '\r' >&2 || true
+if ! grep -q '^E2E-RESULT PASS' <(tr -d '\r' <"$RUN/console.log"); then
+    echo "---- console ----" >&2
+    tail -60 "$RUN/console.log" >&2
+    echo "---- server ----" >&2
+    tail -30 "$RUN/server.log" >&2
+    ((rc == 124)) && die "the VM timed out after ${TIMEOUT}s"
+    die "the kernel-path test failed"
+fi
+kill -0 "$SERVER_PID" 2>/dev/null || die "the server died"
+log "kernel nbd-client path: PASS"
