@@ -66,13 +66,15 @@ if [[ ! -f "$EXTRACT/.done" ]]; then
     (cd "$CACHE/debs" && apt-get download "${GUEST_DEBS[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
     for d in "$CACHE"/debs/*.deb; do dpkg -x "$d" "$EXTRACT"; done
     [[ -f "$EXTRACT/boot/vmlinuz-$KVER" ]] || die "the kernel package did not unpack"
+    # The package leaves modules.dep to its postinst: make it here.
+    depmod -b "$EXTRACT" "$KVER"
     touch "$EXTRACT/.done"
 fi
 KERNEL="$EXTRACT/boot/vmlinuz-$KVER"
 
 # --- initramfs base (cached; rebuilt when this script or the tool versions change) ---------
 GUEST_TOOLS=("$EXTRACT/sbin/nbd-client" /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio /usr/sbin/cryptsetup)
-MODULES=(virtio_pci virtio_net virtio_blk nbd ext4 dm_crypt xts)
+MODULES=(virtio_pci virtio_net virtio_blk nbd crc32c_generic ext4 dm_crypt ecb xts aesni_intel)
 stamp="$( (sha256sum "$0" "${GUEST_TOOLS[@]}"; echo "$KVER ${MODULES[*]}") | sha256sum | cut -c1-16)"
 BASE="$CACHE/base-$stamp.cpio"
 if [[ ! -f "$BASE" ]]; then
@@ -80,6 +82,9 @@ if [[ ! -f "$BASE" ]]; then
     R="$(mktemp -d)"
     mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,proc,sys,dev,tmp,run,mnt,e2e}
     cp "$EXTRACT/bin/busybox" "$R/bin/busybox"
+    ln -s busybox "$R/bin/sh"
+    # The kernel loads crypto modules on demand through /sbin/modprobe.
+    ln -s ../bin/busybox "$R/sbin/modprobe"
     libpath="$EXTRACT/lib/x86_64-linux-gnu:$EXTRACT/usr/lib/x86_64-linux-gnu"
     for tool in "${GUEST_TOOLS[@]}"; do
         cp "$tool" "$R/bin/$(basename "$tool")"

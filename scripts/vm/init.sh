@@ -13,7 +13,7 @@ mount -t tmpfs run /run
 mkdir -p /run/cryptsetup
 echo 1 > /proc/sys/kernel/printk 2>/dev/null
 
-for m in virtio_pci virtio_net virtio_blk nbd ext4 dm_crypt xts; do
+for m in virtio_pci virtio_net virtio_blk nbd crc32c_generic ext4 dm_crypt xts; do
     modprobe "$m" 2>/dev/null || echo "E2E-NOTE modprobe $m failed"
 done
 # Slirp (-netdev user): the guest is 10.0.2.15, the host's loopback is 10.0.2.2.
