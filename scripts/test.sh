@@ -17,20 +17,31 @@ log() { printf '\n==> %s\n' "$*"; }
 # - util-linux: setpriv/prlimit (refused-mlock test), losetup (ext4 test);
 # - the NBD peers: qemu-utils (qemu-io), libnbd-bin (nbdinfo, nbdcopy, nbdfuse), fio;
 # - fuse3 and e2fsprogs: nbdfuse's mount helper, mkfs.ext4 and e2fsck;
-# - nbdkit and gnuplot-nox: the peers and the chart of the benchmark smoke run (bench.sh --quick).
-DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs nbdkit gnuplot-nox)
+# - nbdkit and gnuplot-nox: the peers and the chart of the benchmark smoke run (bench.sh --quick);
+# - the kernel-path VM (scripts/vm-e2e.sh): qemu-system-x86, cpio, kmod (depmod), xxd, and
+#   cryptsetup-bin (copied into the guest).
+# qemu-system-x86 goes first, alone: Debian's 7.2 replaces a newer qemu-utils if one is
+# installed, and qemu-utils is then (re)installed in the matching version with the rest, so that
+# every test runs against one qemu.
+VM_PACKAGES=(qemu-system-x86)
+DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs nbdkit
+    gnuplot-nox cpio kmod xxd cryptsetup-bin)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
-missing=()
-for p in "${DEB_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+updated=0
+install_missing() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
     log "installing Debian packages: ${missing[*]}"
-    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
-    $SUDO apt-get update -qq
+    ((updated)) || { $SUDO apt-get update -qq; updated=1; }
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+}
+install_missing "${VM_PACKAGES[@]}"
+install_missing "${DEB_PACKAGES[@]}"
 
 # Python venv: pyca/cryptography (OpenSSL XTS, an oracle independent of our code) and moto
 # (an AWS KMS emulator for the aws-sdk-kms path, started by the tests on loopback).
@@ -57,6 +68,9 @@ cargo test --locked --all-targets
 
 log "doc tests"
 cargo test --locked --doc
+
+log "kernel NBD client in a VM (scripts/vm-e2e.sh)"
+scripts/vm-e2e.sh
 
 log "benchmark smoke run (scripts/bench.sh --quick: debug build, every peer server, every job)"
 scripts/bench.sh --quick --out "$ROOT/target/bench-quick"

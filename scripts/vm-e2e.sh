@@ -6,9 +6,11 @@
 # nbd-client, e2fsprogs, fio and cryptsetup with their libraries. Inside it (scripts/vm/
 # guest-test.sh): attach with 4096- and 512-byte blocks and with 2 connections, mkfs.ext4,
 # mount, write, unmount, detach, reattach, e2fsck -fn, verify checksums; a fio verify job on
-# /dev/nbd0; and the recovery path: a persistent volume's backing file, attached as a second
+# /dev/nbd0; the recovery path: a persistent volume's backing file, attached as a second
 # disk, opened with `cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512` and
-# the key from `nbdcrypt volume export-key`, shows the same files.
+# the key from `nbdcrypt volume export-key`, shows the same files; and the scratch lifecycle,
+# `scripts/scratch-volume.sh up` / `down` with the server inside the guest, after which the
+# volume and its key are gone.
 #
 # Kernel, modules and the initramfs base are cached in $NBDCRYPT_VM_CACHE (default
 # ~/.cache/nbdcrypt/vm), so reruns skip the downloads and the build.
@@ -35,9 +37,9 @@ die() { printf 'vm-e2e.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- host packages -----------------------------------------------------------------------
 # qemu-system-x86 (the VM), cpio (the initramfs), and the tools copied into the guest with
-# their libraries: e2fsprogs, fio, cryptsetup-bin. kmod provides depmod.
+# their libraries: e2fsprogs, fio, cryptsetup-bin, bash. kmod provides depmod, binutils strip.
 need=()
-for p in qemu-system-x86 cpio e2fsprogs fio cryptsetup-bin kmod xxd; do
+for p in qemu-system-x86 cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -73,7 +75,7 @@ fi
 KERNEL="$EXTRACT/boot/vmlinuz-$KVER"
 
 # --- initramfs base (cached; rebuilt when this script or the tool versions change) ---------
-GUEST_TOOLS=("$EXTRACT/sbin/nbd-client" /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio /usr/sbin/cryptsetup)
+GUEST_TOOLS=("$EXTRACT/sbin/nbd-client" /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio /usr/sbin/cryptsetup /bin/bash)
 MODULES=(virtio_pci virtio_net virtio_blk nbd crc32c_generic ext4 dm_crypt ecb xts aesni_intel)
 stamp="$( (sha256sum "$0" "${GUEST_TOOLS[@]}"; echo "$KVER ${MODULES[*]}") | sha256sum | cut -c1-16)"
 BASE="$CACHE/base-$stamp.cpio"
@@ -125,6 +127,9 @@ cleanup() {
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
     fi
+    # Keep the last run's console and server logs for diagnosis.
+    cp "$RUN/console.log" "$ROOT/target/vm-e2e-console.log" 2>/dev/null || true
+    cp "$RUN/server.log" "$ROOT/target/vm-e2e-server.log" 2>/dev/null || true
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -155,6 +160,14 @@ cp "$ROOT/scripts/vm/init.sh" "$G/init"
 cp "$ROOT/scripts/vm/guest-test.sh" "$G/e2e/guest-test.sh"
 chmod +x "$G/init"
 cp "$RUN/recovery.key" "$G/e2e/recovery.key"
+# The scratch lifecycle runs entirely in the guest (server included): scripts/scratch-volume.sh
+# with the kernel nbd-client. The binary is stripped to keep the initramfs small; it needs only
+# libc, libm and libgcc_s, which the base already has for the other tools.
+mkdir -p "$G/bin"
+strip -o "$G/bin/nbdcrypt" "$BIN"
+cp "$ROOT/scripts/scratch-volume.sh" "$G/e2e/scratch-volume.sh"
+cp "$ROOT/scripts/vm/scratch-guest.sh" "$G/e2e/scratch-guest.sh"
+chmod +x "$G/e2e/scratch-guest.sh"
 cat >"$G/e2e/env" <<EOF
 NBD_HOST=10.0.2.2
 NBD_PORT=$PORT
