@@ -267,6 +267,10 @@ pub enum VolumeCommand {
         /// Keep the (now undecryptable) backing file.
         #[arg(long)]
         keep_ciphertext: bool,
+        /// First overwrite the data area with random bytes (slow; shows progress). For block
+        /// devices, or where policy asks for overwriting on top of crypto-shredding.
+        #[arg(long)]
+        wipe: bool,
     },
 }
 
@@ -293,6 +297,10 @@ pub struct VolumeCreateArgs {
     /// Allow TRIM and BLOCK_STATUS (reveals unused sectors; see docs/threat-model.md).
     #[arg(long)]
     pub discards: bool,
+    /// Write encrypted zeroes over the whole volume now (slow; shows progress): every block is
+    /// allocated, and the backing file's sparseness no longer reveals which regions hold data.
+    #[arg(long)]
+    pub preallocate: bool,
 }
 
 /// `nbdcrypt serve`.

@@ -67,8 +67,17 @@ pub fn measure(args: &BenchmarkArgs) -> Result<Vec<Measurement>, BenchmarkError>
     let key = VolumeKey::generate()?;
     let mut buf = vec![0x5Au8; args.request_bytes];
     let mut results = Vec::new();
+    let bar = super::progress::steps(
+        (backends.len() * SectorSize::ALL.len()) as u64,
+        "benchmarking",
+    );
     for backend in backends {
         for sector_size in SectorSize::ALL {
+            bar.set_message(format!(
+                "benchmarking {} {}",
+                backend.name(),
+                sector_size.bytes()
+            ));
             let engine = XtsEngine::new(&key, sector_size, BackendChoice::Force(backend))?;
             let first = SectorIndex(1 << 33);
             let enc = throughput(budget, buf.len(), || {
@@ -83,8 +92,10 @@ pub fn measure(args: &BenchmarkArgs) -> Result<Vec<Measurement>, BenchmarkError>
                 encrypt_bytes_per_sec: enc,
                 decrypt_bytes_per_sec: dec,
             });
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
     Ok(results)
 }
 

@@ -91,6 +91,11 @@ pub fn run(
     match cmd {
         VolumeCommand::Create(args) => {
             let h = create(&m, &args)?;
+            if args.preallocate {
+                let bar = super::progress::bytes(h.size, "preallocating");
+                m.preallocate(&h.name, |n| bar.inc(n))?;
+                bar.finish_and_clear();
+            }
             writeln!(
                 out,
                 "created {} volume {} ({} bytes, {}-byte sectors)",
@@ -165,7 +170,13 @@ pub fn run(
         VolumeCommand::Delete {
             name,
             keep_ciphertext,
+            wipe,
         } => {
+            if wipe {
+                let bar = super::progress::bytes(m.data_bytes(&name)?, "wiping");
+                m.wipe_data(&name, |n| bar.inc(n))?;
+                bar.finish_and_clear();
+            }
             m.delete(&name, keep_ciphertext)?;
             writeln!(
                 out,
