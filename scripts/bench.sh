@@ -52,16 +52,9 @@ die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
 # --- peers -------------------------------------------------------------------------------
 # fio (nbd engine), nbdkit (memory plugin, luks filter), qemu-utils (qemu-img, qemu-nbd),
 # gnuplot (chart), python3 (aggregation; standard library only).
-need=()
-for p in fio nbdkit qemu-utils gnuplot-nox python3; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing Debian packages: ${need[*]}"
-    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=scripts/lib/deb.sh
+. "$ROOT/scripts/lib/deb.sh"
+deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3
 [[ -e /usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-luks-filter.so ]] ||
     nbdkit --dump-config >/dev/null || die "nbdkit is not usable"
 

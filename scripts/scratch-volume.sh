@@ -223,7 +223,11 @@ cmd_up() {
     MOUNTPOINT="$(cd "$MOUNTPOINT" && pwd -P)"
     state_set mountpoint "$MOUNTPOINT"
     state_set state_dir "$STATE_DIR"
-    if "$BIN" --log error volume describe "$NAME" --json 2>/dev/null | grep -q '"state": "available"'; then
+    # Captured first: `| grep -q` would close the pipe early, and with pipefail the writer's
+    # EPIPE would read as "no such volume".
+    local desc
+    desc="$("$BIN" --log error volume describe "$NAME" --json 2>/dev/null || true)"
+    if grep -q '"state": "available"' <<<"$desc"; then
         say "volume: $NAME exists"
     else
         "$BIN" --log error volume create "$NAME" --size "$SIZE" >/dev/null ||

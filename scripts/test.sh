@@ -28,20 +28,10 @@ DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e
     gnuplot-nox cpio kmod xxd cryptsetup-bin)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
-if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
-updated=0
-install_missing() {
-    local missing=() p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    ((${#missing[@]})) || return 0
-    log "installing Debian packages: ${missing[*]}"
-    ((updated)) || { $SUDO apt-get update -qq; updated=1; }
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-}
-install_missing "${VM_PACKAGES[@]}"
-install_missing "${DEB_PACKAGES[@]}"
+# shellcheck source=scripts/lib/deb.sh
+. "$ROOT/scripts/lib/deb.sh"
+deb_install_missing "${VM_PACKAGES[@]}"
+deb_install_missing "${DEB_PACKAGES[@]}"
 
 # Python venv: pyca/cryptography (OpenSSL XTS, an oracle independent of our code) and moto
 # (an AWS KMS emulator for the aws-sdk-kms path, started by the tests on loopback).

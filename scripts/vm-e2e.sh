@@ -38,16 +38,11 @@ die() { printf 'vm-e2e.sh: %s\n' "$*" >&2; exit 1; }
 # --- host packages -----------------------------------------------------------------------
 # qemu-system-x86 (the VM), cpio (the initramfs), and the tools copied into the guest with
 # their libraries: e2fsprogs, fio, cryptsetup-bin, bash. kmod provides depmod, binutils strip.
-need=()
-for p in qemu-system-x86 cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing Debian packages: ${need[*]}"
-    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=scripts/lib/deb.sh
+. "$ROOT/scripts/lib/deb.sh"
+deb_install_missing qemu-system-x86
+# qemu-utils again: installing qemu-system-x86 can remove a newer one; keep the peers whole.
+deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils qemu-utils
 
 if [[ -z "$BIN" ]]; then
     cargo build --locked --quiet
