@@ -35,21 +35,44 @@ fn prerequisites() -> Result<(), String> {
 
 struct Env {
     dir: TempDir,
+    /// Volumes brought up, taken down again on drop (also when an assertion failed).
+    names: std::cell::RefCell<Vec<String>>,
 }
 
 impl Env {
+    fn new(tag: &str) -> Env {
+        Env {
+            dir: TempDir::new(tag),
+            names: Default::default(),
+        }
+    }
+
+    /// `bash scripts/scratch-volume.sh ARGS`, run under `prefix` (e.g. `timeout`) if given.
+    fn command(&self, prefix: &[&str], args: &[&str]) -> Command {
+        if let ["up", name, ..] = args {
+            self.names.borrow_mut().push((*name).to_owned());
+        }
+        let mut c = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("bash");
+                c
+            }
+            None => Command::new("bash"),
+        };
+        c.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/scratch-volume.sh"
+        ))
+        .args(args)
+        .env("NBDCRYPT", env!("CARGO_BIN_EXE_nbdcrypt"))
+        .env("NBDCRYPT_STATE_DIR", self.dir.path("state"))
+        .env("NBDCRYPT_SCRATCH_RUN", self.dir.path("run"));
+        c
+    }
+
     fn script(&self, args: &[&str]) -> Output {
-        Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/scratch-volume.sh"
-            ))
-            .args(args)
-            .env("NBDCRYPT", env!("CARGO_BIN_EXE_nbdcrypt"))
-            .env("NBDCRYPT_STATE_DIR", self.dir.path("state"))
-            .env("NBDCRYPT_SCRATCH_RUN", self.dir.path("run"))
-            .output()
-            .unwrap()
+        self.command(&[], args).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -102,14 +125,20 @@ impl Env {
     }
 }
 
+impl Drop for Env {
+    fn drop(&mut self) {
+        for name in self.names.borrow().iter() {
+            let _ = self.command(&[], &["down", name]).output();
+        }
+    }
+}
+
 #[test]
 fn scratch_volume_up_takes_nbdfuse_path_and_down_shreds() {
     if !peer_available("nbdfuse + losetup + mount (root)", prerequisites()) {
         return;
     }
-    let env = Env {
-        dir: TempDir::new("scratch-script"),
-    };
+    let env = Env::new("scratch-script");
     let mnt = env.dir.path("mnt");
     let m = mnt.to_str().unwrap();
     let up = env.ok(&["up", "job", "96M", m]);
@@ -142,25 +171,15 @@ fn scratch_volume_down_cleans_up_after_an_interrupted_up() {
     if !peer_available("nbdfuse + losetup + mount (root)", prerequisites()) {
         return;
     }
-    let env = Env {
-        dir: TempDir::new("scratch-interrupt"),
-    };
+    let env = Env::new("scratch-interrupt");
     let mnt = env.dir.path("mnt");
     let m = mnt.to_str().unwrap();
     // Kill `up` (SIGKILL: no trap runs) at several points of its way.
     for (i, after) in [200u64, 450, 700, 1000].into_iter().enumerate() {
         let name = format!("cut{i}");
-        let _ = Command::new("timeout")
-            .args(["-s", "KILL", &format!("{}", after as f64 / 1000.0)])
-            .arg("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/scratch-volume.sh"
-            ))
-            .args(["up", &name, "64M", m])
-            .env("NBDCRYPT", env!("CARGO_BIN_EXE_nbdcrypt"))
-            .env("NBDCRYPT_STATE_DIR", env.dir.path("state"))
-            .env("NBDCRYPT_SCRATCH_RUN", env.dir.path("run"))
+        let limit = format!("{}", after as f64 / 1000.0);
+        let _ = env
+            .command(&["timeout", "-s", "KILL", &limit], &["up", &name, "64M", m])
             .output()
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));
