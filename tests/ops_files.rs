@@ -1,0 +1,95 @@
+//! The operations files work as shipped: every fio job file in `benches/fio/` runs against a
+//! served volume through `scripts/fio-bench.sh` (nbd engine) and its summary has a row per job
+//! and direction; `contrib/nbdcrypt.service` passes `systemd-analyze verify`.
+//! Peers: fio, nbdinfo; systemd-analyze.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn fio_bench_runs_every_job_file_against_the_server() {
+    let prereq = have("fio").and_then(|()| have("nbdinfo"));
+    if !peer_available("fio + nbdinfo", prereq) {
+        return;
+    }
+    let dir = TempDir::new("fio-jobs");
+    let mut rng = Rng::new(seed("fio-jobs"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let server = Server::start(
+        &dir,
+        &[format!(
+            "name=b,file={},key-file={},size=64M",
+            dir.path("b.img").display(),
+            key.display()
+        )],
+    );
+    let json = dir.path("summary.json");
+    let out = run_ok(
+        Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fio-bench.sh"))
+            .args(["--runtime", "1", "--json"])
+            .arg(&json)
+            .arg(server.uri("b")),
+    );
+    for job in [
+        "seq-write-1m-qd16",
+        "seq-read-1m-qd16",
+        "randread-4k-qd32",
+        "randwrite-4k-qd32",
+        "mixed-70-30-4k-qd32",
+        "latency-randread-4k-qd1",
+        "latency-randwrite-4k-qd1",
+    ] {
+        assert!(out.contains(job), "{job} missing:\n{out}");
+    }
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.len(), 8, "7 jobs, the mix has two directions");
+    assert!(
+        rows.iter().all(|r| r["IOPS"].as_f64().unwrap_or(0.0) > 0.0),
+        "{rows:?}"
+    );
+    // A mounted or non-block target is refused before any write.
+    let refused = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fio-bench.sh"))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a block device"));
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    if !peer_available("systemd-analyze", have("systemd-analyze")) {
+        return;
+    }
+    let dir = TempDir::new("unit");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/nbdcrypt.service"
+    ))
+    .unwrap();
+    // Point ExecStart at the binary under test (the unit expects /usr/local/bin/nbdcrypt).
+    let unit = unit.replace("/usr/local/bin/nbdcrypt", env!("CARGO_BIN_EXE_nbdcrypt"));
+    assert!(unit.contains("NoNewPrivileges=yes") && unit.contains("LimitMEMLOCK="));
+    let path = dir.path("nbdcrypt.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Only our unit's own lines matter (the host's other units may have their own complaints).
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("nbdcrypt.service"))
+        .collect();
+    assert!(ours.is_empty(), "{err}");
+}
