@@ -19,13 +19,15 @@ log() { printf '\n==> %s\n' "$*"; }
 # - fuse3 and e2fsprogs: nbdfuse's mount helper, mkfs.ext4 and e2fsck;
 # - nbdkit and gnuplot-nox: the peers and the chart of the benchmark smoke run (bench.sh --quick);
 # - the kernel-path VM (scripts/vm-e2e.sh): qemu-system-x86, cpio, kmod (depmod), xxd, and
-#   cryptsetup-bin (copied into the guest).
+#   cryptsetup-bin (copied into the guest);
+# - bsdutils (`script`: a terminal for the progress-bar test) and systemd (`systemd-analyze`
+#   verifies contrib/nbdcrypt.service).
 # qemu-system-x86 goes first, alone: Debian's 7.2 replaces a newer qemu-utils if one is
 # installed, and qemu-utils is then (re)installed in the matching version with the rest, so that
 # every test runs against one qemu.
 VM_PACKAGES=(qemu-system-x86)
 DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs nbdkit
-    gnuplot-nox cpio kmod xxd cryptsetup-bin)
+    gnuplot-nox cpio kmod xxd cryptsetup-bin bsdutils systemd)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 # shellcheck source=scripts/lib/deb.sh
