@@ -51,8 +51,14 @@ fi
 [[ -x "$BIN" ]] || die "no nbdcrypt binary at $BIN"
 
 # --- kernel and guest packages (cached) ----------------------------------------------------
-KPKG="$(apt-cache depends linux-image-amd64 2>/dev/null | grep -o 'linux-image-6[^ ]*' | head -1)"
-[[ -n "$KPKG" ]] || die "cannot resolve Debian's linux-image-amd64 package"
+kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | grep -o 'linux-image-6[^ ]*' | head -1; }
+KPKG="$(kernel_package)"
+if [[ -z "$KPKG" ]]; then
+    # No package lists yet (a fresh machine where nothing else needed installing).
+    if [[ $(id -u) -eq 0 ]]; then apt-get update -qq; else sudo apt-get update -qq; fi
+    KPKG="$(kernel_package)"
+fi
+[[ -n "$KPKG" ]] || die "cannot resolve Debian's linux-image-amd64 package (apt sources?)"
 KVER="${KPKG#linux-image-}"
 GUEST_DEBS=("$KPKG" busybox-static nbd-client libnl-3-200 libnl-genl-3-200)
 EXTRACT="$CACHE/extract-$KVER"

@@ -9,8 +9,9 @@
 //! | [`cli`] | the command-line grammar (clap definitions only) | contain logic |
 //! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`, `volume`, `kms`, raw-key exports and `keygen`) | hold key material beyond one call |
 //! | [`codec`] | big-endian byte reading/writing shared by the wire format and the volume header | panic on short input |
+//! | [`fsutil`] | creating private (0700) state directories | create anything others can write |
 //! | [`protocol`] | the NBD wire format, pure (no I/O) | panic on any input |
-//! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation | touch key bytes |
+//! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation, crypto workers, payload buffers | touch key bytes |
 //! | [`volume`] | plaintext byte ranges ↔ encrypted sectors (head/body/tail, RMW locks), named volumes and headers | keep raw key bytes past opening a volume |
 //! | [`storage`] | ciphertext bytes on files and block devices | know keys or plaintext |
 //! | [`kms`] | key services (local KMS with policies and grants, AWS KMS), audit log | log or return key bytes except into a `VolumeKey` |
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod codec;
 pub mod commands;
 pub mod crypto;
+pub mod fsutil;
 pub mod kms;
 pub mod protocol;
 pub mod server;

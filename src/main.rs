@@ -34,6 +34,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ..
     } = cli;
     let state = nbdcrypt::commands::volume::state_dir(state_dir);
+    if matches!(
+        command,
+        Command::Serve(_) | Command::Volume(_) | Command::Kms(_)
+    ) {
+        nbdcrypt::commands::check_state_dir(&state)?;
+    }
     let key_service = || {
         nbdcrypt::commands::key_service(&kms, kms_endpoint.as_deref(), region.as_deref(), &state)
     };

@@ -120,3 +120,47 @@ fn completions_for_each_shell_name_the_subcommands() {
     let out = nbdcrypt().args(["completions", "tcsh"]).output().unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn state_dir_writable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("nbdcrypt-statedir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let (out, _) = run(nbdcrypt()
+        .env("NBDCRYPT_STATE_DIR", &state)
+        .args(["--log", "error", "volume", "create", "v", "--size", "8M"]));
+    assert!(out.contains("created"), "{out}");
+    // nbdcrypt creates its directories 0700, whatever the umask.
+    for d in [state.clone(), state.join("kms"), state.join("volumes")] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", d.display());
+    }
+    for (d, mode) in [(state.clone(), 0o777), (state.join("kms"), 0o770)] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+        for args in [
+            &["volume", "list"][..],
+            &["kms", "list-keys"],
+            &["serve", "--volume", "v"],
+        ] {
+            let o = nbdcrypt()
+                .env("NBDCRYPT_STATE_DIR", &state)
+                .args(args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !o.status.success(),
+                "{args:?} ran with {} at {mode:o}",
+                d.display()
+            );
+            assert!(err.contains("refusing the state directory"), "{err}");
+            assert!(err.contains("chmod go-w"), "{err}");
+        }
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    run(nbdcrypt()
+        .env("NBDCRYPT_STATE_DIR", &state)
+        .args(["volume", "list"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,7 +22,9 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 /// A fresh 1 MiB volume with 512-byte sectors (discards on, so TRIM and BLOCK_STATUS run).
 pub fn volume() -> EncryptedVolume {
     // A fixed test key: fuzzing needs no secrecy, and a fixed key keeps runs reproducible.
-    let mut raw: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+    let mut raw: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
     let key = VolumeKey::take_from(&mut raw).expect("key");
     let sector = SectorSize::from_bytes(512).expect("sector");
     let engine = XtsEngine::new(&key, sector, BackendChoice::Auto).expect("engine");

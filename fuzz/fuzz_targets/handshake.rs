@@ -7,7 +7,9 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use nbdcrypt::protocol::handshake::{Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader, OptionReplyHeader};
+use nbdcrypt::protocol::handshake::{
+    Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader, OptionReplyHeader,
+};
 
 fuzz_target!(|data: &[u8]| {
     let _ = Greeting::decode(data);

@@ -8,7 +8,9 @@ use libfuzzer_sys::fuzz_target;
 use nbdcrypt::kms::policy::{RequestFacts, parse};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let Ok(policy) = parse(text) else { return };
     let mut context = BTreeMap::new();
     context.insert("nbdcrypt:volume".to_owned(), "db".to_owned());

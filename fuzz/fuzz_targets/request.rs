@@ -27,7 +27,9 @@ fn resources() -> Resources {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if let Ok(req) = Request::decode(rest) {
         let _ = validate(
             &req,
@@ -43,7 +45,8 @@ fuzz_target!(|data: &[u8]| {
     // One export for the whole run (a volume's locked key pages are costly to set up); the
     // data it holds carries over between inputs, which only widens what reads see.
     static EXPORT: std::sync::OnceLock<Arc<Export>> = std::sync::OnceLock::new();
-    let export = EXPORT.get_or_init(|| Arc::new(Export::new("fuzz".into(), String::new(), common::volume())));
+    let export = EXPORT
+        .get_or_init(|| Arc::new(Export::new("fuzz".into(), String::new(), common::volume())));
     let session = Session {
         export: Arc::clone(export),
         structured: mode & 1 != 0,

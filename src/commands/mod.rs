@@ -14,6 +14,38 @@ use std::path::Path;
 use crate::kms::KeyService;
 use crate::kms::KmsError;
 
+/// The state directory (volume registry, local KMS store, audit log) may be writable by its
+/// owner only: anyone else who can write it could swap the key store or the registry (point a
+/// volume at a file they control). Checked before any command uses it; a missing directory is
+/// fine (it is created 0700 when first needed).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing the state directory {path}: mode {mode:o} lets other users change volumes and keys (chmod go-w {path})"
+)]
+pub struct StateDirError {
+    /// The directory.
+    pub path: String,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+/// Checks `state` and, within it, the local KMS directory for group or world write access.
+pub fn check_state_dir(state: &Path) -> Result<(), StateDirError> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [state.to_path_buf(), state.join("kms")] {
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                return Err(StateDirError {
+                    path: dir.display().to_string(),
+                    mode,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The key service the global options select, and its name for volume headers.
 pub fn key_service(
     cli_kms: &str,

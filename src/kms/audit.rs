@@ -56,7 +56,7 @@ impl AuditLog {
         use std::os::unix::fs::OpenOptionsExt;
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
+            crate::fsutil::create_private_dir(dir)?;
         }
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');

@@ -189,7 +189,7 @@ impl Store {
         let fail = |e: std::io::Error| {
             unavailable(op, format!("cannot write {}: {e}", self.dir.display()))
         };
-        std::fs::create_dir_all(&self.dir).map_err(fail)?;
+        crate::fsutil::create_private_dir(&self.dir).map_err(fail)?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
             .map_err(fail)?;
         let tmp = self

@@ -117,7 +117,7 @@ impl<'k> Manager<'k> {
 
     fn save_entry(&self, e: &Entry) -> Result<(), ManagerError> {
         let dir = self.registry();
-        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        crate::fsutil::create_private_dir(&dir).map_err(io("cannot create", &dir))?;
         let p = self.entry_path(&e.name);
         let tmp = dir.join(format!(".{}.tmp", e.name));
         let text = serde_json::to_vec_pretty(e)
@@ -205,7 +205,7 @@ impl<'k> Manager<'k> {
             .clone()
             .unwrap_or_else(|| self.registry().join(format!("{name}.img")));
         if let Some(parent) = backing.parent() {
-            std::fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+            crate::fsutil::create_private_dir(parent).map_err(io("cannot create", parent))?;
         }
         let f = OpenOptions::new()
             .read(true)
