@@ -344,6 +344,10 @@ pub struct ServeArgs {
     /// bounded to 96 MiB).
     #[arg(long, default_value_t = 1024)]
     pub max_buffer_mib: usize,
+    /// Seconds a client has to finish the NBD handshake; slower (or silent) clients are
+    /// disconnected so they cannot hold connection slots.
+    #[arg(long, default_value_t = 30.0)]
+    pub handshake_timeout: f64,
 }
 
 /// `nbdcrypt keygen`.

@@ -10,7 +10,11 @@
 //! it also flags blocks after killing `nbdkit file`, i.e. it counts writes that failed with the
 //! connection as written.)
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 

@@ -69,6 +69,50 @@ fn connection_limit_holds_extra_clients_until_a_slot_frees() {
     second.read_exact(&mut greeting).unwrap();
 }
 
+#[test]
+fn silent_clients_are_dropped_after_the_handshake_timeout() {
+    // Slow-loris: six clients connect and never negotiate, against two connection slots.
+    // Each is disconnected after the 1 s handshake timeout, so a real client queued behind
+    // them is served within seconds, not never.
+    if !peer_available("nbdinfo", have("nbdinfo")) {
+        return;
+    }
+    let dir = TempDir::new("loris");
+    let mut rng = Rng::new(seed("loris"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let server = Server::start_with(
+        &dir,
+        &[format!(
+            "name=d,file={},key-file={},size=8M",
+            dir.path("d.img").display(),
+            key.display()
+        )],
+        &["--max-connections", "2", "--handshake-timeout", "1"],
+    );
+    let idle: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(&server.addr).unwrap())
+        .collect();
+    let start = std::time::Instant::now();
+    // Bounded: without the handshake timeout nbdinfo would wait for a greeting forever.
+    let out = run_ok(
+        Command::new("timeout")
+            .args(["20", "nbdinfo", "--size"])
+            .arg(server.uri("d")),
+    );
+    assert_eq!(out.trim(), (8u64 << 20).to_string());
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(15), "served after {waited:?}");
+    // The silent clients were disconnected by the server (EOF after the greeting).
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let n = s.read_to_end(&mut buf).unwrap();
+        assert_eq!(n, 18, "greeting, then the server closed");
+    }
+    let log = server.stop();
+    assert_eq!(log.matches("negotiation took too long").count(), 6, "{log}");
+}
+
 fn tmpfs_available() -> Result<(), String> {
     have("mount")?;
     let uid = run_ok(Command::new("id").arg("-u"));

@@ -59,6 +59,9 @@ pub enum ServeError {
     /// A named volume could not be opened.
     #[error(transparent)]
     NamedVolume(#[from] crate::volume::manager::ManagerError),
+    /// `--handshake-timeout` is not a positive number of seconds.
+    #[error("--handshake-timeout {0} is not a positive number of seconds")]
+    HandshakeTimeout(f64),
     /// The crypto workers could not start.
     #[error(transparent)]
     Workers(crate::server::workers::WorkersError),
@@ -155,6 +158,10 @@ pub fn run(
             ),
             buffers: BufferPool::new(args.max_buffer_mib.saturating_mul(1024 * 1024)),
         },
+        handshake_timeout: std::time::Duration::try_from_secs_f64(args.handshake_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or(ServeError::HandshakeTimeout(args.handshake_timeout))?,
     };
     tracing::info!(
         workers = config.resources.workers.threads(),

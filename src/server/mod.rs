@@ -112,6 +112,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Crypto workers and payload buffers, shared by every connection.
     pub resources: transmit::Resources,
+    /// Time a client has to finish negotiation before it is disconnected.
+    pub handshake_timeout: std::time::Duration,
 }
 
 /// Errors that stop the server.
@@ -193,11 +195,28 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     peer: String,
     exports: Exports,
     resources: transmit::Resources,
+    handshake_timeout: std::time::Duration,
     shutdown: watch::Receiver<bool>,
 ) {
     let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
     tracing::info!(conn = id, %peer, "connection opened");
-    let session = match negotiate::negotiate(&mut stream, &exports).await {
+    // A client gets a bounded time to finish negotiating: a slow or silent one (slow-loris)
+    // would otherwise hold one of the `--max-connections` slots forever.
+    let negotiated = tokio::time::timeout(
+        handshake_timeout,
+        negotiate::negotiate(&mut stream, &exports),
+    )
+    .await;
+    let Ok(negotiated) = negotiated else {
+        tracing::warn!(
+            conn = id,
+            %peer,
+            timeout_s = handshake_timeout.as_secs_f64(),
+            "connection closed: negotiation took too long"
+        );
+        return;
+    };
+    let session = match negotiated {
         Ok(Some(s)) => s,
         Ok(None) => {
             tracing::info!(conn = id, "connection closed: client aborted negotiation");
@@ -274,8 +293,9 @@ pub async fn run(
                 let exports = exports.clone();
                 let rx = shutdown.clone();
                 let resources = config.resources.clone();
+                let handshake_timeout = config.handshake_timeout;
                 tasks.spawn(async move {
-                    connection(stream, peer, exports, resources, rx).await;
+                    connection(stream, peer, exports, resources, handshake_timeout, rx).await;
                     drop(permit);
                 });
             }
