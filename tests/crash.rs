@@ -26,45 +26,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use nbdcrypt::protocol::Request;
-use nbdcrypt::protocol::consts::{client_flags, cmd, opt};
-use nbdcrypt::protocol::handshake::OptionHeader;
+use nbdcrypt::protocol::consts::cmd;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = (64 << 20) / BLOCK as u64;
 
-/// Connects and selects the export with `NBD_OPT_EXPORT_NAME` (simple replies).
 fn connect(addr: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    let mut b = (client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES)
-        .to_be_bytes()
-        .to_vec();
-    OptionHeader {
-        code: opt::EXPORT_NAME,
-        len: 1,
-    }
-    .encode(&mut b);
-    b.push(b'c');
-    s.write_all(&b).unwrap();
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
-    s
+    raw_connect(addr, "c")
 }
 
 fn request(kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    let mut b = Vec::new();
-    Request {
-        flags: 0,
-        kind,
-        cookie,
-        offset,
-        length,
-    }
-    .encode(&mut b);
-    b
+    raw_request(kind, cookie, offset, length)
 }
 
 /// The content of write number `i`: its own number in every 8 bytes, so any mix-up shows.

@@ -285,3 +285,42 @@ impl Drop for LoopDev {
             .status();
     }
 }
+
+/// A raw NBD connection to `export` (fixed newstyle, `NBD_OPT_EXPORT_NAME`, simple replies).
+pub fn raw_connect(addr: &str, export: &str) -> std::net::TcpStream {
+    use nbdcrypt::protocol::consts::{client_flags, opt};
+    use nbdcrypt::protocol::handshake::OptionHeader;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    let mut b = (client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    OptionHeader {
+        code: opt::EXPORT_NAME,
+        len: u32::try_from(export.len()).unwrap(),
+    }
+    .encode(&mut b);
+    b.extend_from_slice(export.as_bytes());
+    s.write_all(&b).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).unwrap();
+    s
+}
+
+/// One request header on the wire.
+pub fn raw_request(kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    nbdcrypt::protocol::Request {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        length,
+    }
+    .encode(&mut b);
+    b
+}
