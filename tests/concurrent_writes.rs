@@ -86,22 +86,11 @@ fn run(addr: &str, export: &str) {
 #[test]
 fn concurrent_unaligned_writes_from_four_connections_lose_nothing() {
     let dir = TempDir::new("concurrent");
-    let mut rng = Rng::new(seed("concurrent"));
-    let (k1, _) = key_file(&dir, "k1", &mut rng);
-    let (k2, _) = key_file(&dir, "k2", &mut rng);
     let server = Server::start(
         &dir,
         &[
-            format!(
-                "name=s4k,file={},key-file={},size=4M",
-                dir.path("a.img").display(),
-                k1.display()
-            ),
-            format!(
-                "name=s512,file={},key-file={},size=4M,sector-size=512",
-                dir.path("b.img").display(),
-                k2.display()
-            ),
+            keyed_export(&dir, "s4k", ",size=4M"),
+            keyed_export(&dir, "s512", ",size=4M,sector-size=512"),
         ],
     );
     run(&server.addr, "s4k");

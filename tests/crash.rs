@@ -136,11 +136,7 @@ fn acknowledged_writes_survive_kill_9_and_sigterm_under_load() {
         let dir = TempDir::new(&format!("crash-{round}"));
         let mut rng = Rng::new(seed("crash") + round as u64);
         let (key, _) = key_file(&dir, "k", &mut rng);
-        let export = format!(
-            "name=c,file={},key-file={},size=64M",
-            dir.path("v.img").display(),
-            key.display()
-        );
+        let export = export_spec(&dir, "c", &key, ",size=64M");
         let server = Server::start(&dir, std::slice::from_ref(&export));
         let pid = server.child.id().to_string();
         let addr = server.addr.clone();
@@ -175,17 +171,10 @@ fn acknowledged_writes_survive_kill_9_and_sigterm_under_load() {
             drop(restarted);
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(dir.path("v.img"))
+                .open(dir.path("c.img"))
                 .unwrap();
             std::os::unix::fs::FileExt::write_all_at(&f, &rng.bytes(64 << 20), 0).unwrap();
-            let again = Server::start(
-                &dir,
-                &[format!(
-                    "name=c,file={},key-file={},size=64M",
-                    dir.path("v.img").display(),
-                    key.display()
-                )],
-            );
+            let again = Server::start(&dir, &[export_spec(&dir, "c", &key, ",size=64M")]);
             assert!(!lost(&again.addr, &log.acked).is_empty());
         }
     }

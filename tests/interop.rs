@@ -11,13 +11,7 @@ use std::process::Command;
 
 use common::{Rng, Server, TempDir, have, key_file, peer_available, python, run_ok, seed};
 
-fn export(dir: &TempDir, name: &str, key: &std::path::Path, extra: &str) -> String {
-    format!(
-        "name={name},file={},key-file={}{extra}",
-        dir.path(&format!("{name}.img")).display(),
-        key.display()
-    )
-}
+use common::export_spec as export;
 
 #[test]
 fn qemu_io_patterns_unaligned_zeroes_and_discard() {

@@ -18,16 +18,7 @@ fn fio_bench_runs_every_job_file_against_the_server() {
         return;
     }
     let dir = TempDir::new("fio-jobs");
-    let mut rng = Rng::new(seed("fio-jobs"));
-    let (key, _) = key_file(&dir, "k", &mut rng);
-    let server = Server::start(
-        &dir,
-        &[format!(
-            "name=b,file={},key-file={},size=64M",
-            dir.path("b.img").display(),
-            key.display()
-        )],
-    );
+    let server = Server::start(&dir, &[keyed_export(&dir, "b", ",size=64M")]);
     let json = dir.path("summary.json");
     let out = run_ok(
         Command::new("bash")

@@ -62,22 +62,11 @@ fn fio_verify_multi_conn_large_requests_run_on_workers() {
         return;
     }
     let dir = TempDir::new("parallel-file");
-    let mut rng = Rng::new(seed("parallel-file"));
-    let (k1, _) = key_file(&dir, "k1", &mut rng);
-    let (k2, _) = key_file(&dir, "k2", &mut rng);
     let server = Server::start_with(
         &dir,
         &[
-            format!(
-                "name=s4k,file={},key-file={},size=32M",
-                dir.path("s4k.img").display(),
-                k1.display()
-            ),
-            format!(
-                "name=s512,file={},key-file={},size=32M,sector-size=512",
-                dir.path("s512.img").display(),
-                k2.display()
-            ),
+            keyed_export(&dir, "s4k", ",size=32M"),
+            keyed_export(&dir, "s512", ",size=32M,sector-size=512"),
         ],
         &["--split-bytes", "64K", "--workers", "3"],
     );

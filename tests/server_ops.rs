@@ -8,7 +8,9 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{LoopDev, Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
+use common::{
+    LoopDev, Rng, Server, TempDir, have, key_file, keyed_export, peer_available, run_ok, seed,
+};
 use nbdcrypt::protocol::consts::{client_flags, cmd, err, opt, rep};
 use nbdcrypt::protocol::{InfoRequest, OptionHeader, OptionReplyHeader, Request, SimpleReply};
 
@@ -78,15 +80,9 @@ fn silent_clients_are_dropped_after_the_handshake_timeout() {
         return;
     }
     let dir = TempDir::new("loris");
-    let mut rng = Rng::new(seed("loris"));
-    let (key, _) = key_file(&dir, "k", &mut rng);
     let server = Server::start_with(
         &dir,
-        &[format!(
-            "name=d,file={},key-file={},size=8M",
-            dir.path("d.img").display(),
-            key.display()
-        )],
+        &[keyed_export(&dir, "d", ",size=8M")],
         &["--max-connections", "2", "--handshake-timeout", "1"],
     );
     let idle: Vec<TcpStream> = (0..6)

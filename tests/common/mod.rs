@@ -244,6 +244,22 @@ pub fn key_file(dir: &TempDir, name: &str, rng: &mut Rng) -> (std::path::PathBuf
     (p, k)
 }
 
+/// An `--export` spec for `DIR/NAME.img` with the key file `key` and extra options (`,size=…`).
+pub fn export_spec(dir: &TempDir, name: &str, key: &std::path::Path, extra: &str) -> String {
+    format!(
+        "name={name},file={},key-file={}{extra}",
+        dir.path(&format!("{name}.img")).display(),
+        key.display()
+    )
+}
+
+/// [`export_spec`] with a fresh random key file `DIR/NAME.key` (seeded by the export name).
+pub fn keyed_export(dir: &TempDir, name: &str, extra: &str) -> String {
+    let mut rng = Rng::new(seed(name));
+    let (key, _) = key_file(dir, &format!("{name}.key"), &mut rng);
+    export_spec(dir, name, &key, extra)
+}
+
 /// Runs a command, panicking with its output if it fails; returns stdout.
 pub fn run_ok(cmd: &mut std::process::Command) -> String {
     let out = cmd
