@@ -391,6 +391,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
                     err::EOVERFLOW => "request longer than the maximum block size",
                     _ => "request refused",
                 };
+                tracing::debug!(
+                    cookie = req.cookie,
+                    command = req.kind,
+                    offset = req.offset,
+                    length = req.length,
+                    errno,
+                    reason = msg,
+                    "request refused"
+                );
                 if tx
                     .send(error_reply(structured, req.cookie, errno, msg))
                     .await
