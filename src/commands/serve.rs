@@ -210,11 +210,13 @@ pub fn run(
 fn print_attach_help(listen: &Listen, exports: &Exports) {
     let mut err = std::io::stderr().lock();
     for e in exports.all() {
+        // Block size = the volume's sector size: no client-side or server-side partial sectors.
+        let bs = e.volume.config().sector_size.bytes();
         let (uri, client) = match listen {
             Listen::Tcp(a) => (
                 format!("nbd://{a}/{}", e.name),
                 format!(
-                    "nbd-client {} {} /dev/nbd0 -N {} -b 4096",
+                    "nbd-client {} {} /dev/nbd0 -N {} -b {bs}",
                     a.ip(),
                     a.port(),
                     e.name
@@ -223,7 +225,7 @@ fn print_attach_help(listen: &Listen, exports: &Exports) {
             Listen::Unix(p) => (
                 format!("nbd+unix:///{}?socket={}", e.name, p.display()),
                 format!(
-                    "nbd-client -unix {} /dev/nbd0 -N {} -b 4096",
+                    "nbd-client -unix {} /dev/nbd0 -N {} -b {bs}",
                     p.display(),
                     e.name
                 ),
@@ -231,7 +233,7 @@ fn print_attach_help(listen: &Listen, exports: &Exports) {
         };
         let _ = writeln!(
             err,
-            "serving {uri}\n  kernel:  {client}\n  nbdfuse: mkdir -p fuse && nbdfuse fuse/disk {uri} & losetup -f --show -b 4096 fuse/disk"
+            "serving {uri}\n  kernel:  {client}\n  nbdfuse: mkdir -p fuse && nbdfuse fuse/disk {uri} & losetup -f --show -b {bs} fuse/disk"
         );
     }
 }
