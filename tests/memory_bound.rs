@@ -5,11 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nbdcrypt::crypto::{BackendChoice, SectorSize, VolumeKey, XtsEngine};
 use nbdcrypt::protocol::Request;
 use nbdcrypt::protocol::consts::{cmd, cmd_flag};
 use nbdcrypt::server::Export;
@@ -18,7 +19,6 @@ use nbdcrypt::server::negotiate::Session;
 use nbdcrypt::server::transmit::{self, Resources};
 use nbdcrypt::server::workers::Workers;
 use nbdcrypt::storage::{Extent, MemoryStorage, Storage};
-use nbdcrypt::volume::{EncryptedVolume, VolumeConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1 << 20;
@@ -76,20 +76,7 @@ impl Storage for GatedStore {
 async fn server_budget_admits_only_what_fits_and_all_complete_later() {
     let store = Arc::new(GatedStore::default());
     let _unblock = OpenOnDrop(Arc::clone(&store));
-    let mut raw: Vec<u8> = (0..64u8)
-        .map(|i| i.wrapping_mul(31).wrapping_add(3))
-        .collect();
-    let key = VolumeKey::take_from(&mut raw).unwrap();
-    let sector = SectorSize::from_bytes(4096).unwrap();
-    let engine = XtsEngine::new(&key, sector, BackendChoice::Auto).unwrap();
-    let config = VolumeConfig {
-        size: 16 << 20,
-        sector_size: sector,
-        discards: false,
-        read_only: false,
-        data_offset: 0,
-    };
-    let volume = EncryptedVolume::new(Box::new(Arc::clone(&store)), engine, config).unwrap();
+    let volume = common::test_volume(Box::new(Arc::clone(&store)), 16 << 20, 4096);
     let export = Arc::new(Export::new("b".into(), String::new(), volume));
     let session = Session {
         export,

@@ -18,9 +18,8 @@ use common::*;
 use nbdcrypt::protocol::consts::cmd;
 
 fn cli(state: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
-    c.env("NBDCRYPT_STATE_DIR", state)
-        .env("NBDCRYPT_LOG", "trace");
+    let mut c = nbdcrypt_cli(state);
+    c.env("NBDCRYPT_LOG", "trace");
     c
 }
 
@@ -50,12 +49,6 @@ fn base64(bytes: &[u8]) -> String {
     s
 }
 
-fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
 /// The forms a secret could leak in.
 fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
@@ -65,7 +58,7 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
         parts.push(secret[32..].to_vec());
     }
     for p in parts {
-        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex::encode(&p);
         out.push(hex.clone().into_bytes());
         out.push(hex.to_uppercase().into_bytes());
         out.push(base64(&p).into_bytes());
@@ -201,7 +194,7 @@ fn no_key_material_in_logs_errors_or_state_files() {
         cli(&state).args(["volume", "export-key", "p", "--confirm"]),
         &mut logs,
     ));
-    let data_key = hex_decode(key_hex.trim());
+    let data_key = hex::decode(key_hex.trim()).unwrap();
     assert_eq!(data_key.len(), 64);
     let store: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("kms/keys.json")).unwrap())
@@ -211,7 +204,7 @@ fn no_key_material_in_logs_errors_or_state_files() {
         for m in k["materials"].as_array().unwrap() {
             secrets.push((
                 format!("KMS material of {id}"),
-                hex_decode(m["hex"].as_str().unwrap()),
+                hex::decode(m["hex"].as_str().unwrap()).unwrap(),
             ));
         }
     }

@@ -13,32 +13,20 @@ mod common;
 
 use std::sync::Arc;
 
-use nbdcrypt::crypto::{BackendChoice, SectorSize, VolumeKey, XtsEngine};
+use nbdcrypt::crypto::SectorSize;
 use nbdcrypt::server::workers::{MIN_RUN_BYTES, Workers, split};
 use nbdcrypt::storage::MemoryStorage;
-use nbdcrypt::volume::{EncryptedVolume, VolumeConfig};
+use nbdcrypt::volume::EncryptedVolume;
 
-use common::Rng;
+use common::{Rng, test_volume};
 
 const SIZE: u64 = 8 << 20;
 
 fn volume(sector: SectorSize) -> (EncryptedVolume, Arc<MemoryStorage>) {
-    // A fixed test key (not a secret); both volumes of a pair use it.
-    let mut raw: Vec<u8> = (0..64u8)
-        .map(|i| i.wrapping_mul(29).wrapping_add(7))
-        .collect();
-    let key = VolumeKey::take_from(&mut raw).unwrap();
-    let engine = XtsEngine::new(&key, sector, BackendChoice::Auto).unwrap();
+    // Both volumes of a pair get the same fixed test key.
     let mem = Arc::new(MemoryStorage::new(0));
-    let config = VolumeConfig {
-        size: SIZE,
-        sector_size: sector,
-        discards: false,
-        read_only: false,
-        data_offset: 0,
-    };
-    let v = EncryptedVolume::new(Box::new(Arc::clone(&mem)), engine, config).unwrap();
-    (v, mem)
+    let bytes = sector.bytes() as u64;
+    (test_volume(Box::new(Arc::clone(&mem)), SIZE, bytes), mem)
 }
 
 /// (offset, len) pairs: aligned, unaligned at either or both ends, and tiny edges.

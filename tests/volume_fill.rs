@@ -16,10 +16,7 @@ use common::*;
 const DATA_OFFSET: usize = 1 << 20;
 
 fn cli(state: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
-    c.env("NBDCRYPT_STATE_DIR", state)
-        .env_remove("NBDCRYPT_LOG");
-    c
+    nbdcrypt_cli(state)
 }
 
 fn ok(c: &mut Command) -> (String, String) {

@@ -7,6 +7,7 @@
 //! server flushes every volume before it returns.
 
 pub mod buffers;
+mod execute;
 pub mod negotiate;
 pub mod transmit;
 pub mod validate;

@@ -27,16 +27,16 @@ use std::io::IoSlice;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
-use super::buffers::{Buffer, BufferPool};
-use super::negotiate::{ALLOCATION_CONTEXT_ID, Session};
+use super::buffers::BufferPool;
+use super::execute::{Permits, Reply, Work, error_reply, execute};
+use super::negotiate::Session;
 use super::validate::{Command, Limits, Verdict, validate};
 use super::workers::Workers;
 use crate::protocol::Request;
 use crate::protocol::consts::err;
-use crate::protocol::transmission::{self, REQUEST_LEN};
-use crate::volume::EncryptedVolume;
+use crate::protocol::transmission::REQUEST_LEN;
 
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -109,22 +109,6 @@ pub fn placement(
     }
 }
 
-/// Permits held until a reply has been written.
-#[derive(Debug)]
-struct Permits {
-    _slot: OwnedSemaphorePermit,
-    _conn_bytes: Option<OwnedSemaphorePermit>,
-    _server_bytes: Option<OwnedSemaphorePermit>,
-}
-
-/// One reply: header bytes and optional data that follows them.
-struct Reply {
-    header: Vec<u8>,
-    data: Option<Buffer>,
-    /// Released when the reply has left (or was dropped).
-    _permits: Option<Permits>,
-}
-
 /// How many requests of a connection ran where (logged when it closes).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -147,144 +131,6 @@ pub enum End {
     Retired,
     /// The client broke the protocol or the socket failed.
     Error(String),
-}
-
-fn error_reply(structured: bool, cookie: u64, errno: u32, msg: &str) -> Reply {
-    let mut header = Vec::new();
-    if structured {
-        transmission::error_chunk(&mut header, cookie, errno, msg);
-    } else {
-        transmission::SimpleReply {
-            error: errno,
-            cookie,
-        }
-        .encode(&mut header);
-    }
-    Reply {
-        header,
-        data: None,
-        _permits: None,
-    }
-}
-
-fn ok_reply(structured: bool, cookie: u64) -> Reply {
-    let mut header = Vec::new();
-    if structured {
-        transmission::none_chunk(&mut header, cookie);
-    } else {
-        transmission::SimpleReply { error: 0, cookie }.encode(&mut header);
-    }
-    Reply {
-        header,
-        data: None,
-        _permits: None,
-    }
-}
-
-/// One request ready to run: everything `execute` needs, owned, so it can move to a thread.
-struct Job {
-    volume: Arc<EncryptedVolume>,
-    resources: Resources,
-    structured: bool,
-    cookie: u64,
-    cmd: Command,
-    payload: Option<Buffer>,
-    split: bool,
-}
-
-/// Executes a validated command on the volume (blocking) and builds its reply.
-fn execute(job: Job) -> Reply {
-    let Job {
-        volume,
-        resources,
-        structured,
-        cookie,
-        cmd,
-        payload,
-        split,
-    } = job;
-    let volume = &*volume;
-    let result = match cmd {
-        Command::Read { offset, len } => {
-            let mut data = resources.buffers.take(len as usize);
-            let done = if split {
-                resources.workers.read(volume, offset, &mut data)
-            } else {
-                volume.read(offset, &mut data)
-            };
-            match done {
-                Ok(()) => {
-                    let mut header = Vec::with_capacity(32);
-                    if structured {
-                        transmission::offset_data_header(&mut header, cookie, offset, len, true);
-                    } else {
-                        transmission::SimpleReply { error: 0, cookie }.encode(&mut header);
-                    }
-                    return Reply {
-                        header,
-                        data: Some(data),
-                        _permits: None,
-                    };
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Command::Write { offset, fua, .. } => match payload {
-            Some(mut data) if split => resources.workers.write(volume, offset, &mut data, fua),
-            Some(mut data) => volume.write(offset, &mut data, fua),
-            None => volume.write(offset, &mut [], fua),
-        },
-        Command::Flush => volume.flush(),
-        Command::Trim { offset, len, fua } => volume.trim(offset, u64::from(len), fua),
-        Command::WriteZeroes {
-            offset,
-            len,
-            fua,
-            no_hole,
-            fast,
-        } => volume.write_zeroes(offset, u64::from(len), !no_hole, fast, fua),
-        Command::BlockStatus {
-            offset,
-            len,
-            req_one,
-        } => match volume.allocation(offset, u64::from(len)) {
-            Ok(runs) => {
-                use crate::protocol::consts::state;
-                let mut extents: Vec<(u32, u32)> = runs
-                    .into_iter()
-                    .filter(|(l, _)| *l > 0)
-                    .map(|(l, hole)| {
-                        let l = u32::try_from(l).unwrap_or(u32::MAX);
-                        (l, if hole { state::HOLE | state::ZERO } else { 0 })
-                    })
-                    .collect();
-                if req_one {
-                    extents.truncate(1);
-                }
-                let mut header = Vec::new();
-                transmission::block_status_chunk(
-                    &mut header,
-                    cookie,
-                    ALLOCATION_CONTEXT_ID,
-                    &extents,
-                );
-                return Reply {
-                    header,
-                    data: None,
-                    _permits: None,
-                };
-            }
-            Err(e) => Err(e),
-        },
-        Command::Disc => Ok(()),
-    };
-    match result {
-        Ok(()) => ok_reply(structured, cookie),
-        Err(e) => {
-            tracing::debug!(cookie, error = %e, "request failed");
-            error_reply(structured, cookie, e.nbd_errno(), &e.to_string())
-        }
-    }
 }
 
 /// Sends a batch of replies with as few vectored writes as the socket allows.
@@ -440,9 +286,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             (None, None)
         };
         let permits = Permits {
-            _slot: slot,
-            _conn_bytes: conn_permit,
-            _server_bytes: server_permit,
+            slot,
+            conn_bytes: conn_permit,
+            server_bytes: server_permit,
         };
         let payload = if let Command::Write { len, .. } = cmd {
             let mut data = resources.buffers.take(len as usize);
@@ -454,9 +300,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             None
         };
         let (place, split) = placement(&cmd, &resources.workers, pipelined, serial_writes);
-        let job = Job {
-            volume: Arc::clone(&volume),
-            resources: resources.clone(),
+        let work = Work {
             structured,
             cookie: req.cookie,
             cmd,
@@ -465,36 +309,35 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         };
         let cookie = req.cookie;
         match place {
-            Placement::Inline => stats.inline += 1,
-            Placement::Workers => stats.workers += 1,
-            Placement::Blocking => stats.blocking += 1,
-        }
-        match place {
             Placement::Inline => {
-                let mut reply = execute(job);
-                reply._permits = Some(permits);
+                stats.inline += 1;
+                let mut reply = execute(&volume, &resources, work);
+                reply.permits = Some(permits);
                 if tx.send(reply).await.is_err() {
                     break End::Error("reply writer stopped".into());
                 }
             }
             Placement::Workers => {
-                let tx = tx.clone();
+                stats.workers += 1;
+                let (tx, volume, res) = (tx.clone(), Arc::clone(&volume), resources.clone());
                 resources.workers.spawn(move || {
-                    let mut reply = execute(job);
-                    reply._permits = Some(permits);
+                    let mut reply = execute(&volume, &res, work);
+                    reply.permits = Some(permits);
                     // The writer may be gone if the client vanished; nothing else to do then.
                     let _ = tx.blocking_send(reply);
                 });
             }
             Placement::Blocking => {
-                let tx = tx.clone();
+                stats.blocking += 1;
+                let (tx, volume, res) = (tx.clone(), Arc::clone(&volume), resources.clone());
                 tokio::spawn(async move {
-                    let mut reply = tokio::task::spawn_blocking(move || execute(job))
-                        .await
-                        .unwrap_or_else(|_| {
-                            error_reply(structured, cookie, err::EIO, "internal error")
-                        });
-                    reply._permits = Some(permits);
+                    let mut reply =
+                        tokio::task::spawn_blocking(move || execute(&volume, &res, work))
+                            .await
+                            .unwrap_or_else(|_| {
+                                error_reply(structured, cookie, err::EIO, "internal error")
+                            });
+                    reply.permits = Some(permits);
                     let _ = tx.send(reply).await;
                 });
             }

@@ -340,3 +340,35 @@ pub fn raw_request(kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> 
     .encode(&mut b);
     b
 }
+
+/// An encrypted volume over `storage` with a fixed test key (not a secret: both sides of a
+/// comparison, or a fuzz-like test, need the same key).
+pub fn test_volume(
+    storage: Box<dyn nbdcrypt::storage::Storage>,
+    size: u64,
+    sector_bytes: u64,
+) -> nbdcrypt::volume::EncryptedVolume {
+    use nbdcrypt::crypto::{BackendChoice, SectorSize, XtsEngine};
+    let mut raw: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(29).wrapping_add(7))
+        .collect();
+    let key = VolumeKey::take_from(&mut raw).unwrap();
+    let sector = SectorSize::from_bytes(sector_bytes).unwrap();
+    let engine = XtsEngine::new(&key, sector, BackendChoice::Auto).unwrap();
+    let config = nbdcrypt::volume::VolumeConfig {
+        size,
+        sector_size: sector,
+        discards: false,
+        read_only: false,
+        data_offset: 0,
+    };
+    nbdcrypt::volume::EncryptedVolume::new(storage, engine, config).unwrap()
+}
+
+/// `nbdcrypt` with the given state directory and the default log level.
+pub fn nbdcrypt_cli(state: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+    c.env("NBDCRYPT_STATE_DIR", state)
+        .env_remove("NBDCRYPT_LOG");
+    c
+}
