@@ -4,32 +4,6 @@ use super::*;
 use crate::crypto::{BackendChoice, VolumeKey};
 use crate::storage::MemoryStorage;
 
-struct Shared(Arc<MemoryStorage>);
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Shared")
-    }
-}
-
-impl Storage for Shared {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.0.sync()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.punch_hole(offset, len)
-    }
-    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<crate::storage::Extent>> {
-        self.0.extents(offset, len)
-    }
-}
-
 fn volume(size: u64, sector: SectorSize, discards: bool) -> (EncryptedVolume, Arc<MemoryStorage>) {
     let mut raw: Vec<u8> = (0..64u8)
         .map(|i| i.wrapping_mul(13).wrapping_add(1))
@@ -38,7 +12,7 @@ fn volume(size: u64, sector: SectorSize, discards: bool) -> (EncryptedVolume, Ar
     let engine = XtsEngine::new(&key, sector, BackendChoice::Auto).unwrap();
     let mem = Arc::new(MemoryStorage::new(0));
     let v = EncryptedVolume::new(
-        Box::new(Shared(Arc::clone(&mem))),
+        Box::new(Arc::clone(&mem)),
         engine,
         VolumeConfig {
             size,
