@@ -305,7 +305,7 @@ cmd_down() {
     local rc=0 why
     why="$(timeout 20 "$BIN" --log error serve --listen 127.0.0.1:0 --volume "$NAME" 2>&1 >/dev/null </dev/null)" || rc=$?
     if ((rc == 0 || rc == 124)); then die "check: $NAME can still be served"; fi
-    grep -qi "deleted\|not found\|no such volume" <<<"$why" || die "check: serve refused $NAME for another reason: $why"
+    grep -qiE "deleted|no volume named|not found" <<<"$why" || die "check: serve refused $NAME for another reason: $why"
     say "check: $NAME is gone and its key destroyed"
     rm -rf "$RUN"
 }

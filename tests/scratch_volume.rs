@@ -162,8 +162,11 @@ fn scratch_volume_up_takes_nbdfuse_path_and_down_shreds() {
     let down = env.ok(&["down", "job"]);
     assert!(down.contains("is gone and its key destroyed"), "{down}");
     env.assert_gone("job", &mnt);
-    // down again: nothing to do, still fine.
+    // down again: nothing to do, still fine; and for a volume that never existed (an `up`
+    // killed before it created the volume).
     env.ok(&["down", "job"]);
+    let never = env.ok(&["down", "never"]);
+    assert!(never.contains("does not exist"), "{never}");
 }
 
 #[test]
