@@ -348,6 +348,24 @@ pub struct ServeArgs {
     /// disconnected so they cannot hold connection slots.
     #[arg(long, default_value_t = 30.0)]
     pub handshake_timeout: f64,
+    /// PEM certificate chain (server certificate first): turns TLS on (`NBD_OPT_STARTTLS`,
+    /// TLS 1.3 and 1.2). Without `--tls-required` plaintext clients are still served.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1; keep it mode 600).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse plaintext: every option but STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_required: bool,
+    /// PEM CA certificate(s): clients must present a certificate signed by one of them
+    /// (access control; implies `--tls-required`).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// When started as root: switch to this user (and its primary group, no supplementary
+    /// groups) once the volumes are open, the keys unwrapped and the socket bound.
+    #[arg(long)]
+    pub user: Option<String>,
 }
 
 /// `nbdcrypt keygen`.

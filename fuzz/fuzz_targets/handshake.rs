@@ -1,12 +1,16 @@
 //! The handshake and option parser: arbitrary client bytes through the real negotiation
 //! (fixed newstyle, every option, STARTTLS, INFO/GO, meta contexts), and every handshake
-//! message decoder on the raw input. Must never panic or hang.
+//! message decoder on the raw input. The first byte picks the TLS mode (off, offered, required,
+//! inside TLS): the option gating (`ERR_TLS_REQD`, `STARTTLS` acknowledgement) is fuzzed too;
+//! a `STARTTLS` acknowledgement ends the round, as it does before the real TLS handshake.
+//! Must never panic or hang.
 #![no_main]
 
 #[path = "common.rs"]
 mod common;
 
 use libfuzzer_sys::fuzz_target;
+use nbdcrypt::server::negotiate::TlsState;
 use nbdcrypt::protocol::handshake::{
     Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader, OptionReplyHeader,
 };
@@ -19,7 +23,18 @@ fuzz_target!(|data: &[u8]| {
     let _ = OptionReplyHeader::decode(data);
     let _ = Info::decode(data);
     let exports = common::exports();
-    common::drive(data, |mut server| async move {
-        let _ = nbdcrypt::server::negotiate::negotiate(&mut server, &exports).await;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let tls = TlsState {
+        offered: mode & 1 != 0,
+        required: mode & 2 != 0,
+        active: mode & 4 != 0,
+    };
+    common::drive(rest, |mut server| async move {
+        use nbdcrypt::server::negotiate::{greet, haggle};
+        if let Ok(no_zeroes) = greet(&mut server).await {
+            let _ = haggle(&mut server, &exports, no_zeroes, tls).await;
+        }
     });
 });

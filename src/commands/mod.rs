@@ -5,6 +5,7 @@ pub mod benchmark;
 pub mod export;
 pub mod info;
 pub mod kms;
+pub mod privileges;
 pub mod progress;
 pub mod serve;
 pub mod volume;

@@ -68,6 +68,12 @@ pub enum ServeError {
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    /// The TLS credentials could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::server::tls::TlsError),
+    /// `--user` could not be honoured.
+    #[error(transparent)]
+    Privileges(#[from] super::privileges::PrivilegeError),
 }
 
 /// The quick-start volume served when `serve` gets no `--volume` and no `--export`.
@@ -85,6 +91,31 @@ pub fn run(
     if !crypto::locked::disable_core_dumps() {
         tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
     }
+    // Fail on a bad --user or TLS file before any key is unwrapped.
+    let user = match &args.user {
+        Some(name) => Some((name.clone(), super::privileges::lookup(name)?)),
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::server::tls::Tls::load(
+                crate::server::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: args.tls_client_ca.clone(),
+                },
+                args.tls_required,
+            )?;
+            tracing::info!(
+                cert = %cert.display(),
+                required = tls.required(),
+                client_certificates = tls.verifies_clients(),
+                "TLS ready (1.3 and 1.2; reload with SIGHUP)"
+            );
+            Some(Arc::new(tls))
+        }
+        _ => None,
+    };
     let mut list = Vec::new();
     let mut volumes = args.volumes.clone();
     if volumes.is_empty() && args.exports.is_empty() {
@@ -162,6 +193,7 @@ pub fn run(
             .ok()
             .filter(|d| !d.is_zero())
             .ok_or(ServeError::HandshakeTimeout(args.handshake_timeout))?,
+        tls: tls.clone(),
     };
     tracing::info!(
         workers = config.resources.workers.threads(),
@@ -176,13 +208,32 @@ pub fn run(
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
         let listener = Listener::bind(&config.listen).await?;
+        // Everything root could be needed for is done: volumes open, keys unwrapped, bound.
+        if let Some((name, user)) = &user {
+            super::privileges::drop_to(name, user)?;
+            tracing::info!(
+                user = name,
+                uid = user.uid.as_raw(),
+                gid = user.gid.as_raw(),
+                "privileges dropped"
+            );
+            if std::fs::read_dir(state_dir.join("volumes")).is_err() && !volumes.is_empty() {
+                tracing::warn!(
+                    user = name,
+                    state_dir = %state_dir.display(),
+                    "the state directory is not readable as this user: a volume deleted while \
+                     served is withdrawn only when the server restarts (chown the state \
+                     directory to the user to fix)"
+                );
+            }
+        }
         let addr = listener.describe();
         tracing::info!(listen = addr, "serving");
         let bound = match (&config.listen, listener.tcp_addr()) {
             (Listen::Tcp(_), Some(a)) => Listen::Tcp(a),
             (other, _) => other.clone(),
         };
-        print_attach_help(&bound, &exports);
+        print_attach_help(&bound, &exports, tls.as_deref());
         if let Some(path) = &args.ready_file
             && let Err(e) = std::fs::write(path, format!("{addr}\n"))
         {
@@ -195,6 +246,7 @@ pub fn run(
                 state_dir.to_owned(),
             ));
         }
+        tokio::spawn(reload_on_hangup(tls));
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -207,25 +259,34 @@ pub fn run(
     })
 }
 
-fn print_attach_help(listen: &Listen, exports: &Exports) {
+fn print_attach_help(listen: &Listen, exports: &Exports, tls: Option<&crate::server::tls::Tls>) {
     let mut err = std::io::stderr().lock();
+    // With TLS: libnbd's nbds:// scheme, and nbd-client's certificate options.
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    let tls_opts = match tls {
+        None => String::new(),
+        Some(t) if t.verifies_clients() => {
+            " -cacertfile CA.pem -certfile CLIENT.pem -keyfile CLIENT-KEY.pem".into()
+        }
+        Some(_) => " -cacertfile CA.pem".into(),
+    };
     for e in exports.all() {
         // Block size = the volume's sector size: no client-side or server-side partial sectors.
         let bs = e.volume.config().sector_size.bytes();
         let (uri, client) = match listen {
             Listen::Tcp(a) => (
-                format!("nbd://{a}/{}", e.name),
+                format!("{scheme}://{a}/{}", e.name),
                 format!(
-                    "nbd-client {} {} /dev/nbd0 -N {} -b {bs}",
+                    "nbd-client {} {} /dev/nbd0 -N {} -b {bs}{tls_opts}",
                     a.ip(),
                     a.port(),
                     e.name
                 ),
             ),
             Listen::Unix(p) => (
-                format!("nbd+unix:///{}?socket={}", e.name, p.display()),
+                format!("{scheme}+unix:///{}?socket={}", e.name, p.display()),
                 format!(
-                    "nbd-client -unix {} /dev/nbd0 -N {} -b {bs}",
+                    "nbd-client -unix {} /dev/nbd0 -N {} -b {bs}{tls_opts}",
                     p.display(),
                     e.name
                 ),
@@ -263,6 +324,31 @@ async fn watch_deletions(exports: Exports, volumes: Vec<String>, state_dir: std:
             tracing::warn!(volume = name, "volume key destroyed in memory");
         }
         live = still;
+    }
+}
+
+/// SIGHUP reloads the TLS certificate, key and client CA (new handshakes use them; existing
+/// sessions keep theirs). Without TLS it is logged and ignored rather than ending the server.
+async fn reload_on_hangup(tls: Option<Arc<crate::server::tls::Tls>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: TLS reload unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match &tls {
+            None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+            Some(tls) => match tls.reload() {
+                Ok(()) => tracing::info!(
+                    cert = %tls.files().cert.display(),
+                    "SIGHUP: TLS certificates reloaded"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: TLS reload failed; keeping the previous certificates"
+                ),
+            },
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod buffers;
 mod execute;
 pub mod negotiate;
+pub mod tls;
 pub mod transmit;
 pub mod validate;
 pub mod workers;
@@ -113,8 +114,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Crypto workers and payload buffers, shared by every connection.
     pub resources: transmit::Resources,
-    /// Time a client has to finish negotiation before it is disconnected.
+    /// Time a client has to finish negotiation (TLS handshake included) before it is
+    /// disconnected.
     pub handshake_timeout: std::time::Duration,
+    /// TLS credentials and mode; `None` serves plaintext only (`STARTTLS` gets `ERR_UNSUP`).
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 /// Errors that stop the server.
@@ -191,21 +195,68 @@ impl Listener {
 
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
-async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-    mut stream: S,
+/// Greeting, option haggling, and the TLS upgrade when the client asks for it. Returns the
+/// session and the stream transmission runs on (the TLS stream after `STARTTLS`).
+async fn negotiate_connection(
+    mut stream: Box<dyn Conn>,
+    id: u64,
+    exports: &Exports,
+    tls: Option<&tls::Tls>,
+) -> Result<Option<(negotiate::Session, Box<dyn Conn>)>, negotiate::NegotiateError> {
+    use negotiate::{Outcome, TlsState};
+    let no_zeroes = negotiate::greet(&mut stream).await?;
+    let mut state = TlsState {
+        offered: tls.is_some(),
+        required: tls.is_some_and(tls::Tls::required),
+        active: false,
+    };
+    loop {
+        match negotiate::haggle(&mut stream, exports, no_zeroes, state).await? {
+            Outcome::Session(session) => return Ok(Some((session, stream))),
+            Outcome::Aborted => return Ok(None),
+            Outcome::StartTls => {
+                // `haggle` acknowledges STARTTLS only when TLS is offered and not yet active.
+                let Some(tls) = tls.filter(|_| !state.active) else {
+                    return Err(negotiate::NegotiateError::Protocol(
+                        "STARTTLS acknowledged without TLS".into(),
+                    ));
+                };
+                let upgraded = tls
+                    .acceptor()
+                    .accept(stream)
+                    .await
+                    .map_err(negotiate::NegotiateError::Tls)?;
+                let (version, suite, client) = tls::describe(upgraded.get_ref().1);
+                tracing::info!(
+                    conn = id,
+                    version,
+                    suite,
+                    client_cert_sha256 = client.as_deref().unwrap_or("none"),
+                    "TLS established"
+                );
+                stream = Box::new(upgraded);
+                state.active = true;
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: Box<dyn Conn>,
     peer: String,
     exports: Exports,
     resources: transmit::Resources,
     handshake_timeout: std::time::Duration,
+    tls: Option<Arc<tls::Tls>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
     tracing::info!(conn = id, %peer, "connection opened");
-    // A client gets a bounded time to finish negotiating: a slow or silent one (slow-loris)
-    // would otherwise hold one of the `--max-connections` slots forever.
+    // A client gets a bounded time to finish negotiating, TLS handshake included: a slow or
+    // silent one (slow-loris) would otherwise hold one of the `--max-connections` slots forever.
     let negotiated = tokio::time::timeout(
         handshake_timeout,
-        negotiate::negotiate(&mut stream, &exports),
+        negotiate_connection(stream, id, &exports, tls.as_deref()),
     )
     .await;
     let Ok(negotiated) = negotiated else {
@@ -217,10 +268,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         );
         return;
     };
-    let session = match negotiated {
+    let (session, stream) = match negotiated {
         Ok(Some(s)) => s,
         Ok(None) => {
             tracing::info!(conn = id, "connection closed: client aborted negotiation");
+            return;
+        }
+        Err(e @ (negotiate::NegotiateError::Tls(_) | negotiate::NegotiateError::TlsRequired)) => {
+            tracing::warn!(conn = id, %peer, error = %e, "connection refused");
             return;
         }
         Err(e) => {
@@ -295,8 +350,9 @@ pub async fn run(
                 let rx = shutdown.clone();
                 let resources = config.resources.clone();
                 let handshake_timeout = config.handshake_timeout;
+                let tls = config.tls.clone();
                 tasks.spawn(async move {
-                    connection(stream, peer, exports, resources, handshake_timeout, rx).await;
+                    connection(stream, peer, exports, resources, handshake_timeout, tls, rx).await;
                     drop(permit);
                 });
             }

@@ -1,4 +1,11 @@
 //! Fixed-newstyle negotiation: greeting, client flags, then options until `GO` or `EXPORT_NAME`.
+//!
+//! `STARTTLS` ends a round of option haggling: [`haggle`] acknowledges it and returns
+//! [`Outcome::StartTls`]; the caller runs the TLS handshake on the same socket and calls
+//! [`haggle`] again on the encrypted stream, with nothing carried over from the plaintext round
+//! (the spec: option haggling starts afresh, without a new greeting). In TLS-required mode every
+//! option but `STARTTLS` and `ABORT` is answered `NBD_REP_ERR_TLS_REQD` before TLS, and
+//! `EXPORT_NAME`, which has no error reply, ends the connection.
 
 use std::sync::Arc;
 
@@ -28,6 +35,36 @@ pub enum NegotiateError {
     /// The client sent `ABORT`.
     #[error("client aborted negotiation")]
     Aborted,
+    /// The TLS handshake after `STARTTLS` failed (no or wrong client certificate, protocol
+    /// mismatch, plaintext sent instead of a ClientHello, …).
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    /// The server requires TLS and the client asked for an export in plaintext with
+    /// `EXPORT_NAME`, which has no error reply.
+    #[error("TLS is required and the client sent EXPORT_NAME in plaintext")]
+    TlsRequired,
+}
+
+/// What TLS allows in one round of option haggling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsState {
+    /// The server has credentials: `STARTTLS` is accepted.
+    pub offered: bool,
+    /// Plaintext clients get `ERR_TLS_REQD` for every option but `STARTTLS` and `ABORT`.
+    pub required: bool,
+    /// This round runs inside TLS.
+    pub active: bool,
+}
+
+/// How a round of option haggling ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// `GO` or `EXPORT_NAME` succeeded: transmission starts.
+    Session(Session),
+    /// The client sent `ABORT` (acknowledged).
+    Aborted,
+    /// `STARTTLS` was acknowledged: the next bytes are the client's TLS handshake.
+    StartTls,
 }
 
 /// A negotiated session, ready for transmission.
@@ -45,6 +82,8 @@ struct State {
     structured: bool,
     /// Export name for which `base:allocation` was set, if any.
     meta_for: Option<String>,
+    /// A plaintext option was already refused with `ERR_TLS_REQD` (logged once per round).
+    refused_plaintext: bool,
 }
 
 async fn reply<S: AsyncWrite + Unpin>(
@@ -86,11 +125,9 @@ pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
     f
 }
 
-/// Runs negotiation on `s`. `Ok(None)` is a clean end without transmission (`ABORT`).
-pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    exports: &Exports,
-) -> Result<Option<Session>, NegotiateError> {
+/// Sends the greeting and reads the client's flags. Returns whether the client set
+/// `NBD_FLAG_C_NO_ZEROES`.
+pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, NegotiateError> {
     let mut out = Vec::new();
     Greeting {
         flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
@@ -104,10 +141,36 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             "unsupported client flags {cflags:#x} (fixed newstyle required)"
         )));
     }
-    let no_zeroes = cflags & client_flags::C_NO_ZEROES != 0;
+    Ok(cflags & client_flags::C_NO_ZEROES != 0)
+}
+
+/// Plaintext negotiation without TLS: [`greet`], then one round of [`haggle`]. `Ok(None)` is a
+/// clean end without transmission (`ABORT`).
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &Exports,
+) -> Result<Option<Session>, NegotiateError> {
+    let no_zeroes = greet(s).await?;
+    match haggle(s, exports, no_zeroes, TlsState::default()).await? {
+        Outcome::Session(session) => Ok(Some(session)),
+        Outcome::Aborted => Ok(None),
+        Outcome::StartTls => Err(NegotiateError::Protocol(
+            "STARTTLS acknowledged without TLS configured".into(),
+        )),
+    }
+}
+
+/// One round of option haggling on `s`, until transmission, `ABORT` or `STARTTLS`.
+pub async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &Exports,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Outcome, NegotiateError> {
     let mut st = State {
         structured: false,
         meta_for: None,
+        refused_plaintext: false,
     };
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -127,6 +190,26 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let mut data = vec![0u8; h.len as usize];
         s.read_exact(&mut data).await?;
+        if tls.required && !tls.active && h.code != opt::STARTTLS && h.code != opt::ABORT {
+            if h.code == opt::EXPORT_NAME {
+                return Err(NegotiateError::TlsRequired);
+            }
+            if !st.refused_plaintext {
+                st.refused_plaintext = true;
+                tracing::warn!(
+                    option = crate::protocol::consts::option_name(h.code),
+                    "plaintext client refused: TLS is required (NBD_REP_ERR_TLS_REQD)"
+                );
+            }
+            error(
+                s,
+                h.code,
+                rep::ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            continue;
+        }
         match h.code {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
@@ -143,7 +226,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 );
                 s.write_all(&out).await?;
                 let block_status = st.meta_for.as_deref() == Some(export.name.as_str());
-                return Ok(Some(Session {
+                return Ok(Outcome::Session(Session {
                     export,
                     structured: st.structured,
                     block_status,
@@ -152,7 +235,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             opt::ABORT => {
                 // Best effort: the client may already have closed.
                 let _ = reply(s, h.code, rep::ACK, &[]).await;
-                return Ok(None);
+                return Ok(Outcome::Aborted);
             }
             opt::LIST => {
                 if !data.is_empty() {
@@ -204,7 +287,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 reply(s, h.code, rep::ACK, &[]).await?;
                 if h.code == opt::GO {
                     let block_status = st.meta_for.as_deref() == Some(export.name.as_str());
-                    return Ok(Some(Session {
+                    return Ok(Outcome::Session(Session {
                         export,
                         structured: st.structured,
                         block_status,
@@ -272,13 +355,22 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 reply(s, h.code, rep::ACK, &[]).await?;
             }
             opt::STARTTLS => {
-                error(
-                    s,
-                    h.code,
-                    rep::ERR_UNSUP,
-                    "TLS is not configured on this server",
-                )
-                .await?;
+                if !data.is_empty() {
+                    error(s, h.code, rep::ERR_INVALID, "STARTTLS takes no data").await?;
+                } else if !tls.offered {
+                    error(
+                        s,
+                        h.code,
+                        rep::ERR_UNSUP,
+                        "TLS is not configured on this server",
+                    )
+                    .await?;
+                } else if tls.active {
+                    error(s, h.code, rep::ERR_INVALID, "TLS is already active").await?;
+                } else {
+                    reply(s, h.code, rep::ACK, &[]).await?;
+                    return Ok(Outcome::StartTls);
+                }
             }
             _ => {
                 error(s, h.code, rep::ERR_UNSUP, "option not supported").await?;

@@ -1,0 +1,575 @@
+//! TLS in transit (`NBD_OPT_STARTTLS`): a rustls client driven byte by byte (TLS 1.2 and 1.3,
+//! with and without client certificates, refusals, option haggling afresh after the upgrade,
+//! SIGHUP reload), and the real peers: `nbdinfo`/`nbdcopy` with `nbds://` and libnbd's
+//! `tls-certificates`, `qemu-io` with a `tls-creds-x509` object. The kernel `nbd-client` over
+//! TLS runs in the VM test (scripts/vm-e2e.sh).
+//!
+//! The PKI comes from `scripts/tls-certs.sh` (openssl); a missing peer fails the test when
+//! `NBDCRYPT_REQUIRE_PEERS=1`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use common::{Server, TempDir, have, keyed_export, peer_available, raw_request, run_ok};
+use nbdcrypt::protocol::consts::{client_flags, cmd, opt, rep};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+
+/// The test PKI (see scripts/tls-certs.sh for what each file is).
+fn pki(dir: &TempDir, name: &str) -> Option<PathBuf> {
+    if !peer_available("openssl", have("openssl")) {
+        return None;
+    }
+    let root = dir.path(name);
+    run_ok(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tls-certs.sh")).arg(&root));
+    Some(root)
+}
+
+fn tls_args(pki: &Path, client_ca: bool, required: bool) -> Vec<String> {
+    let mut a = vec![
+        "--tls-cert".into(),
+        pki.join("server-cert.pem").display().to_string(),
+        "--tls-key".into(),
+        pki.join("server-key.pem").display().to_string(),
+    ];
+    if client_ca {
+        a.push("--tls-client-ca".into());
+        a.push(pki.join("ca-cert.pem").display().to_string());
+    }
+    if required {
+        a.push("--tls-required".into());
+    }
+    a
+}
+
+fn start(dir: &TempDir, extra: &[String]) -> Server {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    Server::start_with(dir, &[keyed_export(dir, "d", ",size=16M")], &extra)
+}
+
+/// Connects, reads the greeting and sends the client flags: ready for options.
+fn plaintext(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&(client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    s
+}
+
+fn send_option<S: Write>(s: &mut S, code: u32, data: &[u8]) {
+    let mut b = Vec::new();
+    nbdcrypt::protocol::OptionHeader {
+        code,
+        len: u32::try_from(data.len()).unwrap(),
+    }
+    .encode(&mut b);
+    b.extend_from_slice(data);
+    s.write_all(&b).unwrap();
+    s.flush().unwrap();
+}
+
+/// One option reply: (option, reply type, data).
+fn read_reply<S: Read>(s: &mut S) -> std::io::Result<(u32, u32, Vec<u8>)> {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h)?;
+    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)?;
+    Ok((
+        u32::from_be_bytes(h[8..12].try_into().unwrap()),
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        data,
+    ))
+}
+
+fn go_data(export: &str) -> Vec<u8> {
+    let mut d = u32::try_from(export.len()).unwrap().to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+/// Sends GO and reads its replies up to the final one; returns that reply's type.
+fn go<S: Read + Write>(s: &mut S, export: &str) -> std::io::Result<u32> {
+    send_option(s, opt::GO, &go_data(export));
+    loop {
+        let (_, t, _) = read_reply(s)?;
+        if t != rep::INFO {
+            return Ok(t);
+        }
+    }
+}
+
+/// Writes `data` at offset 0 with FUA and reads it back over simple replies.
+fn write_read<S: Read + Write>(s: &mut S, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let len = u32::try_from(data.len()).unwrap();
+    let mut w = raw_request(cmd::WRITE, 1, 0, len);
+    w[4..6].copy_from_slice(&nbdcrypt::protocol::consts::cmd_flag::FUA.to_be_bytes());
+    w.extend_from_slice(data);
+    s.write_all(&w)?;
+    s.write_all(&raw_request(cmd::READ, 2, 0, len))?;
+    s.flush()?;
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r)?;
+    assert_eq!(&r[4..8], &[0; 4], "write failed");
+    s.read_exact(&mut r)?;
+    assert_eq!(&r[4..8], &[0; 4], "read failed");
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
+
+struct ClientOpts<'a> {
+    /// CA the client trusts for the server.
+    ca: &'a Path,
+    /// Client certificate and key.
+    cert: Option<(&'a Path, &'a Path)>,
+    /// Only this version, or both.
+    version: Option<&'static rustls::SupportedProtocolVersion>,
+}
+
+fn client_config(o: &ClientOpts) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match o.version {
+        Some(v) => vec![v],
+        None => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(o.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match o.cert {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+    })
+}
+
+type TlsClient = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// STARTTLS on a plaintext connection, then the TLS handshake (driven to completion).
+fn starttls(mut s: TcpStream, o: &ClientOpts) -> std::io::Result<TlsClient> {
+    send_option(&mut s, opt::STARTTLS, &[]);
+    let (o_code, t, _) = read_reply(&mut s)?;
+    assert_eq!(
+        (o_code, t),
+        (opt::STARTTLS, rep::ACK),
+        "STARTTLS not acknowledged"
+    );
+    let conn =
+        rustls::ClientConnection::new(client_config(o), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// A full attach over TLS: STARTTLS, GO, a FUA write and a read. `Err` if anything refused it.
+fn attach(addr: &str, o: &ClientOpts) -> std::io::Result<(TlsClient, Vec<u8>)> {
+    let mut tls = starttls(plaintext(addr), o)?;
+    let t = go(&mut tls, "d")?;
+    if t != rep::ACK {
+        return Err(std::io::Error::other(format!("GO answered {t:#x}")));
+    }
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    let back = write_read(&mut tls, &data)?;
+    assert_eq!(back, data, "data over TLS did not read back");
+    Ok((tls, data))
+}
+
+fn good_client(pki: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        pki.join("ca-cert.pem"),
+        pki.join("client-cert.pem"),
+        pki.join("client-key.pem"),
+    )
+}
+
+fn wait_for_log(server: &Server, needle: &str) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+        if log.contains(needle) || start.elapsed().as_secs() > 10 {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tls_1_2_and_1_3_each_negotiate_and_carry_data() {
+    let dir = TempDir::new("tls-versions");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let server = start(&dir, &tls_args(&pki, false, true));
+    let ca = pki.join("ca-cert.pem");
+    for (version, name) in [
+        (&rustls::version::TLS13, "TLSv1_3"),
+        (&rustls::version::TLS12, "TLSv1_2"),
+    ] {
+        let (tls, _) = attach(
+            &server.addr,
+            &ClientOpts {
+                ca: &ca,
+                cert: None,
+                version: Some(version),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            tls.conn.protocol_version(),
+            Some(version.version),
+            "{name} was not the version used"
+        );
+        drop(tls);
+        let log = wait_for_log(&server, &format!("version=\"{name}\""));
+        assert!(log.contains(&format!("version=\"{name}\"")), "{log}");
+    }
+    let log = server.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn tls_required_refuses_plaintext_options_then_accepts_starttls_on_the_same_connection() {
+    let dir = TempDir::new("tls-required");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let server = start(&dir, &tls_args(&pki, false, true));
+    let mut s = plaintext(&server.addr);
+    for code in [opt::GO, opt::INFO, opt::LIST, opt::STRUCTURED_REPLY, 1234] {
+        let data = if code == opt::GO || code == opt::INFO {
+            go_data("d")
+        } else {
+            Vec::new()
+        };
+        send_option(&mut s, code, &data);
+        let (o, t, _) = read_reply(&mut s).unwrap();
+        assert_eq!((o, t), (code, rep::ERR_TLS_REQD), "option {code}");
+    }
+    // STARTTLS with data is invalid, but does not end the connection.
+    send_option(&mut s, opt::STARTTLS, b"x");
+    assert_eq!(read_reply(&mut s).unwrap().1, rep::ERR_INVALID);
+    let ca = pki.join("ca-cert.pem");
+    let o = ClientOpts {
+        ca: &ca,
+        cert: None,
+        version: None,
+    };
+    let mut tls = starttls(s, &o).unwrap();
+    // Haggling starts afresh inside TLS: a second STARTTLS is invalid, GO works.
+    send_option(&mut tls, opt::STARTTLS, &[]);
+    assert_eq!(read_reply(&mut tls).unwrap().1, rep::ERR_INVALID);
+    assert_eq!(go(&mut tls, "d").unwrap(), rep::ACK);
+    let data = vec![0x5a; 4096];
+    assert_eq!(write_read(&mut tls, &data).unwrap(), data);
+    drop(tls);
+
+    // EXPORT_NAME has no error reply: in plaintext it ends the connection.
+    let mut s = plaintext(&server.addr);
+    send_option(&mut s, opt::EXPORT_NAME, b"d");
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "EXPORT_NAME served"
+    );
+    let log = wait_for_log(&server, "EXPORT_NAME in plaintext");
+    assert!(
+        log.contains("plaintext client refused: TLS is required"),
+        "{log}"
+    );
+    assert!(
+        log.contains("connection refused") && log.contains("EXPORT_NAME in plaintext"),
+        "{log}"
+    );
+    // The server still serves TLS clients after all that.
+    attach(&server.addr, &o).unwrap();
+}
+
+#[test]
+fn tls_selective_serves_plaintext_and_tls_and_unsupported_without_credentials() {
+    let dir = TempDir::new("tls-selective");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let server = start(&dir, &tls_args(&pki, false, false));
+    let mut s = plaintext(&server.addr);
+    assert_eq!(go(&mut s, "d").unwrap(), rep::ACK);
+    let data = vec![0xa5; 4096];
+    assert_eq!(write_read(&mut s, &data).unwrap(), data);
+    drop(s);
+    let ca = pki.join("ca-cert.pem");
+    attach(
+        &server.addr,
+        &ClientOpts {
+            ca: &ca,
+            cert: None,
+            version: None,
+        },
+    )
+    .unwrap();
+    drop(server);
+
+    // Without --tls-cert, STARTTLS is unsupported and plaintext continues.
+    let plain = TempDir::new("tls-off");
+    let server = Server::start(&plain, &[keyed_export(&plain, "d", ",size=16M")]);
+    let mut s = plaintext(&server.addr);
+    send_option(&mut s, opt::STARTTLS, &[]);
+    assert_eq!(read_reply(&mut s).unwrap().1, rep::ERR_UNSUP);
+    assert_eq!(go(&mut s, "d").unwrap(), rep::ACK);
+}
+
+#[test]
+fn tls_client_ca_refuses_missing_or_foreign_certificates_and_keeps_serving() {
+    let dir = TempDir::new("tls-client-ca");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    // --tls-client-ca alone: implies TLS required.
+    let server = start(&dir, &tls_args(&pki, true, false));
+    let (ca, good_cert, good_key) = good_client(&pki);
+    let other_cert = pki.join("other/client-cert.pem");
+    let other_key = pki.join("other/client-key.pem");
+    for (what, cert, reason) in [
+        ("no certificate", None, "peer sent no certificates"),
+        (
+            "a certificate from another CA",
+            Some((other_cert.as_path(), other_key.as_path())),
+            "invalid peer certificate",
+        ),
+    ] {
+        let before = std::fs::read_to_string(&server.log)
+            .unwrap()
+            .matches(reason)
+            .count();
+        let r = attach(
+            &server.addr,
+            &ClientOpts {
+                ca: &ca,
+                cert,
+                version: None,
+            },
+        );
+        assert!(r.is_err(), "a client with {what} was served");
+        let log = wait_for_log(&server, reason);
+        assert_eq!(log.matches(reason).count(), before + 1, "{what}:\n{log}");
+        assert!(log.contains("connection refused"), "{log}");
+        // A client with the right certificate is served right after.
+        attach(
+            &server.addr,
+            &ClientOpts {
+                ca: &ca,
+                cert: Some((&good_cert, &good_key)),
+                version: None,
+            },
+        )
+        .unwrap_or_else(|e| panic!("after refusing {what}: {e}"));
+    }
+    // Plaintext is refused too.
+    let mut s = plaintext(&server.addr);
+    assert_eq!(go(&mut s, "d").unwrap(), rep::ERR_TLS_REQD);
+    // A client that sends plaintext after STARTTLS instead of a ClientHello.
+    let mut s = plaintext(&server.addr);
+    send_option(&mut s, opt::STARTTLS, &[]);
+    assert_eq!(read_reply(&mut s).unwrap().1, rep::ACK);
+    send_option(&mut s, opt::GO, &go_data("d"));
+    let mut b = [0u8; 64];
+    let n = s.read(&mut b).unwrap_or(0);
+    assert!(
+        n == 0 || b[0] == 0x15,
+        "expected a TLS alert or a close, got {:?}",
+        &b[..n]
+    );
+    let log = wait_for_log(&server, "TLS handshake failed: received corrupt message");
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    // The client's certificate fingerprint is logged, so access can be audited.
+    assert!(log.contains("client_cert_sha256=\""), "{log}");
+    let log = server.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn tls_sighup_reloads_certificates_for_new_clients_and_keeps_established_sessions() {
+    let dir = TempDir::new("tls-reload");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let Some(next) = self::pki(&dir, "pki2") else {
+        return;
+    };
+    // The server reads copies, which the test replaces.
+    let live = dir.path("live");
+    std::fs::create_dir_all(&live).unwrap();
+    for f in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.join(f), live.join(f)).unwrap();
+    }
+    let server = start(&dir, &tls_args(&live, false, true));
+    let old_ca = pki.join("ca-cert.pem");
+    let new_ca = next.join("ca-cert.pem");
+    let old = ClientOpts {
+        ca: &old_ca,
+        cert: None,
+        version: None,
+    };
+    let new = ClientOpts {
+        ca: &new_ca,
+        cert: None,
+        version: None,
+    };
+    let (mut established, data) = attach(&server.addr, &old).unwrap();
+    assert!(attach(&server.addr, &new).is_err(), "new CA trusted early");
+
+    let hup = |server: &Server| {
+        run_ok(
+            Command::new("kill")
+                .arg("-HUP")
+                .arg(server.child.id().to_string()),
+        );
+    };
+    // A broken reload keeps the old certificate.
+    std::fs::write(live.join("server-key.pem"), "not a key\n").unwrap();
+    hup(&server);
+    let log = wait_for_log(&server, "TLS reload failed");
+    assert!(log.contains("TLS reload failed"), "{log}");
+    attach(&server.addr, &old).expect("the old certificate stopped working");
+
+    for f in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(next.join(f), live.join(f)).unwrap();
+    }
+    hup(&server);
+    let log = wait_for_log(&server, "TLS certificates reloaded");
+    assert!(log.contains("TLS certificates reloaded"), "{log}");
+    attach(&server.addr, &new).expect("the reloaded certificate is not used");
+    assert!(
+        attach(&server.addr, &old).is_err(),
+        "the old certificate is still served"
+    );
+    // The session established before both reloads still works.
+    assert_eq!(write_read(&mut established, &data).unwrap(), data);
+    assert!(server.child.id() > 0);
+    let log = server.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn tls_handshake_counts_against_the_handshake_timeout() {
+    let dir = TempDir::new("tls-timeout");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let mut args = tls_args(&pki, false, true);
+    args.extend(["--handshake-timeout".into(), "1".into()]);
+    let server = start(&dir, &args);
+    let mut s = plaintext(&server.addr);
+    send_option(&mut s, opt::STARTTLS, &[]);
+    assert_eq!(read_reply(&mut s).unwrap().1, rep::ACK);
+    // No ClientHello: the server must drop the connection.
+    let mut b = [0u8; 1];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    let log = wait_for_log(&server, "negotiation took too long");
+    assert!(log.contains("negotiation took too long"), "{log}");
+}
+
+#[test]
+fn tls_nbdinfo_and_nbdcopy_with_libnbd_certificates() {
+    if !peer_available("nbdinfo", have("nbdinfo")) || !peer_available("nbdcopy", have("nbdcopy")) {
+        return;
+    }
+    let dir = TempDir::new("tls-libnbd");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let server = start(&dir, &tls_args(&pki, true, true));
+    let uri = |sub: &str| {
+        format!(
+            "nbds://{}/d?tls-certificates={}",
+            server.addr,
+            pki.join(sub).display()
+        )
+    };
+    let out = run_ok(Command::new("nbdinfo").arg(uri("client")));
+    assert!(out.contains("with TLS"), "{out}");
+    assert!(out.contains("export-size: 16777216"), "{out}");
+    for (sub, what) in [("nocert", "no client certificate"), ("other", "another CA")] {
+        let st = Command::new("nbdinfo").arg(uri(sub)).output().unwrap();
+        assert!(!st.status.success(), "nbdinfo with {what} was served");
+    }
+    let st = Command::new("nbdinfo")
+        .arg(format!("nbd://{}/d", server.addr))
+        .output()
+        .unwrap();
+    assert!(!st.status.success(), "plaintext nbdinfo was served");
+
+    // nbdcopy a file in and out over TLS.
+    let src = dir.path("src.bin");
+    let mut rng = common::Rng::new(common::seed("tls-nbdcopy"));
+    std::fs::write(&src, rng.bytes(16 << 20)).unwrap();
+    run_ok(Command::new("nbdcopy").arg(&src).arg(uri("client")));
+    let back = dir.path("back.bin");
+    run_ok(Command::new("nbdcopy").arg(uri("client")).arg(&back));
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap());
+    let log = server.stop();
+    assert!(log.contains("TLS established"), "{log}");
+    assert!(log.contains("peer sent no certificates"), "{log}");
+    assert!(log.contains("TLS is required"), "{log}");
+}
+
+#[test]
+fn tls_qemu_io_with_tls_creds_x509() {
+    if !peer_available("qemu-io", have("qemu-io")) {
+        return;
+    }
+    let dir = TempDir::new("tls-qemu");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    let server = start(&dir, &tls_args(&pki, true, true));
+    let (host, port) = server.addr.rsplit_once(':').unwrap();
+    let qemu = |sub: &str, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.arg("--object").arg(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            pki.join(sub).display()
+        ));
+        c.arg("--image-opts").arg(format!(
+            "driver=nbd,server.type=inet,server.host={host},server.port={port},export=d,tls-creds=tls0"
+        ));
+        for x in cmds {
+            c.arg("-c").arg(x);
+        }
+        c.output().unwrap()
+    };
+    let out = qemu(
+        "client",
+        &[
+            "write -P 0x3c 0 1M",
+            "write -P 0x4d 1000 5000",
+            "flush",
+            "read -P 0x3c 0 1000",
+            "read -P 0x4d 1000 5000",
+            "read -P 0x3c 6000 1042576",
+        ],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    assert_eq!(text.matches("read ").count(), 3, "{text}");
+    let out = qemu("other", &["read 0 4096"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || !text.contains("read 4096/4096"),
+        "qemu-io with another CA's certificate was served: {text}"
+    );
+}
