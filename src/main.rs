@@ -56,6 +56,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(args) => nbdcrypt::commands::info::run(&args, &mut out)?,
         Command::Benchmark(args) => nbdcrypt::commands::benchmark::run(&args, &mut out)?,
         Command::Serve(args) => {
+            // Before the KMS client or anything else starts a thread: every thread inherits it.
+            nbdcrypt::commands::privileges::no_new_privs();
             let (service, name) = key_service()?;
             nbdcrypt::commands::serve::run(args, &state, service.as_ref(), name)?
         }

@@ -112,20 +112,29 @@ fn go<S: Read + Write>(s: &mut S, export: &str) -> std::io::Result<u32> {
     }
 }
 
-/// Writes `data` at offset 0 with FUA and reads it back over simple replies.
+/// Writes `data` at offset 0 with FUA, waits for the reply, and reads it back (simple replies).
 fn write_read<S: Read + Write>(s: &mut S, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let len = u32::try_from(data.len()).unwrap();
     let mut w = raw_request(cmd::WRITE, 1, 0, len);
     w[4..6].copy_from_slice(&nbdcrypt::protocol::consts::cmd_flag::FUA.to_be_bytes());
     w.extend_from_slice(data);
     s.write_all(&w)?;
-    s.write_all(&raw_request(cmd::READ, 2, 0, len))?;
     s.flush()?;
     let mut r = [0u8; 16];
     s.read_exact(&mut r)?;
-    assert_eq!(&r[4..8], &[0; 4], "write failed");
+    assert_eq!(
+        (&r[4..8], &r[8..16]),
+        (&[0u8; 4][..], &1u64.to_be_bytes()[..]),
+        "write failed"
+    );
+    s.write_all(&raw_request(cmd::READ, 2, 0, len))?;
+    s.flush()?;
     s.read_exact(&mut r)?;
-    assert_eq!(&r[4..8], &[0; 4], "read failed");
+    assert_eq!(
+        (&r[4..8], &r[8..16]),
+        (&[0u8; 4][..], &2u64.to_be_bytes()[..]),
+        "read failed"
+    );
     let mut back = vec![0u8; data.len()];
     s.read_exact(&mut back)?;
     Ok(back)

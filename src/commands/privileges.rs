@@ -3,9 +3,12 @@
 //! The order is the classic one: supplementary groups, then the group, then the user (after
 //! `setuid` the process could no longer change its groups). glibc applies each call to every
 //! thread of the process, so the crypto workers and the runtime threads drop too. The drop is
-//! then checked: regaining root must fail. `PR_SET_NO_NEW_PRIVS` stops a later exec from
-//! gaining anything, and the process is marked undumpable again (a credential change resets
-//! that flag to the system's `suid_dumpable`).
+//! then checked: regaining root must fail, and the process is marked undumpable again (a
+//! credential change resets that flag to the system's `suid_dumpable`).
+//!
+//! [`no_new_privs`] is separate because it is per thread: `serve` sets it first thing, before
+//! any thread exists, so every thread inherits it. It only stops privilege gains through
+//! `execve` (which the server never does), so it does not stand in the way of the drop.
 
 use nix::unistd::{Gid, Uid, User};
 
@@ -61,6 +64,20 @@ pub fn lookup(name: &str) -> Result<User, PrivilegeError> {
         .ok_or_else(|| PrivilegeError::NoSuchUser(name.into()))
 }
 
+/// Whether [`drop_to`] can succeed: the process is root, or already runs as `user`. Checked
+/// before anything is opened, so a wrong `--user` costs no key unwrap.
+pub fn check(name: &str, user: &User) -> Result<(), PrivilegeError> {
+    let euid = Uid::effective();
+    if euid.is_root() || (euid == user.uid && Uid::current() == user.uid) {
+        Ok(())
+    } else {
+        Err(PrivilegeError::NotRoot {
+            user: name.into(),
+            uid: euid.as_raw(),
+        })
+    }
+}
+
 /// Switches the whole process to `user` and its primary group, with no supplementary groups.
 /// A no-op when the process already runs as that user.
 pub fn drop_to(name: &str, user: &User) -> Result<(), PrivilegeError> {
@@ -68,12 +85,7 @@ pub fn drop_to(name: &str, user: &User) -> Result<(), PrivilegeError> {
     if euid == user.uid && Uid::current() == user.uid {
         return Ok(());
     }
-    if !euid.is_root() {
-        return Err(PrivilegeError::NotRoot {
-            user: name.into(),
-            uid: euid.as_raw(),
-        });
-    }
+    check(name, user)?;
     let call = |call: &'static str| {
         move |source| PrivilegeError::Call {
             user: name.into(),
@@ -89,11 +101,15 @@ pub fn drop_to(name: &str, user: &User) -> Result<(), PrivilegeError> {
     if regained_uid || regained_gid {
         return Err(PrivilegeError::NotDropped(name.into()));
     }
-    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
-        tracing::warn!(error = %e, "could not set PR_SET_NO_NEW_PRIVS");
-    }
     if !crate::crypto::locked::disable_core_dumps() {
         tracing::warn!("could not mark the process undumpable again after dropping privileges");
     }
     Ok(())
+}
+
+/// `PR_SET_NO_NEW_PRIVS` for this thread and every thread it creates later.
+pub fn no_new_privs() {
+    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+        tracing::warn!(error = %e, "could not set PR_SET_NO_NEW_PRIVS");
+    }
 }

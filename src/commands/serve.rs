@@ -91,9 +91,15 @@ pub fn run(
     if !crypto::locked::disable_core_dumps() {
         tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
     }
+    // main() does this before any thread exists; again here for library callers.
+    super::privileges::no_new_privs();
     // Fail on a bad --user or TLS file before any key is unwrapped.
     let user = match &args.user {
-        Some(name) => Some((name.clone(), super::privileges::lookup(name)?)),
+        Some(name) => {
+            let user = super::privileges::lookup(name)?;
+            super::privileges::check(name, &user)?;
+            Some((name.clone(), user))
+        }
         None => None,
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -208,6 +214,12 @@ pub fn run(
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
         let listener = Listener::bind(&config.listen).await?;
+        // Opened now, written once serving: after a privilege drop the new user may not be
+        // able to create it.
+        let ready = args
+            .ready_file
+            .as_ref()
+            .map(|p| (p, std::fs::File::create(p)));
         // Everything root could be needed for is done: volumes open, keys unwrapped, bound.
         if let Some((name, user)) = &user {
             super::privileges::drop_to(name, user)?;
@@ -234,10 +246,11 @@ pub fn run(
             (other, _) => other.clone(),
         };
         print_attach_help(&bound, &exports, tls.as_deref());
-        if let Some(path) = &args.ready_file
-            && let Err(e) = std::fs::write(path, format!("{addr}\n"))
-        {
-            tracing::warn!(error = %e, path = %path.display(), "could not write the ready file");
+        if let Some((path, file)) = ready {
+            use std::io::Write as _;
+            if let Err(e) = file.and_then(|mut f| f.write_all(format!("{addr}\n").as_bytes())) {
+                tracing::warn!(error = %e, path = %path.display(), "could not write the ready file");
+            }
         }
         if !volumes.is_empty() {
             tokio::spawn(watch_deletions(
