@@ -20,6 +20,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # - nbdkit and gnuplot-nox: the peers and the chart of the benchmark smoke run (bench.sh --quick);
 # - the kernel-path VM (scripts/vm-e2e.sh): qemu-system-x86, cpio, kmod (depmod), xxd, and
 #   cryptsetup-bin (copied into the guest);
+# - openssl: the test PKI of the TLS tests (scripts/tls-certs.sh);
 # - bsdutils (`script`: a terminal for the progress-bar test) and systemd (`systemd-analyze`
 #   verifies contrib/nbdcrypt.service).
 # qemu-system-x86 goes first, alone: Debian's 7.2 replaces a newer qemu-utils if one is
@@ -27,7 +28,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # every test runs against one qemu.
 VM_PACKAGES=(qemu-system-x86)
 DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs nbdkit
-    gnuplot-nox cpio kmod xxd cryptsetup-bin bsdutils systemd)
+    gnuplot-nox cpio kmod xxd cryptsetup-bin bsdutils systemd openssl)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 # shellcheck source=scripts/lib/deb.sh

@@ -10,7 +10,9 @@
 # disk, opened with `cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512` and
 # the key from `nbdcrypt volume export-key`, shows the same files; and the scratch lifecycle,
 # `scripts/scratch-volume.sh up` / `down` with the server inside the guest, after which the
-# volume and its key are gone.
+# volume and its key are gone. TLS: a second server with --tls-required and --tls-client-ca;
+# the guest's nbd-client is refused without a certificate, with another CA's and in plaintext,
+# and with -certfile/-keyfile/-cacertfile it runs the mkfs/fsck/verify cycle over TLS.
 #
 # Kernel, modules and the initramfs base are cached in $NBDCRYPT_VM_CACHE (default
 # ~/.cache/nbdcrypt/vm), so reruns skip the downloads and the build.
@@ -24,7 +26,7 @@ BIN=""
 while (($#)); do
     case "$1" in
         --bin) BIN="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "vm-e2e.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -42,7 +44,7 @@ die() { printf 'vm-e2e.sh: %s\n' "$*" >&2; exit 1; }
 . "$ROOT/scripts/lib/deb.sh"
 deb_install_missing qemu-system-x86
 # qemu-utils again: installing qemu-system-x86 can remove a newer one; keep the peers whole.
-deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils qemu-utils
+deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils qemu-utils openssl
 
 if [[ -z "$BIN" ]]; then
     cargo build --locked --quiet
@@ -124,13 +126,17 @@ fi
 # --- the host side: volumes and the server ------------------------------------------------
 RUN="$(mktemp -d "$ROOT/target/vm-e2e.XXXXXX")"
 SERVER_PID=""
+TLS_PID=""
 cleanup() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-    fi
+    for pid in "$SERVER_PID" "$TLS_PID"; do
+        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+            kill "$pid"; wait "$pid" 2>/dev/null || true
+        fi
+    done
     # Keep the last run's console and server logs for diagnosis.
     cp "$RUN/console.log" "$ROOT/target/vm-e2e-console.log" 2>/dev/null || true
     cp "$RUN/server.log" "$ROOT/target/vm-e2e-server.log" 2>/dev/null || true
+    cp "$RUN/tls-server.log" "$ROOT/target/vm-e2e-tls-server.log" 2>/dev/null || true
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -154,6 +160,19 @@ for _ in $(seq 300); do [[ -s "$RUN/ready" ]] && break; sleep 0.1; done
 [[ -s "$RUN/ready" ]] || { cat "$RUN/server.log" >&2; die "the server did not start"; }
 PORT="$(sed -E 's/.*:([0-9]+)$/\1/' "$RUN/ready")"
 
+# A second server for the TLS part: TLS required, clients need a certificate from the test CA.
+"$ROOT/scripts/tls-certs.sh" "$RUN/pki" >/dev/null
+"$BIN" keygen "$RUN/ktls" >/dev/null
+"$BIN" serve --listen 127.0.0.1:0 --ready-file "$RUN/tls-ready" \
+    --tls-cert "$RUN/pki/server-cert.pem" --tls-key "$RUN/pki/server-key.pem" \
+    --tls-client-ca "$RUN/pki/ca-cert.pem" \
+    --export "name=tls,file=$RUN/tls.img,key-file=$RUN/ktls,size=64M" \
+    >"$RUN/tls-server.log" 2>&1 &
+TLS_PID=$!
+for _ in $(seq 300); do [[ -s "$RUN/tls-ready" ]] && break; sleep 0.1; done
+[[ -s "$RUN/tls-ready" ]] || { cat "$RUN/tls-server.log" >&2; die "the TLS server did not start"; }
+TLS_PORT="$(sed -E 's/.*:([0-9]+)$/\1/' "$RUN/tls-ready")"
+
 # --- the per-run part of the initramfs: the test, its settings and the recovery key --------
 G="$RUN/guest"
 mkdir -p "$G/e2e"
@@ -161,6 +180,10 @@ cp "$ROOT/scripts/vm/init.sh" "$G/init"
 cp "$ROOT/scripts/vm/guest-test.sh" "$G/e2e/guest-test.sh"
 chmod +x "$G/init"
 cp "$RUN/recovery.key" "$G/e2e/recovery.key"
+mkdir -p "$G/e2e/tls"
+cp "$RUN/pki/ca-cert.pem" "$RUN/pki/client-cert.pem" "$RUN/pki/client-key.pem" "$G/e2e/tls/"
+cp "$RUN/pki/other/client-cert.pem" "$G/e2e/tls/other-cert.pem"
+cp "$RUN/pki/other/client-key.pem" "$G/e2e/tls/other-key.pem"
 # The scratch lifecycle runs entirely in the guest (server included): scripts/scratch-volume.sh
 # with the kernel nbd-client. The binary is stripped to keep the initramfs small; it needs only
 # libc, libm and libgcc_s, which the base already has for the other tools.
@@ -176,6 +199,8 @@ EXPORT_4K=s4k
 EXPORT_512=s512
 PERSISTENT=persist
 PERSISTENT_SECTOR=4096
+TLS_PORT=$TLS_PORT
+TLS_EXPORT=tls
 EOF
 (cd "$G" && find . | cpio -o -H newc --quiet) >"$RUN/run.cpio"
 # Uncompressed cpio archives concatenate: the kernel unpacks both.
@@ -201,4 +226,9 @@ if ! grep -q '^E2E-RESULT PASS' <(tr -d '\r' <"$RUN/console.log"); then
     die "the kernel-path test failed"
 fi
 kill -0 "$SERVER_PID" 2>/dev/null || die "the server died"
+kill -0 "$TLS_PID" 2>/dev/null || die "the TLS server died"
+# The refusals reached the server and were logged with their reason; the good client got in.
+for want in "peer sent no certificates" "TLS is required" "TLS established"; do
+    grep -q "$want" "$RUN/tls-server.log" || { tail -30 "$RUN/tls-server.log" >&2; die "the TLS server log lacks: $want"; }
+done
 log "kernel nbd-client path: PASS"

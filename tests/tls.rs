@@ -582,3 +582,87 @@ fn tls_qemu_io_with_tls_creds_x509() {
         "qemu-io with another CA's certificate was served: {text}"
     );
 }
+
+/// A TCP proxy that records every byte it forwards, both ways (one connection).
+fn recording_proxy(upstream: String) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        let (client, _) = l.accept().unwrap();
+        let server = TcpStream::connect(upstream).unwrap();
+        let pipe = |mut from: TcpStream, mut to: TcpStream, rec: Arc<std::sync::Mutex<Vec<u8>>>| {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 65536];
+                while let Ok(n) = from.read(&mut b) {
+                    if n == 0 || to.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                    rec.lock().unwrap().extend_from_slice(&b[..n]);
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            })
+        };
+        let a = pipe(
+            client.try_clone().unwrap(),
+            server.try_clone().unwrap(),
+            Arc::clone(&rec),
+        );
+        let b = pipe(server, client, rec);
+        let _ = (a.join(), b.join());
+    });
+    (addr, seen)
+}
+
+#[test]
+fn tls_a_snooped_connection_shows_no_plaintext_data() {
+    let dir = TempDir::new("tls-snoop");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    // Selective: the same server carries a plaintext control run.
+    let server = start(&dir, &tls_args(&pki, false, false));
+    let pattern: Vec<u8> = b"NBDCRYPT-IN-TRANSIT-"
+        .iter()
+        .copied()
+        .cycle()
+        .take(8192)
+        .collect();
+    let marker = b"NBDCRYPT-IN-TRANSIT-NBDCRYPT";
+
+    let (addr, seen) = recording_proxy(server.addr.clone());
+    let mut s = plaintext(&addr);
+    assert_eq!(go(&mut s, "d").unwrap(), rep::ACK);
+    assert_eq!(write_read(&mut s, &pattern).unwrap(), pattern);
+    drop(s);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let control = seen.lock().unwrap().clone();
+    assert!(
+        control.windows(marker.len()).any(|w| w == marker),
+        "the plaintext control run does not show the data: the check would prove nothing"
+    );
+
+    let (addr, seen) = recording_proxy(server.addr.clone());
+    let ca = pki.join("ca-cert.pem");
+    let mut tls = starttls(
+        plaintext(&addr),
+        &ClientOpts {
+            ca: &ca,
+            cert: None,
+            version: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(go(&mut tls, "d").unwrap(), rep::ACK);
+    assert_eq!(write_read(&mut tls, &pattern).unwrap(), pattern);
+    drop(tls);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let wire = seen.lock().unwrap().clone();
+    assert!(
+        wire.len() > 2 * pattern.len(),
+        "too little traffic recorded"
+    );
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == marker),
+        "data crossed the wire in plaintext inside TLS"
+    );
+}

@@ -10,9 +10,13 @@ fail() {
     exit 1
 }
 
+# PORT and TLS_OPTS switch attach to the TLS server (see the TLS section below).
+PORT="$NBD_PORT"
+TLS_OPTS=""
 attach() { # EXPORT BLOCKSIZE CONNECTIONS
-    nbd-client "$NBD_HOST" "$NBD_PORT" /dev/nbd0 -N "$1" -b "$2" -C "$3" >/tmp/nbd.log 2>&1 ||
-        { cat /tmp/nbd.log; fail "nbd-client attach $1 -b $2 -C $3"; }
+    # shellcheck disable=SC2086 # TLS_OPTS is a list of options
+    nbd-client "$NBD_HOST" "$PORT" /dev/nbd0 -N "$1" -b "$2" -C "$3" $TLS_OPTS >/tmp/nbd.log 2>&1 ||
+        { cat /tmp/nbd.log; fail "nbd-client attach $1 -b $2 -C $3 $TLS_OPTS"; }
 }
 
 detach() {
@@ -84,6 +88,33 @@ if [ -n "$PERSISTENT" ]; then
     umount /mnt
     DM_DISABLE_UDEV=1 cryptsetup close recovered --disable-locks 2>/dev/null
     step "ok recovery"
+fi
+
+if [ -n "$TLS_PORT" ]; then
+    # The host runs a second server with --tls-cert/--tls-key/--tls-client-ca: only a client
+    # with a certificate from that CA attaches, and everything else is refused.
+    T=/e2e/tls
+    refused() { # WHAT OPTIONS...
+        what="$1"
+        shift
+        if nbd-client "$NBD_HOST" "$TLS_PORT" /dev/nbd1 -N "$TLS_EXPORT" -b 4096 "$@" \
+            >/tmp/nbd-refused.log 2>&1; then
+            nbd-client -d /dev/nbd1 >/dev/null 2>&1
+            fail "TLS: $what was attached"
+        fi
+    }
+    step "TLS: refused without a client certificate, with another CA's, and in plaintext"
+    refused "a client without a certificate" -cacertfile "$T/ca-cert.pem"
+    refused "another CA's certificate" -cacertfile "$T/ca-cert.pem" \
+        -certfile "$T/other-cert.pem" -keyfile "$T/other-key.pem"
+    refused "a plaintext client"
+    step "ok TLS refusals"
+    PORT="$TLS_PORT"
+    TLS_OPTS="-cacertfile $T/ca-cert.pem -certfile $T/client-cert.pem -keyfile $T/client-key.pem"
+    cycle "$TLS_EXPORT" 4096 2
+    PORT="$NBD_PORT"
+    TLS_OPTS=""
+    step "ok TLS (kernel nbd-client, -certfile/-keyfile/-cacertfile)"
 fi
 
 if [ -x /e2e/scratch-guest.sh ]; then
