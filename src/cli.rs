@@ -29,6 +29,12 @@ pub struct Cli {
     /// AWS region (with `--kms aws`; default: the standard chain).
     #[arg(long, global = true)]
     pub region: Option<String>,
+    /// Attempts per AWS KMS call when KMS cannot be reached, is throttling or fails
+    /// internally; between attempts the wait doubles from 0.25 s up to 4 s (jittered). 1: no
+    /// retry.
+    #[arg(long, global = true, env = "NBDCRYPT_KMS_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub kms_attempts: u32,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -40,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         kms,
         kms_endpoint,
         region,
+        kms_attempts,
         ..
     } = cli;
     let state = nbdcrypt::commands::volume::state_dir(state_dir);
@@ -50,7 +51,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         nbdcrypt::commands::check_state_dir(&state)?;
     }
     let key_service = || {
-        nbdcrypt::commands::key_service(&kms, kms_endpoint.as_deref(), region.as_deref(), &state)
+        nbdcrypt::commands::key_service(
+            &kms,
+            kms_endpoint.as_deref(),
+            region.as_deref(),
+            kms_attempts,
+            &state,
+        )
     };
     match command {
         Command::Info(args) => nbdcrypt::commands::info::run(&args, &mut out)?,

@@ -134,7 +134,7 @@ fn aws_kms_scratch_lifecycle_against_moto() {
 }
 
 #[test]
-fn aws_kms_unreachable_is_a_clear_error() {
+fn aws_kms_unreachable_retries_with_backoff_then_fails_naming_key_and_operation() {
     let dir = TempDir::new("aws-down");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -148,16 +148,106 @@ fn aws_kms_unreachable_is_a_clear_error() {
             "aws",
             "--kms-endpoint",
             &format!("http://127.0.0.1:{port}"),
+            "--kms-attempts",
+            "3",
         ])
         .args(["volume", "create", "x", "--size", "8M"]);
     for (k, v) in AWS_ENV {
         c.env(k, v);
     }
+    let started = std::time::Instant::now();
     let out = c.output().unwrap();
+    let took = started.elapsed();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("cannot reach AWS KMS") && err.contains("DescribeKey"),
+    // Two retries were logged, then one error with the operation, the key and the reason.
+    assert_eq!(
+        err.matches("AWS KMS call failed; retrying").count(),
+        2,
         "{err}"
     );
+    assert!(
+        err.contains("attempt=1 attempts=3") && err.contains("attempt=2 attempts=3"),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("DescribeKey")
+            && last.contains("key alias/nbdcrypt/default")
+            && last.contains("cannot reach AWS KMS")
+            && last.contains("gave up after 3 attempts"),
+        "{err}"
+    );
+    // Backoff waits at least half of 0.25 s + 0.5 s; a bounded retry ends well within a minute.
+    assert!(took >= std::time::Duration::from_millis(375), "{took:?}");
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
+}
+
+/// A TCP forwarder to `upstream` that starts listening on `port` only after `delay`: KMS is
+/// unreachable at first and comes back while the client retries.
+fn forward_later(port: u16, upstream: String, delay: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        for client in l.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn aws_kms_outage_at_serve_start_is_ridden_out_by_the_retry() {
+    let moto = match start_moto() {
+        Ok(m) => m,
+        Err(e) => {
+            peer_available("moto_server", Err(e));
+            return;
+        }
+    };
+    let dir = TempDir::new("aws-outage");
+    let state = dir.path("state");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+    c.env("NBDCRYPT_STATE_DIR", &state)
+        .args(["--kms", "aws", "--kms-endpoint", &moto.url])
+        .args(["volume", "create", "cloud", "--size", "8M"]);
+    for (k, v) in AWS_ENV {
+        c.env(k, v);
+    }
+    run_ok(&mut c);
+    // Serve through an endpoint that starts answering 1.5 s late.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    forward_later(
+        port,
+        moto.url.trim_start_matches("http://").to_owned(),
+        std::time::Duration::from_millis(1500),
+    );
+    let mut env: Vec<(&str, &str)> = AWS_ENV.to_vec();
+    let state_s = state.to_str().unwrap().to_owned();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    env.push(("NBDCRYPT_STATE_DIR", &state_s));
+    env.push(("NBDCRYPT_KMS", "aws"));
+    env.push(("NBDCRYPT_KMS_ENDPOINT", &endpoint));
+    env.push(("NBDCRYPT_KMS_ATTEMPTS", "8"));
+    let server = Server::try_start(&dir, &[], &["--volume", "cloud"], &env)
+        .unwrap_or_else(|log| panic!("serve did not ride out the outage:\n{log}"));
+    let log = server.stop();
+    assert!(log.contains("AWS KMS call failed; retrying"), "{log}");
+    assert!(log.contains("operation=\"Decrypt\""), "{log}");
+    assert!(log.contains("volume ready"), "{log}");
 }

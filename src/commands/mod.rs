@@ -52,6 +52,7 @@ pub fn key_service(
     cli_kms: &str,
     endpoint: Option<&str>,
     region: Option<&str>,
+    attempts: u32,
     state: &Path,
 ) -> Result<(Box<dyn KeyService>, &'static str), KmsError> {
     if cli_kms == "aws" {
@@ -59,6 +60,7 @@ pub fn key_service(
             endpoint: endpoint.map(str::to_owned),
             region: region.map(str::to_owned),
             service_principal: std::env::var("NBDCRYPT_AWS_SERVICE_PRINCIPAL").ok(),
+            attempts,
         };
         Ok((
             Box::new(crate::kms::aws::AwsKms::connect(state, settings)?),

@@ -38,6 +38,35 @@ pub struct AwsSettings {
     /// (`NBDCRYPT_AWS_SERVICE_PRINCIPAL`); without it no grants are created and the serving
     /// credentials must be allowed by the key policy.
     pub service_principal: Option<String>,
+    /// Attempts per call for transient failures (`--kms-attempts`; 0 counts as 1).
+    pub attempts: u32,
+}
+
+/// The wait before attempt `attempt + 1`: 0.25 s doubling to 4 s, "equal jitter" (half fixed,
+/// half random) so that many servers restarting after an outage do not retry in lockstep.
+fn backoff(attempt: u32) -> std::time::Duration {
+    let base_ms = (250u64 << attempt.saturating_sub(1).min(4)).min(4000);
+    let mut r = [0u8; 8];
+    let random = getrandom::fill(&mut r).map_or(0, |()| u64::from_le_bytes(r));
+    std::time::Duration::from_millis(base_ms / 2 + random % (base_ms / 2 + 1))
+}
+
+/// Whether a failed call may succeed if repeated: the request never reached KMS (connection
+/// refused, DNS, TLS), KMS throttled or failed internally, or — for calls that are safe to
+/// repeat — the attempt timed out or the response was cut off.
+fn transient<E: ProvideErrorMetadata>(
+    e: &aws_sdk_kms::error::SdkError<E>,
+    idempotent: bool,
+) -> bool {
+    use aws_sdk_kms::error::SdkError;
+    match e {
+        SdkError::DispatchFailure(_) => true,
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => idempotent,
+        _ => matches!(
+            e.code(),
+            Some("ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException")
+        ),
+    }
 }
 
 /// AWS KMS.
@@ -102,7 +131,10 @@ where
         },
         None => KmsError::Unavailable {
             operation,
-            reason: format!("cannot reach AWS KMS: {}", DisplayErrorContext(&e)),
+            reason: format!(
+                "key {key}: cannot reach AWS KMS: {}",
+                DisplayErrorContext(&e)
+            ),
         },
     }
 }
@@ -128,6 +160,17 @@ impl AwsKms {
         if let Some(e) = &settings.endpoint {
             loader = loader.endpoint_url(e.clone());
         }
+        // Retries are ours (`call`): bounded, logged, and classified per operation. Each
+        // attempt is bounded too, so an endpoint that accepts and then hangs cannot stall
+        // `serve` forever.
+        loader = loader
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(3))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(20))
+                    .build(),
+            );
         let conf = rt.block_on(loader.load());
         if conf.region().is_none() {
             return Err(KmsError::Unavailable {
@@ -142,6 +185,58 @@ impl AwsKms {
             clock: Clock::from_env(),
             settings,
         })
+    }
+
+    /// Runs one AWS call, repeating it on transient failures ([`transient`]) up to
+    /// `--kms-attempts` times with [`backoff`] between attempts; every retry is logged. `make`
+    /// builds the request afresh for each attempt. The final error names the operation, the key,
+    /// the reason and, after retries, how many attempts were made over how long.
+    fn call<T, E, F, Fut>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        idempotent: bool,
+        make: F,
+    ) -> Result<T, KmsError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, aws_sdk_kms::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let attempts = self.settings.attempts.max(1);
+        let started = std::time::Instant::now();
+        let mut attempt = 1;
+        loop {
+            let e = match self.rt.block_on(make()) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let retry = transient(&e, idempotent) && attempt < attempts;
+            let mut err = map_err(operation, key, e);
+            if !retry {
+                if attempt > 1
+                    && let KmsError::Unavailable { reason, .. } = &mut err
+                {
+                    reason.push_str(&format!(
+                        " (gave up after {attempt} attempts over {:.1} s; --kms-attempts)",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+                return Err(err);
+            }
+            let wait = backoff(attempt);
+            tracing::warn!(
+                operation,
+                key,
+                attempt,
+                attempts,
+                retry_in_s = wait.as_secs_f64(),
+                error = %err,
+                "AWS KMS call failed; retrying"
+            );
+            std::thread::sleep(wait);
+            attempt += 1;
+        }
     }
 
     fn audited<T>(
@@ -167,39 +262,33 @@ impl AwsKms {
         if key != AWS_DEFAULT_ALIAS && key != super::local::DEFAULT_ALIAS {
             return Ok(());
         }
-        let exists = self
-            .rt
-            .block_on(self.client.describe_key().key_id(AWS_DEFAULT_ALIAS).send());
+        let exists = self.call("DescribeKey", AWS_DEFAULT_ALIAS, true, || {
+            self.client.describe_key().key_id(AWS_DEFAULT_ALIAS).send()
+        });
         match exists {
             Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("NotFoundException") => {
-                let created = self.rt.block_on(
+            Err(KmsError::NotFound { .. }) => {
+                // Not idempotent: a timed-out CreateKey may have created a key.
+                let md = self.call("CreateKey", AWS_DEFAULT_ALIAS, false, || {
                     self.client
                         .create_key()
                         .description("nbdcrypt default key for scratch volumes")
-                        .send(),
-                );
-                let md = created.map_err(|e| map_err("CreateKey", AWS_DEFAULT_ALIAS, e))?;
+                        .send()
+                })?;
                 let id = md
                     .key_metadata()
                     .map(|m| m.key_id().to_owned())
                     .unwrap_or_default();
-                let r = self.rt.block_on(
+                let r = self.call("CreateAlias", AWS_DEFAULT_ALIAS, false, || {
                     self.client
                         .create_alias()
                         .alias_name(AWS_DEFAULT_ALIAS)
                         .target_key_id(&id)
-                        .send(),
-                );
-                self.audited(
-                    "CreateKey",
-                    &id,
-                    None,
-                    r.map(|_| ())
-                        .map_err(|e| map_err("CreateAlias", AWS_DEFAULT_ALIAS, e)),
-                )
+                        .send()
+                });
+                self.audited("CreateKey", &id, None, r.map(|_| ()))
             }
-            Err(e) => Err(map_err("DescribeKey", AWS_DEFAULT_ALIAS, e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -229,17 +318,14 @@ impl KeyService for AwsKms {
                 operation: OP,
                 reason: "too many bytes".into(),
             })?;
-            let out = self
-                .rt
-                .block_on(
-                    self.client
-                        .generate_data_key()
-                        .key_id(key)
-                        .number_of_bytes(n)
-                        .set_encryption_context(context_map(context))
-                        .send(),
-                )
-                .map_err(|e| map_err(OP, key, e))?;
+            let out = self.call(OP, key, true, || {
+                self.client
+                    .generate_data_key()
+                    .key_id(key)
+                    .number_of_bytes(n)
+                    .set_encryption_context(context_map(context))
+                    .send()
+            })?;
             let plaintext = Zeroizing::new(
                 out.plaintext()
                     .map(|b| b.as_ref().to_vec())
@@ -274,23 +360,21 @@ impl KeyService for AwsKms {
         const OP: &str = "Decrypt";
         let volume = context.volume_name();
         let r = self
-            .rt
-            .block_on(
+            .call(OP, key, true, || {
                 self.client
                     .decrypt()
                     .key_id(Self::key_name(key))
                     .ciphertext_blob(Blob::new(blob.to_vec()))
                     .set_encryption_context(context_map(context))
-                    .send(),
-            )
+                    .send()
+            })
             .map(|out| {
                 Zeroizing::new(
                     out.plaintext()
                         .map(|b| b.as_ref().to_vec())
                         .unwrap_or_default(),
                 )
-            })
-            .map_err(|e| map_err(OP, key, e));
+            });
         self.audited(OP, key, volume, r)
     }
 
@@ -305,8 +389,7 @@ impl KeyService for AwsKms {
         const OP: &str = "ReEncrypt";
         let volume = context.volume_name();
         let r = self
-            .rt
-            .block_on(
+            .call(OP, source_key, true, || {
                 self.client
                     .re_encrypt()
                     .source_key_id(Self::key_name(source_key))
@@ -314,8 +397,8 @@ impl KeyService for AwsKms {
                     .ciphertext_blob(Blob::new(blob.to_vec()))
                     .set_source_encryption_context(context_map(context))
                     .set_destination_encryption_context(context_map(context))
-                    .send(),
-            )
+                    .send()
+            })
             .map(|out| {
                 (
                     out.ciphertext_blob()
@@ -323,8 +406,7 @@ impl KeyService for AwsKms {
                         .unwrap_or_default(),
                     out.key_id().unwrap_or(dest_key).to_owned(),
                 )
-            })
-            .map_err(|e| map_err(OP, source_key, e));
+            });
         self.audited(OP, source_key, volume, r)
     }
 
@@ -333,10 +415,9 @@ impl KeyService for AwsKms {
         let r = (|| {
             self.ensure_default(key)?;
             let key = Self::key_name(key);
-            let out = self
-                .rt
-                .block_on(self.client.describe_key().key_id(key).send())
-                .map_err(|e| map_err(OP, key, e))?;
+            let out = self.call(OP, key, true, || {
+                self.client.describe_key().key_id(key).send()
+            })?;
             let m = out.key_metadata().ok_or_else(|| KmsError::NotFound {
                 operation: OP,
                 key: key.into(),
@@ -382,7 +463,7 @@ impl KeyService for AwsKms {
         _caller: &Caller,
     ) -> Result<String, KmsError> {
         const OP: &str = "CreateGrant";
-        let ops = operations
+        let ops: Vec<GrantOperation> = operations
             .iter()
             .map(|o| GrantOperation::from(*o))
             .collect();
@@ -390,34 +471,30 @@ impl KeyService for AwsKms {
             .set_encryption_context_subset(context_map(context_subset))
             .build();
         let r = self
-            .rt
-            .block_on(
+            .call(OP, key, false, || {
                 self.client
                     .create_grant()
                     .key_id(Self::key_name(key))
                     .grantee_principal(grantee)
-                    .set_operations(Some(ops))
-                    .constraints(constraints)
-                    .send(),
-            )
-            .map(|out| out.grant_id().unwrap_or_default().to_owned())
-            .map_err(|e| map_err(OP, key, e));
+                    .set_operations(Some(ops.clone()))
+                    .constraints(constraints.clone())
+                    .send()
+            })
+            .map(|out| out.grant_id().unwrap_or_default().to_owned());
         self.audited(OP, key, None, r)
     }
 
     fn retire_grant(&self, key: &str, grant_id: &str, _caller: &Caller) -> Result<(), KmsError> {
         const OP: &str = "RetireGrant";
         let r = self
-            .rt
-            .block_on(
+            .call(OP, key, true, || {
                 self.client
                     .retire_grant()
                     .key_id(Self::key_name(key))
                     .grant_id(grant_id)
-                    .send(),
-            )
-            .map(|_| ())
-            .map_err(|e| map_err(OP, key, e));
+                    .send()
+            })
+            .map(|_| ());
         self.audited(OP, key, None, r)
     }
 
