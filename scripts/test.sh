@@ -56,6 +56,11 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
+# Every test directory leaves its logs and keys here for the secret audit below.
+export NBDCRYPT_TEST_ARTIFACTS="$ROOT/target/test-artifacts"
+rm -rf "$NBDCRYPT_TEST_ARTIFACTS"
+mkdir -p "$NBDCRYPT_TEST_ARTIFACTS"
+
 log "cargo test (debug profile)"
 cargo test --locked --all-targets
 
@@ -64,6 +69,9 @@ cargo test --locked --doc
 
 log "kernel NBD client in a VM (scripts/vm-e2e.sh)"
 scripts/vm-e2e.sh
+
+log "secret audit: every log of the run searched for every key (scripts/secrets-audit.py)"
+python3 scripts/secrets-audit.py "$NBDCRYPT_TEST_ARTIFACTS"
 
 log "benchmark smoke run (scripts/bench.sh --quick: debug build, every peer server, every job)"
 scripts/bench.sh --quick --out "$ROOT/target/bench-quick"

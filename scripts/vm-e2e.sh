@@ -137,6 +137,14 @@ cleanup() {
     cp "$RUN/console.log" "$ROOT/target/vm-e2e-console.log" 2>/dev/null || true
     cp "$RUN/server.log" "$ROOT/target/vm-e2e-server.log" 2>/dev/null || true
     cp "$RUN/tls-server.log" "$ROOT/target/vm-e2e-tls-server.log" 2>/dev/null || true
+    # For scripts/secrets-audit.py (scripts/test.sh): the logs, the raw keys, the KMS store.
+    if [[ -n "${NBDCRYPT_TEST_ARTIFACTS:-}" ]]; then
+        local a="$NBDCRYPT_TEST_ARTIFACTS/vm-e2e-$$"
+        mkdir -p "$a/logs" "$a/keys" "$a/kms"
+        cp "$RUN"/*.log "$RUN/console.log" "$a/logs/" 2>/dev/null || true
+        cp "$RUN"/k4k "$RUN"/k512 "$RUN"/ktls "$RUN/recovery.key" "$a/keys/" 2>/dev/null || true
+        cp "${STATE:-/nonexistent}/kms/keys.json" "$a/kms/" 2>/dev/null || true
+    fi
     rm -rf "$RUN"
 }
 trap cleanup EXIT

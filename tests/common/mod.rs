@@ -113,7 +113,65 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        harvest_for_secret_audit(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// With `NBDCRYPT_TEST_ARTIFACTS=DIR` (set by `scripts/test.sh`), keeps what the secret audit
+/// needs before a test directory is removed: every `*.log` file (server logs, audit logs), every
+/// key file (64 raw bytes or 128 hex digits) and every local KMS store (`keys.json`, its key
+/// material). `scripts/secrets-audit.py` then searches all the logs of the run for all the keys.
+fn harvest_for_secret_audit(root: &std::path::Path) {
+    let Some(out) = std::env::var_os("NBDCRYPT_TEST_ARTIFACTS") else {
+        return;
+    };
+    let dest = std::path::Path::new(&out).join(root.file_name().unwrap_or_default());
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if !meta.is_file() {
+                continue;
+            }
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let kind = if name.ends_with(".log") {
+                "logs"
+            } else if name == "keys.json" {
+                "kms"
+            } else if meta.len() == 64
+                || ((128..=129).contains(&meta.len())
+                    && std::fs::read(&path)
+                        .is_ok_and(|b| b.iter().take(128).all(u8::is_ascii_hexdigit)))
+            {
+                "keys"
+            } else {
+                continue;
+            };
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('/', "_");
+            let target = dest.join(kind).join(rel);
+            if std::fs::create_dir_all(dest.join(kind)).is_ok() {
+                let _ = std::fs::copy(&path, target);
+            }
+        }
     }
 }
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Searches every log a test run kept for every key the run used.
+
+`scripts/test.sh` runs the suite with NBDCRYPT_TEST_ARTIFACTS=DIR; each test directory leaves
+behind its logs (server logs, audit logs), its key files (64 raw bytes or 128 hex digits) and
+its local KMS stores (keys.json: key material as hex). This script takes every key, whole and
+per 32-byte half, in raw bytes, hex (both cases) and base64, and searches every log for each.
+A hit prints the log and the form (never the key) and fails the run; so does a run that kept
+too little to mean anything.
+
+Usage: scripts/secrets-audit.py DIR [--min-logs N] [--min-keys N] [--extra-log FILE ...]
+"""
+import argparse
+import base64
+import json
+import pathlib
+import sys
+
+
+def secrets(root: pathlib.Path):
+    found = {}
+    for p in root.glob("*/keys/*"):
+        b = p.read_bytes()
+        if len(b) == 64:
+            found[b] = str(p)
+        else:
+            try:
+                k = bytes.fromhex(b[:128].decode())
+            except ValueError:
+                continue
+            if len(k) == 64:
+                found[k] = str(p)
+    for p in root.glob("*/kms/*"):
+        try:
+            store = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        stack = [store]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, dict):
+                if isinstance(v.get("hex"), str) and "version" in v:
+                    found[bytes.fromhex(v["hex"])] = f"{p} (KMS material)"
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return found
+
+
+def forms(key: bytes):
+    parts = [("whole", key)]
+    if len(key) == 64:
+        parts += [("first half", key[:32]), ("second half", key[32:])]
+    for part, b in parts:
+        yield f"{part} raw", b
+        yield f"{part} hex", b.hex().encode()
+        yield f"{part} HEX", b.hex().upper().encode()
+        yield f"{part} base64", base64.b64encode(b).rstrip(b"=")[:-1]
+        yield f"{part} base64url", base64.urlsafe_b64encode(b).rstrip(b"=")[:-1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir", type=pathlib.Path)
+    ap.add_argument("--min-logs", type=int, default=50)
+    ap.add_argument("--min-keys", type=int, default=50)
+    ap.add_argument("--extra-log", action="append", default=[], type=pathlib.Path)
+    a = ap.parse_args()
+    keys = secrets(a.dir)
+    logs = sorted(a.dir.glob("*/logs/*")) + [p for p in a.extra_log if p.exists()]
+    data = [(p, p.read_bytes()) for p in logs]
+    size = sum(len(d) for _, d in data)
+    print(f"secrets-audit: {len(keys)} keys, {len(data)} logs ({size / 1e6:.1f} MB)")
+    if len(keys) < a.min_keys or len(data) < a.min_logs:
+        print(
+            f"secrets-audit: too little kept to mean anything (need ≥{a.min_keys} keys and "
+            f"≥{a.min_logs} logs): is NBDCRYPT_TEST_ARTIFACTS reaching the tests?",
+            file=sys.stderr,
+        )
+        return 1
+    hits = 0
+    for key, origin in keys.items():
+        for form, needle in forms(key):
+            for p, d in data:
+                if needle in d:
+                    hits += 1
+                    print(f"secrets-audit: LEAK: {form} of the key from {origin} in {p}", file=sys.stderr)
+    if hits:
+        return 1
+    print("secrets-audit: no key material in any log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
