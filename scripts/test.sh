@@ -73,5 +73,8 @@ scripts/vm-e2e.sh
 log "secret audit: every log of the run searched for every key (scripts/secrets-audit.py)"
 python3 scripts/secrets-audit.py "$NBDCRYPT_TEST_ARTIFACTS"
 
+log "fuzz smoke run: every cargo-fuzz target builds and runs 20 s without a crash (scripts/fuzz.sh)"
+scripts/fuzz.sh 20
+
 log "benchmark smoke run (scripts/bench.sh --quick: debug build, every peer server, every job)"
 scripts/bench.sh --quick --out "$ROOT/target/bench-quick"
