@@ -6,7 +6,11 @@
 //! exactly, never a half-written or garbage sector); the other client is unaffected; and nothing
 //! leaks: the server's descriptors return to their baseline, and its payload-buffer budget (set
 //! small here) is whole again, which a full-budget read proves.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 
