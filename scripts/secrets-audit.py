@@ -22,7 +22,9 @@ def secrets(root: pathlib.Path):
     for p in root.glob("*/keys/*"):
         b = p.read_bytes()
         if len(b) == 64:
-            found[b] = str(p)
+            # Raw keys are random bytes; a 64-byte text file is not a key.
+            if not all(32 < c < 127 or c in b"\t\n\r " for c in b):
+                found[b] = str(p)
         else:
             try:
                 k = bytes.fromhex(b[:128].decode())

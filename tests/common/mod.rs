@@ -153,7 +153,9 @@ fn harvest_for_secret_audit(root: &std::path::Path) {
                 "logs"
             } else if name == "keys.json" {
                 "kms"
-            } else if meta.len() == 64
+            } else if (meta.len() == 64
+                // A raw key is random bytes, not text (a 64-byte ready file is not a key).
+                && std::fs::read(&path).is_ok_and(|b| !b.iter().all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace())))
                 || ((128..=129).contains(&meta.len())
                     && std::fs::read(&path)
                         .is_ok_and(|b| b.iter().take(128).all(u8::is_ascii_hexdigit)))
