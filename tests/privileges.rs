@@ -143,3 +143,95 @@ fn serve_user_refuses_an_unknown_user_and_a_non_root_start() {
         "{stderr}"
     );
 }
+
+/// Owner uid of /proc/PID: the kernel gives a non-dumpable process's /proc files to root.
+fn proc_owner(pid: u32) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid()
+}
+
+#[test]
+fn serve_is_undumpable_while_keys_are_held_with_and_without_user() {
+    if !peer_available("root", root()) {
+        return;
+    }
+    // With --user: the drop resets dumpability; the server sets it again.
+    let dir = TempDir::new("dumpable-user");
+    let server = Server::start_with(
+        &dir,
+        &[keyed_export(&dir, "d", ",size=8M")],
+        &["--user", "nobody"],
+    );
+    let pid = server.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(proc_owner(pid), 0, "the server (uid 65534) is dumpable");
+    drop(server);
+
+    // Started as an ordinary user: the same, from the first key on.
+    let dir = TempDir::new("dumpable-plain");
+    common::run_ok(Command::new("chmod").arg("755").arg(&dir.0));
+    let spec = keyed_export(&dir, "d", ",size=8M");
+    common::run_ok(
+        Command::new("chown")
+            .arg("-R")
+            .arg("65534:65534")
+            .arg(&dir.0),
+    );
+    let ready = dir.path("ready");
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_nbdcrypt"))
+        .arg("--state-dir")
+        .arg(dir.path("state"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--export",
+            &spec,
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&ready).is_ok_and(|s| s.ends_with('\n')) {
+        assert!(start.elapsed().as_secs() < 30, "the server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.0.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid"), "65534 65534 65534 65534");
+    // A dumpable process's /proc files belong to its own uid: this is the control.
+    let own = Killed(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sleep",
+                "30",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(proc_owner(own.0.id()), 65534, "control: a dumpable process");
+    assert_eq!(proc_owner(pid), 0, "the server (uid 65534) is dumpable");
+}
+
+/// A child killed (and reaped) when the test ends, failed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

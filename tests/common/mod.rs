@@ -252,10 +252,15 @@ impl Server {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 ));
             }
-            assert!(
-                start.elapsed().as_secs() < 30,
-                "server did not become ready"
-            );
+            if start.elapsed().as_secs() >= 30 {
+                // Never leave the server behind (it would also hold the test's output pipe).
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not become ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
