@@ -54,7 +54,7 @@ die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
 # gnuplot (chart), python3 (aggregation; standard library only).
 # shellcheck source=scripts/lib/deb.sh
 . "$ROOT/scripts/lib/deb.sh"
-deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3
+deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3 openssl
 [[ -e /usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-luks-filter.so ]] ||
     nbdkit --dump-config >/dev/null || die "nbdkit is not usable"
 
@@ -98,21 +98,26 @@ qemu-img create -q -f luks --object "secret,id=sec0,data=$PASS" \
     -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10 \
     "$LUKS" "${SIZE_MIB}M"
 "$BIN" keygen "$WORK/volume.key" >/dev/null
+# TLS: the same PKI for nbdcrypt and nbdkit (GnuTLS layout); no client certificates.
+"$ROOT/scripts/tls-certs.sh" "$WORK/pki" >/dev/null
 
 # Servers, and the jobs each runs. The sweep servers run the jobs that show scaling.
 FULL="seqwrite seqread randread randwrite mix70 mc1 mc2 mc4"
 SWEEP="seqwrite seqread randread mc4"
-SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks)
+SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-tls nbdkit-memory-tls)
 declare -A JOBS=([nbdcrypt]="$FULL" [nbdkit-memory]="$FULL" [nbdkit-file]="$FULL"
-    [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL")
+    [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL" [nbdcrypt-tls]="$SWEEP"
+    [nbdkit-memory-tls]="$SWEEP")
 w=1
 while ((w < CORES)); do
     SERVERS+=("nbdcrypt-w$w")
     JOBS[nbdcrypt-w$w]="$SWEEP"
     w=$((w * 2))
 done
-((QUICK)) && SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-w1) &&
-    JOBS[nbdcrypt-w1]="seqwrite randread"
+((QUICK)) && SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-w1
+    nbdcrypt-tls nbdkit-memory-tls) &&
+    JOBS[nbdcrypt-w1]="seqwrite randread" && JOBS[nbdcrypt-tls]="seqwrite randread" &&
+    JOBS[nbdkit-memory-tls]="seqwrite randread"
 if [[ -n "$ONLY" ]]; then
     read -ra SERVERS <<<"$ONLY"
     for s in "${SERVERS[@]}"; do [[ -n "${JOBS[$s]:-}" ]] || JOBS[$s]="$SWEEP"; done
@@ -122,15 +127,21 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     local name="$1" port="$2"
     case "$name" in
         nbdcrypt*)
-            local workers=()
+            local workers=() tls=()
             [[ "$name" == nbdcrypt-w* ]] && workers=(--workers "${name#nbdcrypt-w}")
+            [[ "$name" == *-tls ]] && tls=(--tls-cert "$WORK/pki/server-cert.pem"
+                --tls-key "$WORK/pki/server-key.pem" --tls-required)
             rm -f "$WORK/volume.img"
-            "$BIN" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" \
+            "$BIN" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" "${tls[@]}" \
                 --export "name=bench,file=$WORK/volume.img,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;
         nbdkit-memory)
             nbdkit -f -i 127.0.0.1 -p "$port" memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-memory-tls)
+            nbdkit -f -i 127.0.0.1 -p "$port" --tls=require --tls-certificates="$WORK/pki" \
+                memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
             ;;
         nbdkit-file)
             rm -f "$WORK/plain.img"
@@ -151,6 +162,10 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     esac
     SERVER_PID=$!
     URI="nbd://127.0.0.1:$port/bench"
+    # fio's libnbd refuses certificate files named in a URI (nbd_set_uri_allow_local_file), so
+    # the benchmark client does not verify the server; the handshake and cipher work are the
+    # same either way.
+    [[ "$name" == *-tls ]] && URI="nbds://localhost:$port/bench?tls-verify-peer=false"
     local i
     for i in $(seq 1 200); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi

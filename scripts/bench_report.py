@@ -26,7 +26,15 @@ METRICS = [
     ("mc2", "mc2", "4 KiB randread, 2 conns", "kIOPS"),
     ("mc4", "mc4", "4 KiB randread, 4 conns", "kIOPS"),
 ]
-SERVER_ORDER = ["nbdcrypt", "nbdkit-memory", "nbdkit-file", "nbdkit-luks", "qemu-nbd-luks"]
+SERVER_ORDER = [
+    "nbdcrypt",
+    "nbdkit-memory",
+    "nbdkit-file",
+    "nbdkit-luks",
+    "qemu-nbd-luks",
+    "nbdcrypt-tls",
+    "nbdkit-memory-tls",
+]
 
 
 def load_fio(path):
@@ -149,6 +157,14 @@ def main():
     for peer in ("nbdkit-luks", "qemu-nbd-luks"):
         for metric in ("seqwrite", "seqread"):
             targets.append((metric, peer, 5.0, ratio("nbdcrypt", metric, peer)))
+    # TLS in transit (issue 7 sets no figure): the cost of TLS to nbdcrypt, and nbdcrypt over
+    # TLS against an unencrypted-at-rest server over TLS (nbdkit memory with GnuTLS).
+    results["tls"] = [
+        {"metric": m, "server": s, "peer": p, "ratio": ratio(s, m, p)}
+        for m in ("seqwrite", "seqread", "randread", "mc4")
+        for s, p in (("nbdcrypt-tls", "nbdcrypt"), ("nbdcrypt-tls", "nbdkit-memory-tls"))
+        if ratio(s, m, p) is not None
+    ]
     results["targets"] = [
         {
             "metric": m,
@@ -202,6 +218,13 @@ def main():
         if a.quick:
             verdict = "not judged (--quick)"
         lines.append(f"| nbdcrypt / {t['peer']}: {label} | ≥ {t['need']:g}× | {r} | {verdict} |")
+    if results["tls"]:
+        lines.append("")
+        lines.append("| TLS (no target: measured) | ratio |")
+        lines.append("|---|---|")
+        for t in results["tls"]:
+            label = dict((m, l) for m, _, l, _ in METRICS)[t["metric"]]
+            lines.append(f"| {t['server']} / {t['peer']}: {label} | {t['ratio']:.2f}× |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table)
