@@ -16,6 +16,13 @@ import json
 import pathlib
 import sys
 
+try:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+except ImportError:  # the test venv has it; scripts/test.sh runs this with the venv's python
+    sys.exit("secrets-audit: needs the `cryptography` package (the test venv has it)")
+
+found_wrapped = [0]
+
 
 def secrets(root: pathlib.Path):
     found = {}
@@ -46,6 +53,36 @@ def secrets(root: pathlib.Path):
                 stack.extend(v.values())
             elif isinstance(v, list):
                 stack.extend(v)
+    # Data keys of volumes wrapped by the local KMS: each header copy holds a blob
+    # NBK1 | key id (16) | material version (4) | nonce (12) | sealed 64-byte key | tag (16),
+    # AES-256-GCM under that key's material. GCM encrypts with AES-CTR from counter block
+    # nonce || 2, so the key is recovered without the encryption context (no tag check needed).
+    materials = {}
+    for p in root.glob("*/kms/*"):
+        try:
+            store = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        for kid, rec in (store.get("keys") or {}).items():
+            for m in rec.get("materials") or []:
+                materials[(kid.replace("-", ""), m["version"])] = bytes.fromhex(m["hex"])
+    wrapped = 0
+    for p in root.glob("*/headers/*"):
+        head = p.read_bytes()
+        at = head.find(b"NBK1")
+        while at >= 0 and at + 36 + 64 <= len(head):
+            kid = head[at + 4 : at + 20].hex()
+            version = int.from_bytes(head[at + 20 : at + 24], "big")
+            nonce = head[at + 24 : at + 36]
+            sealed = head[at + 36 : at + 36 + 64]
+            material = materials.get((kid, version))
+            if material is not None:
+                ctr = Cipher(algorithms.AES(material), modes.CTR(nonce + b"\0\0\0\x02"))
+                key = ctr.decryptor().update(sealed)
+                found[key] = f"{p} (data key wrapped by the local KMS)"
+                wrapped += 1
+            at = head.find(b"NBK1", at + 4)
+    found_wrapped[0] = wrapped
     return found
 
 
@@ -72,7 +109,10 @@ def main():
     logs = sorted(a.dir.glob("*/logs/*")) + [p for p in a.extra_log if p.exists()]
     data = [(p, p.read_bytes()) for p in logs]
     size = sum(len(d) for _, d in data)
-    print(f"secrets-audit: {len(keys)} keys, {len(data)} logs ({size / 1e6:.1f} MB)")
+    print(
+        f"secrets-audit: {len(keys)} keys ({found_wrapped[0]} volume data keys unwrapped from "
+        f"local-KMS headers), {len(data)} logs ({size / 1e6:.1f} MB)"
+    )
     if len(keys) < a.min_keys or len(data) < a.min_logs:
         print(
             f"secrets-audit: too little kept to mean anything (need ≥{a.min_keys} keys and "

@@ -71,7 +71,7 @@ log "kernel NBD client in a VM (scripts/vm-e2e.sh)"
 scripts/vm-e2e.sh
 
 log "secret audit: every log of the run searched for every key (scripts/secrets-audit.py)"
-python3 scripts/secrets-audit.py "$NBDCRYPT_TEST_ARTIFACTS"
+"$NBDCRYPT_PYTHON" scripts/secrets-audit.py "$NBDCRYPT_TEST_ARTIFACTS"
 
 log "fuzz smoke run: every cargo-fuzz target builds and runs 20 s without a crash (scripts/fuzz.sh)"
 scripts/fuzz.sh 20

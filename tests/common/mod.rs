@@ -118,10 +118,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether the first 8 KiB of `path` (a volume's header copies) hold a local KMS blob.
+fn has_local_kms_blob(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut head = vec![0u8; 8192];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut head, 0))
+        .is_ok()
+        && head.windows(4).any(|w| w == b"NBK1")
+}
+
 /// With `NBDCRYPT_TEST_ARTIFACTS=DIR` (set by `scripts/test.sh`), keeps what the secret audit
 /// needs before a test directory is removed: every `*.log` file (server logs, audit logs), every
-/// key file (64 raw bytes or 128 hex digits) and every local KMS store (`keys.json`, its key
-/// material). `scripts/secrets-audit.py` then searches all the logs of the run for all the keys.
+/// key file (64 raw bytes or 128 hex digits), every local KMS store (`keys.json`, its key
+/// material), and the header copies of every volume wrapped by the local KMS (from which the
+/// audit recovers the data key). `scripts/secrets-audit.py` then searches all the logs of the run for all the keys.
 fn harvest_for_secret_audit(root: &std::path::Path) {
     let Some(out) = std::env::var_os("NBDCRYPT_TEST_ARTIFACTS") else {
         return;
@@ -151,6 +162,22 @@ fn harvest_for_secret_audit(root: &std::path::Path) {
                 .into_owned();
             let kind = if name.ends_with(".log") {
                 "logs"
+            } else if meta.len() >= 8192 && has_local_kms_blob(&path) {
+                // A volume's backing store: keep its two header copies (the wrapped data key).
+                let mut head = vec![0u8; 8192];
+                if let Ok(f) = std::fs::File::open(&path) {
+                    use std::os::unix::fs::FileExt;
+                    let _ = f.read_exact_at(&mut head, 0);
+                }
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .replace('/', "_");
+                if std::fs::create_dir_all(dest.join("headers")).is_ok() {
+                    let _ = std::fs::write(dest.join("headers").join(rel), head);
+                }
+                continue;
             } else if name == "keys.json" {
                 "kms"
             } else if (meta.len() == 64
