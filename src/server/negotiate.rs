@@ -144,22 +144,6 @@ pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool,
     Ok(cflags & client_flags::C_NO_ZEROES != 0)
 }
 
-/// Plaintext negotiation without TLS: [`greet`], then one round of [`haggle`]. `Ok(None)` is a
-/// clean end without transmission (`ABORT`).
-pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    exports: &Exports,
-) -> Result<Option<Session>, NegotiateError> {
-    let no_zeroes = greet(s).await?;
-    match haggle(s, exports, no_zeroes, TlsState::default()).await? {
-        Outcome::Session(session) => Ok(Some(session)),
-        Outcome::Aborted => Ok(None),
-        Outcome::StartTls => Err(NegotiateError::Protocol(
-            "STARTTLS acknowledged without TLS configured".into(),
-        )),
-    }
-}
-
 /// One round of option haggling on `s`, until transmission, `ABORT` or `STARTTLS`.
 pub async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,

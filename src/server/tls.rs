@@ -206,8 +206,9 @@ pub fn describe(conn: &rustls::ServerConnection) -> (String, String, Option<Stri
         .negotiated_cipher_suite()
         .map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
     let client = conn.peer_certificates().and_then(|c| c.first()).map(|c| {
-        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref());
-        d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        crate::codec::to_hex(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref(),
+        )
     });
     (version, suite, client)
 }
