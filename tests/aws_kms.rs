@@ -35,11 +35,7 @@ fn moto_binary() -> String {
 fn start_moto() -> Result<Moto, String> {
     let bin = moto_binary();
     have(&bin)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let child = Command::new(&bin)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
@@ -60,6 +56,14 @@ fn start_moto() -> Result<Moto, String> {
     Ok(moto)
 }
 
+/// moto on loopback, or `None` after [`peer_available`] has reported why not (it panics instead
+/// when peers are required).
+fn moto() -> Option<Moto> {
+    start_moto()
+        .map_err(|e| peer_available("moto_server", Err(e)))
+        .ok()
+}
+
 const AWS_ENV: [(&str, &str); 6] = [
     ("AWS_ACCESS_KEY_ID", "testing"),
     ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -70,30 +74,27 @@ const AWS_ENV: [(&str, &str); 6] = [
     ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
 ];
 
+/// `nbdcrypt` on AWS KMS at `endpoint` with the test credentials and the state in `state`.
+fn aws_cli(state: &std::path::Path, endpoint: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+    c.env("NBDCRYPT_STATE_DIR", state)
+        .env("NBDCRYPT_KMS", "aws")
+        .env("NBDCRYPT_KMS_ENDPOINT", endpoint);
+    for (k, v) in AWS_ENV {
+        c.env(k, v);
+    }
+    c
+}
+
 #[test]
 fn aws_kms_scratch_lifecycle_against_moto() {
-    let moto = match start_moto() {
-        Ok(m) => m,
-        Err(e) => {
-            peer_available("moto_server", Err(e));
-            return;
-        }
-    };
+    let Some(moto) = moto() else { return };
     if !peer_available("qemu-io", have("qemu-io")) {
         return;
     }
     let dir = TempDir::new("aws");
     let state = dir.path("state");
-    let cli = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
-        c.env("NBDCRYPT_STATE_DIR", &state)
-            .env("NBDCRYPT_KMS", "aws")
-            .env("NBDCRYPT_KMS_ENDPOINT", &moto.url);
-        for (k, v) in AWS_ENV {
-            c.env(k, v);
-        }
-        c
-    };
+    let cli = || aws_cli(&state, &moto.url);
     run_ok(cli().args(["volume", "create", "cloud", "--size", "16M"]));
     let mut env: Vec<(&str, &str)> = AWS_ENV.to_vec();
     let state_s = state.to_str().unwrap().to_owned();
@@ -136,25 +137,17 @@ fn aws_kms_scratch_lifecycle_against_moto() {
 #[test]
 fn aws_kms_unreachable_retries_with_backoff_then_fails_naming_key_and_operation() {
     let dir = TempDir::new("aws-down");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
-    c.env("NBDCRYPT_STATE_DIR", dir.path("state"))
-        .args([
-            "--kms",
-            "aws",
-            "--kms-endpoint",
-            &format!("http://127.0.0.1:{port}"),
-            "--kms-attempts",
-            "3",
-        ])
-        .args(["volume", "create", "x", "--size", "8M"]);
-    for (k, v) in AWS_ENV {
-        c.env(k, v);
-    }
+    let endpoint = format!("http://127.0.0.1:{}", common::free_port());
+    let mut c = aws_cli(&dir.path("state"), &endpoint);
+    c.args([
+        "--kms-attempts",
+        "3",
+        "volume",
+        "create",
+        "x",
+        "--size",
+        "8M",
+    ]);
     let started = std::time::Instant::now();
     let out = c.output().unwrap();
     let took = started.elapsed();
@@ -183,57 +176,17 @@ fn aws_kms_unreachable_retries_with_backoff_then_fails_naming_key_and_operation(
     assert!(took < std::time::Duration::from_secs(60), "{took:?}");
 }
 
-/// A TCP forwarder to `upstream` that starts listening on `port` only after `delay`: KMS is
-/// unreachable at first and comes back while the client retries.
-fn forward_later(port: u16, upstream: String, delay: std::time::Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(delay);
-        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-        for client in l.incoming() {
-            let Ok(client) = client else { continue };
-            let Ok(server) = std::net::TcpStream::connect(&upstream) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
-            ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        }
-    });
-}
-
 #[test]
 fn aws_kms_outage_at_serve_start_is_ridden_out_by_the_retry() {
-    let moto = match start_moto() {
-        Ok(m) => m,
-        Err(e) => {
-            peer_available("moto_server", Err(e));
-            return;
-        }
-    };
+    let Some(moto) = moto() else { return };
     let dir = TempDir::new("aws-outage");
     let state = dir.path("state");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
-    c.env("NBDCRYPT_STATE_DIR", &state)
-        .args(["--kms", "aws", "--kms-endpoint", &moto.url])
-        .args(["volume", "create", "cloud", "--size", "8M"]);
-    for (k, v) in AWS_ENV {
-        c.env(k, v);
-    }
-    run_ok(&mut c);
-    // Serve through an endpoint that starts answering 1.5 s late.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    forward_later(
-        port,
+    run_ok(aws_cli(&state, &moto.url).args(["volume", "create", "cloud", "--size", "8M"]));
+    // Serve through an endpoint that starts answering 1.5 s late (KMS is unreachable at first
+    // and comes back while serve retries).
+    let port = common::free_port();
+    common::tcp_forward(
+        format!("127.0.0.1:{port}"),
         moto.url.trim_start_matches("http://").to_owned(),
         std::time::Duration::from_millis(1500),
     );

@@ -15,46 +15,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Rng, Server, TempDir, keyed_export, raw_connect, raw_request, seed};
+use common::{
+    Rng, Server, TempDir, fd_targets, keyed_export, raw_connect, raw_flush, raw_read, raw_request,
+    raw_write, seed,
+};
 use nbdcrypt::protocol::consts::cmd;
-
-/// One simple reply (header checked for success) and `len` bytes of data.
-fn reply(s: &mut TcpStream, cookie: u64, len: usize) -> Vec<u8> {
-    let mut h = [0u8; 16];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(&h[4..8], &[0; 4], "request {cookie} failed");
-    assert_eq!(&h[8..16], &cookie.to_be_bytes());
-    let mut d = vec![0u8; len];
-    s.read_exact(&mut d).unwrap();
-    d
-}
-
-fn write(s: &mut TcpStream, cookie: u64, off: u64, data: &[u8]) {
-    let mut b = raw_request(cmd::WRITE, cookie, off, u32::try_from(data.len()).unwrap());
-    b.extend_from_slice(data);
-    s.write_all(&b).unwrap();
-    reply(s, cookie, 0);
-}
-
-fn read(s: &mut TcpStream, cookie: u64, off: u64, len: u32) -> Vec<u8> {
-    s.write_all(&raw_request(cmd::READ, cookie, off, len))
-        .unwrap();
-    reply(s, cookie, len as usize)
-}
-
-fn flush(s: &mut TcpStream, cookie: u64) {
-    s.write_all(&raw_request(cmd::FLUSH, cookie, 0, 0)).unwrap();
-    reply(s, cookie, 0);
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
 
 #[test]
 fn disconnects_mid_write_payload_and_mid_reply_change_nothing_and_leak_nothing() {
@@ -73,9 +40,9 @@ fn disconnects_mid_write_payload_and_mid_reply_change_nothing_and_leak_nothing()
     keeper
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
-    write(&mut keeper, 1, 0, &old);
-    flush(&mut keeper, 2);
-    let baseline_fds = fds(pid);
+    raw_write(&mut keeper, 1, 0, &old, 0);
+    raw_flush(&mut keeper, 2);
+    let baseline_fds = fd_targets(pid).len();
 
     // A second client works on its own range throughout.
     let other = {
@@ -86,9 +53,9 @@ fn disconnects_mid_write_payload_and_mid_reply_change_nothing_and_leak_nothing()
             for i in 0..200u64 {
                 let data = rng.bytes(4096 + (i as usize % 7) * 1000);
                 let off = (32 << 20) + (i % 64) * 9000 + 123;
-                write(&mut s, 10 + 2 * i, off, &data);
+                raw_write(&mut s, 10 + 2 * i, off, &data, 0);
                 assert_eq!(
-                    read(&mut s, 11 + 2 * i, off, u32::try_from(data.len()).unwrap()),
+                    raw_read(&mut s, 11 + 2 * i, off, u32::try_from(data.len()).unwrap()),
                     data
                 );
             }
@@ -122,7 +89,7 @@ fn disconnects_mid_write_payload_and_mid_reply_change_nothing_and_leak_nothing()
     other.join().unwrap();
 
     // The flushed data is exactly what it was: no byte of any incomplete write landed.
-    let back = read(&mut keeper, 3, 0, u32::try_from(region).unwrap());
+    let back = raw_read(&mut keeper, 3, 0, u32::try_from(region).unwrap());
     let first_diff = back.iter().zip(&old).position(|(a, b)| a != b);
     assert_eq!(
         first_diff, None,
@@ -132,11 +99,11 @@ fn disconnects_mid_write_payload_and_mid_reply_change_nothing_and_leak_nothing()
     // Nothing leaked: descriptors back to the baseline (the abandoned connections are gone) and
     // the whole payload budget is available again.
     let start = std::time::Instant::now();
-    while fds(pid) > baseline_fds && start.elapsed() < Duration::from_secs(10) {
+    while fd_targets(pid).len() > baseline_fds && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(fds(pid), baseline_fds, "descriptors leaked");
-    let big = read(&mut keeper, 4, 0, 32 << 20);
+    assert_eq!(fd_targets(pid).len(), baseline_fds, "descriptors leaked");
+    let big = raw_read(&mut keeper, 4, 0, 32 << 20);
     assert_eq!(&big[..region as usize], &old[..]);
     drop(keeper);
     let log = server.stop();

@@ -10,63 +10,50 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, TempDir, keyed_export, raw_connect, raw_request};
-use nbdcrypt::protocol::consts::cmd;
+use common::{
+    Server, TempDir, fd_targets, keyed_export, proc_status, raw_connect, raw_read, raw_write,
+};
 
 const MAX_CONNECTIONS: usize = 16;
 
 /// `VmHWM`/`VmRSS` of a process, in KiB.
 fn vm_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    let v = proc_status(pid, field);
+    v.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
         .unwrap()
 }
 
 /// Open TCP sockets of the server process other than the listener.
 fn client_sockets(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    fd_targets(pid)
+        .iter()
+        .filter(|t| t.starts_with("socket:"))
+        .count()
         .saturating_sub(1)
 }
 
-/// 4 KiB write+read pairs on an established connection for `for_how_long`; returns pairs/s.
+/// 4 KiB write-then-read pairs on an established connection for `for_how_long`; returns
+/// pairs/s.
 fn workload(s: &mut TcpStream, for_how_long: Duration) -> f64 {
     let start = Instant::now();
     let mut pairs = 0u64;
     let data = [0x6bu8; 4096];
-    let mut back = [0u8; 4096];
     while start.elapsed() < for_how_long {
         let off = (pairs % 512) * 4096;
-        let mut w = raw_request(cmd::WRITE, 1, off, 4096);
-        w.extend_from_slice(&data);
-        w.extend_from_slice(&raw_request(cmd::READ, 2, off, 4096));
-        s.write_all(&w).unwrap();
-        let mut r = [0u8; 16];
-        for _ in 0..2 {
-            s.read_exact(&mut r).unwrap();
-            assert_eq!(&r[4..8], &[0; 4], "request failed during the flood");
-            if r[8..16] == 2u64.to_be_bytes() {
-                s.read_exact(&mut back).unwrap();
-                assert_eq!(back, data);
-            }
-        }
+        raw_write(s, 1, off, &data, 0);
+        assert_eq!(
+            raw_read(s, 2, off, 4096),
+            data,
+            "read back wrong data during the flood"
+        );
         pairs += 1;
     }
     pairs as f64 / start.elapsed().as_secs_f64()

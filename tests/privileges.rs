@@ -8,7 +8,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{Server, TempDir, keyed_export, peer_available, raw_connect, raw_request};
+use common::{
+    Server, TempDir, keyed_export, peer_available, proc_status, raw_connect, raw_flush, raw_read,
+    raw_write, status_field,
+};
 
 fn root() -> Result<(), String> {
     let out = Command::new("id")
@@ -22,15 +25,19 @@ fn root() -> Result<(), String> {
     }
 }
 
-/// `Name:\tvalue` lines of /proc/PID/task/TID/status.
-fn status_field(status: &str, field: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Runs its command as nobody (uid and gid 65534, no supplementary groups).
+const AS_NOBODY: [&str; 4] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+];
+
+/// A command run as nobody.
+fn as_nobody(program: &str) -> Command {
+    let mut c = Command::new(AS_NOBODY[0]);
+    c.args(&AS_NOBODY[1..]).arg(program);
+    c
 }
 
 #[test]
@@ -66,34 +73,10 @@ fn serve_user_drops_root_in_every_thread_after_binding_and_still_serves() {
         assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{t:?}");
     }
     // Files opened as root keep working: a write and a read through the dropped server.
-    use std::io::{Read, Write};
     let mut s = raw_connect(&server.addr, "d");
-    let mut w = raw_request(nbdcrypt::protocol::consts::cmd::WRITE, 1, 4096, 4096);
-    w.extend_from_slice(&[0x77; 4096]);
-    w.extend_from_slice(&raw_request(
-        nbdcrypt::protocol::consts::cmd::FLUSH,
-        2,
-        0,
-        0,
-    ));
-    w.extend_from_slice(&raw_request(
-        nbdcrypt::protocol::consts::cmd::READ,
-        3,
-        4096,
-        4096,
-    ));
-    s.write_all(&w).unwrap();
-    // Replies may come in any order; the read's carries its data.
-    let mut r = [0u8; 16];
-    let mut back = [0u8; 4096];
-    for _ in 0..3 {
-        s.read_exact(&mut r).unwrap();
-        assert_eq!(&r[4..8], &[0; 4], "request failed after the drop");
-        if r[8..16] == 3u64.to_be_bytes() {
-            s.read_exact(&mut back).unwrap();
-        }
-    }
-    assert_eq!(back, [0x77; 4096]);
+    raw_write(&mut s, 1, 4096, &[0x77; 4096], 0);
+    raw_flush(&mut s, 2);
+    assert_eq!(raw_read(&mut s, 3, 4096, 4096), [0x77; 4096]);
     drop(s);
     let log = server.stop();
     assert!(log.contains("privileges dropped"), "{log}");
@@ -128,9 +111,7 @@ fn serve_user_refuses_an_unknown_user_and_a_non_root_start() {
     std::fs::create_dir(&state).unwrap();
     common::run_ok(Command::new("chown").arg("65534:65534").arg(&state));
     common::run_ok(Command::new("chmod").arg("755").arg(&dir.0));
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_nbdcrypt"))
+    let out = as_nobody(env!("CARGO_BIN_EXE_nbdcrypt"))
         .arg("--state-dir")
         .arg(&state)
         .args(["serve", "--listen", "127.0.0.1:0", "--user", "daemon"])
@@ -165,8 +146,7 @@ fn serve_is_undumpable_while_keys_are_held_with_and_without_user() {
         &["--user", "nobody"],
     );
     let pid = server.child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_eq!(status_field(&status, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(proc_status(pid, "Uid"), "65534 65534 65534 65534");
     assert_eq!(proc_owner(pid), 0, "the server (uid 65534) is dumpable");
     drop(server);
 
@@ -180,47 +160,19 @@ fn serve_is_undumpable_while_keys_are_held_with_and_without_user() {
             .arg("65534:65534")
             .arg(&dir.0),
     );
-    let ready = dir.path("ready");
-    let child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_nbdcrypt"))
-        .arg("--state-dir")
-        .arg(dir.path("state"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--export",
-            &spec,
-            "--ready-file",
-        ])
-        .arg(&ready)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&ready).is_ok_and(|s| s.ends_with('\n')) {
-        assert!(start.elapsed().as_secs() < 30, "the server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let pid = child.0.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_eq!(status_field(&status, "Uid"), "65534 65534 65534 65534");
+    let state = dir.path("state").display().to_string();
+    let server = Server::try_start_wrapped(
+        &dir,
+        &[spec],
+        &[],
+        &[("NBDCRYPT_STATE_DIR", &state)],
+        &AS_NOBODY,
+    )
+    .unwrap_or_else(|log| panic!("the server did not start as nobody:\n{log}"));
+    let pid = server.child.id();
+    assert_eq!(proc_status(pid, "Uid"), "65534 65534 65534 65534");
     // A dumpable process's /proc files belong to its own uid: this is the control.
-    let own = Killed(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sleep",
-                "30",
-            ])
-            .spawn()
-            .unwrap(),
-    );
+    let own = Killed(as_nobody("sleep").arg("30").spawn().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(proc_owner(own.0.id()), 65534, "control: a dumpable process");
     assert_eq!(proc_owner(pid), 0, "the server (uid 65534) is dumpable");

@@ -1,8 +1,8 @@
 //! TLS in transit (`NBD_OPT_STARTTLS`): a rustls client driven byte by byte (TLS 1.2 and 1.3,
 //! with and without client certificates, refusals, option haggling afresh after the upgrade,
-//! SIGHUP reload), and the real peers: `nbdinfo`/`nbdcopy` with `nbds://` and libnbd's
-//! `tls-certificates`, `qemu-io` with a `tls-creds-x509` object. The kernel `nbd-client` over
-//! TLS runs in the VM test (scripts/vm-e2e.sh).
+//! SIGHUP reload, the handshake timeout, a snooped wire). The real peers are in
+//! tests/tls_interop.rs; the kernel `nbd-client` over TLS runs in the VM test
+//! (scripts/vm-e2e.sh).
 //!
 //! The PKI comes from `scripts/tls-certs.sh` (openssl); a missing peer fails the test when
 //! `NBDCRYPT_REQUIRE_PEERS=1`.
@@ -15,45 +15,15 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
-use common::{Server, TempDir, have, keyed_export, peer_available, raw_request, run_ok};
-use nbdcrypt::protocol::consts::{client_flags, cmd, opt, rep};
+use common::tls::{pki, start, tls_args};
+use common::{Server, TempDir, keyed_export, raw_read, raw_write, run_ok};
+use nbdcrypt::protocol::consts::{client_flags, cmd_flag, opt, rep};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-
-/// The test PKI (see scripts/tls-certs.sh for what each file is).
-fn pki(dir: &TempDir, name: &str) -> Option<PathBuf> {
-    if !peer_available("openssl", have("openssl")) {
-        return None;
-    }
-    let root = dir.path(name);
-    run_ok(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tls-certs.sh")).arg(&root));
-    Some(root)
-}
-
-fn tls_args(pki: &Path, client_ca: bool, required: bool) -> Vec<String> {
-    let mut a = vec![
-        "--tls-cert".into(),
-        pki.join("server-cert.pem").display().to_string(),
-        "--tls-key".into(),
-        pki.join("server-key.pem").display().to_string(),
-    ];
-    if client_ca {
-        a.push("--tls-client-ca".into());
-        a.push(pki.join("ca-cert.pem").display().to_string());
-    }
-    if required {
-        a.push("--tls-required".into());
-    }
-    a
-}
-
-fn start(dir: &TempDir, extra: &[String]) -> Server {
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    Server::start_with(dir, &[keyed_export(dir, "d", ",size=16M")], &extra)
-}
 
 /// Connects, reads the greeting and sends the client flags: ready for options.
 fn plaintext(addr: &str) -> TcpStream {
@@ -113,31 +83,9 @@ fn go<S: Read + Write>(s: &mut S, export: &str) -> std::io::Result<u32> {
 }
 
 /// Writes `data` at offset 0 with FUA, waits for the reply, and reads it back (simple replies).
-fn write_read<S: Read + Write>(s: &mut S, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let len = u32::try_from(data.len()).unwrap();
-    let mut w = raw_request(cmd::WRITE, 1, 0, len);
-    w[4..6].copy_from_slice(&nbdcrypt::protocol::consts::cmd_flag::FUA.to_be_bytes());
-    w.extend_from_slice(data);
-    s.write_all(&w)?;
-    s.flush()?;
-    let mut r = [0u8; 16];
-    s.read_exact(&mut r)?;
-    assert_eq!(
-        (&r[4..8], &r[8..16]),
-        (&[0u8; 4][..], &1u64.to_be_bytes()[..]),
-        "write failed"
-    );
-    s.write_all(&raw_request(cmd::READ, 2, 0, len))?;
-    s.flush()?;
-    s.read_exact(&mut r)?;
-    assert_eq!(
-        (&r[4..8], &r[8..16]),
-        (&[0u8; 4][..], &2u64.to_be_bytes()[..]),
-        "read failed"
-    );
-    let mut back = vec![0u8; data.len()];
-    s.read_exact(&mut back)?;
-    Ok(back)
+fn write_read<S: Read + Write>(s: &mut S, data: &[u8]) -> Vec<u8> {
+    raw_write(s, 1, 0, data, cmd_flag::FUA);
+    raw_read(s, 2, 0, u32::try_from(data.len()).unwrap())
 }
 
 struct ClientOpts<'a> {
@@ -147,6 +95,30 @@ struct ClientOpts<'a> {
     cert: Option<(&'a Path, &'a Path)>,
     /// Only this version, or both.
     version: Option<&'static rustls::SupportedProtocolVersion>,
+}
+
+impl<'a> ClientOpts<'a> {
+    /// Trusts `ca`, presents no certificate, offers TLS 1.3 and 1.2.
+    fn trusting(ca: &'a Path) -> Self {
+        ClientOpts {
+            ca,
+            cert: None,
+            version: None,
+        }
+    }
+
+    /// Presents this certificate (or none).
+    fn with_cert(self, cert: Option<(&'a Path, &'a Path)>) -> Self {
+        ClientOpts { cert, ..self }
+    }
+
+    /// Offers only this TLS version.
+    fn only(self, version: &'static rustls::SupportedProtocolVersion) -> Self {
+        ClientOpts {
+            version: Some(version),
+            ..self
+        }
+    }
 }
 
 fn client_config(o: &ClientOpts) -> Arc<rustls::ClientConfig> {
@@ -206,7 +178,7 @@ fn attach(addr: &str, o: &ClientOpts) -> std::io::Result<(TlsClient, Vec<u8>)> {
         return Err(std::io::Error::other(format!("GO answered {t:#x}")));
     }
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
-    let back = write_read(&mut tls, &data)?;
+    let back = write_read(&mut tls, &data);
     assert_eq!(back, data, "data over TLS did not read back");
     Ok((tls, data))
 }
@@ -219,17 +191,6 @@ fn good_client(pki: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-fn wait_for_log(server: &Server, needle: &str) -> String {
-    let start = std::time::Instant::now();
-    loop {
-        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
-        if log.contains(needle) || start.elapsed().as_secs() > 10 {
-            return log;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn tls_1_2_and_1_3_each_negotiate_and_carry_data() {
     let dir = TempDir::new("tls-versions");
@@ -240,22 +201,15 @@ fn tls_1_2_and_1_3_each_negotiate_and_carry_data() {
         (&rustls::version::TLS13, "TLSv1_3"),
         (&rustls::version::TLS12, "TLSv1_2"),
     ] {
-        let (tls, _) = attach(
-            &server.addr,
-            &ClientOpts {
-                ca: &ca,
-                cert: None,
-                version: Some(version),
-            },
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (tls, _) = attach(&server.addr, &ClientOpts::trusting(&ca).only(version))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(
             tls.conn.protocol_version(),
             Some(version.version),
             "{name} was not the version used"
         );
         drop(tls);
-        let log = wait_for_log(&server, &format!("version=\"{name}\""));
+        let log = server.wait_for_log(&format!("version=\"{name}\""));
         assert!(log.contains(&format!("version=\"{name}\"")), "{log}");
     }
     let log = server.stop();
@@ -282,18 +236,14 @@ fn tls_required_refuses_plaintext_options_then_accepts_starttls_on_the_same_conn
     send_option(&mut s, opt::STARTTLS, b"x");
     assert_eq!(read_reply(&mut s).unwrap().1, rep::ERR_INVALID);
     let ca = pki.join("ca-cert.pem");
-    let o = ClientOpts {
-        ca: &ca,
-        cert: None,
-        version: None,
-    };
+    let o = ClientOpts::trusting(&ca);
     let mut tls = starttls(s, &o).unwrap();
     // Haggling starts afresh inside TLS: a second STARTTLS is invalid, GO works.
     send_option(&mut tls, opt::STARTTLS, &[]);
     assert_eq!(read_reply(&mut tls).unwrap().1, rep::ERR_INVALID);
     assert_eq!(go(&mut tls, "d").unwrap(), rep::ACK);
     let data = vec![0x5a; 4096];
-    assert_eq!(write_read(&mut tls, &data).unwrap(), data);
+    assert_eq!(write_read(&mut tls, &data), data);
     drop(tls);
 
     // EXPORT_NAME has no error reply: in plaintext it ends the connection.
@@ -304,7 +254,7 @@ fn tls_required_refuses_plaintext_options_then_accepts_starttls_on_the_same_conn
         matches!(s.read(&mut b), Ok(0) | Err(_)),
         "EXPORT_NAME served"
     );
-    let log = wait_for_log(&server, "EXPORT_NAME in plaintext");
+    let log = server.wait_for_log("EXPORT_NAME in plaintext");
     assert!(
         log.contains("plaintext client refused: TLS is required"),
         "{log}"
@@ -325,18 +275,10 @@ fn tls_selective_serves_plaintext_and_tls_and_unsupported_without_credentials() 
     let mut s = plaintext(&server.addr);
     assert_eq!(go(&mut s, "d").unwrap(), rep::ACK);
     let data = vec![0xa5; 4096];
-    assert_eq!(write_read(&mut s, &data).unwrap(), data);
+    assert_eq!(write_read(&mut s, &data), data);
     drop(s);
     let ca = pki.join("ca-cert.pem");
-    attach(
-        &server.addr,
-        &ClientOpts {
-            ca: &ca,
-            cert: None,
-            version: None,
-        },
-    )
-    .unwrap();
+    attach(&server.addr, &ClientOpts::trusting(&ca)).unwrap();
     drop(server);
 
     // Without --tls-cert, STARTTLS is unsupported and plaintext continues.
@@ -369,26 +311,15 @@ fn tls_client_ca_refuses_missing_or_foreign_certificates_and_keeps_serving() {
             .unwrap()
             .matches(reason)
             .count();
-        let r = attach(
-            &server.addr,
-            &ClientOpts {
-                ca: &ca,
-                cert,
-                version: None,
-            },
-        );
+        let r = attach(&server.addr, &ClientOpts::trusting(&ca).with_cert(cert));
         assert!(r.is_err(), "a client with {what} was served");
-        let log = wait_for_log(&server, reason);
+        let log = server.wait_for_log(reason);
         assert_eq!(log.matches(reason).count(), before + 1, "{what}:\n{log}");
         assert!(log.contains("connection refused"), "{log}");
         // A client with the right certificate is served right after.
         attach(
             &server.addr,
-            &ClientOpts {
-                ca: &ca,
-                cert: Some((&good_cert, &good_key)),
-                version: None,
-            },
+            &ClientOpts::trusting(&ca).with_cert(Some((&good_cert, &good_key))),
         )
         .unwrap_or_else(|e| panic!("after refusing {what}: {e}"));
     }
@@ -407,7 +338,7 @@ fn tls_client_ca_refuses_missing_or_foreign_certificates_and_keeps_serving() {
         "expected a TLS alert or a close, got {:?}",
         &b[..n]
     );
-    let log = wait_for_log(&server, "TLS handshake failed: received corrupt message");
+    let log = server.wait_for_log("TLS handshake failed: received corrupt message");
     assert!(log.contains("TLS handshake failed"), "{log}");
     // The client's certificate fingerprint is logged, so access can be audited.
     assert!(log.contains("client_cert_sha256=\""), "{log}");
@@ -431,16 +362,8 @@ fn tls_sighup_reloads_certificates_for_new_clients_and_keeps_established_session
     let server = start(&dir, &tls_args(&live, false, true));
     let old_ca = pki.join("ca-cert.pem");
     let new_ca = next.join("ca-cert.pem");
-    let old = ClientOpts {
-        ca: &old_ca,
-        cert: None,
-        version: None,
-    };
-    let new = ClientOpts {
-        ca: &new_ca,
-        cert: None,
-        version: None,
-    };
+    let old = ClientOpts::trusting(&old_ca);
+    let new = ClientOpts::trusting(&new_ca);
     let (mut established, data) = attach(&server.addr, &old).unwrap();
     assert!(attach(&server.addr, &new).is_err(), "new CA trusted early");
 
@@ -454,7 +377,7 @@ fn tls_sighup_reloads_certificates_for_new_clients_and_keeps_established_session
     // A broken reload keeps the old certificate.
     std::fs::write(live.join("server-key.pem"), "not a key\n").unwrap();
     hup(&server);
-    let log = wait_for_log(&server, "TLS reload failed");
+    let log = server.wait_for_log("TLS reload failed");
     assert!(log.contains("TLS reload failed"), "{log}");
     attach(&server.addr, &old).expect("the old certificate stopped working");
 
@@ -462,7 +385,7 @@ fn tls_sighup_reloads_certificates_for_new_clients_and_keeps_established_session
         std::fs::copy(next.join(f), live.join(f)).unwrap();
     }
     hup(&server);
-    let log = wait_for_log(&server, "TLS certificates reloaded");
+    let log = server.wait_for_log("TLS certificates reloaded");
     assert!(log.contains("TLS certificates reloaded"), "{log}");
     attach(&server.addr, &new).expect("the reloaded certificate is not used");
     assert!(
@@ -470,7 +393,7 @@ fn tls_sighup_reloads_certificates_for_new_clients_and_keeps_established_session
         "the old certificate is still served"
     );
     // The session established before both reloads still works.
-    assert_eq!(write_read(&mut established, &data).unwrap(), data);
+    assert_eq!(write_read(&mut established, &data), data);
     assert!(server.child.id() > 0);
     let log = server.stop();
     assert!(!log.contains("panicked"), "{log}");
@@ -489,130 +412,8 @@ fn tls_handshake_counts_against_the_handshake_timeout() {
     // No ClientHello: the server must drop the connection.
     let mut b = [0u8; 1];
     assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
-    let log = wait_for_log(&server, "negotiation took too long");
+    let log = server.wait_for_log("negotiation took too long");
     assert!(log.contains("negotiation took too long"), "{log}");
-}
-
-#[test]
-fn tls_nbdinfo_and_nbdcopy_with_libnbd_certificates() {
-    if !peer_available("nbdinfo", have("nbdinfo")) || !peer_available("nbdcopy", have("nbdcopy")) {
-        return;
-    }
-    let dir = TempDir::new("tls-libnbd");
-    let Some(pki) = pki(&dir, "pki") else { return };
-    let server = start(&dir, &tls_args(&pki, true, true));
-    let uri = |sub: &str| {
-        format!(
-            "nbds://{}/d?tls-certificates={}",
-            server.addr,
-            pki.join(sub).display()
-        )
-    };
-    let out = run_ok(Command::new("nbdinfo").arg(uri("client")));
-    assert!(out.contains("with TLS"), "{out}");
-    assert!(out.contains("export-size: 16777216"), "{out}");
-    for (sub, what) in [("nocert", "no client certificate"), ("other", "another CA")] {
-        let st = Command::new("nbdinfo").arg(uri(sub)).output().unwrap();
-        assert!(!st.status.success(), "nbdinfo with {what} was served");
-    }
-    let st = Command::new("nbdinfo")
-        .arg(format!("nbd://{}/d", server.addr))
-        .output()
-        .unwrap();
-    assert!(!st.status.success(), "plaintext nbdinfo was served");
-
-    // nbdcopy a file in and out over TLS.
-    let src = dir.path("src.bin");
-    let mut rng = common::Rng::new(common::seed("tls-nbdcopy"));
-    std::fs::write(&src, rng.bytes(16 << 20)).unwrap();
-    run_ok(Command::new("nbdcopy").arg(&src).arg(uri("client")));
-    let back = dir.path("back.bin");
-    run_ok(Command::new("nbdcopy").arg(uri("client")).arg(&back));
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap());
-    let log = server.stop();
-    assert!(log.contains("TLS established"), "{log}");
-    assert!(log.contains("peer sent no certificates"), "{log}");
-    assert!(log.contains("TLS is required"), "{log}");
-}
-
-#[test]
-fn tls_qemu_io_with_tls_creds_x509() {
-    if !peer_available("qemu-io", have("qemu-io")) {
-        return;
-    }
-    let dir = TempDir::new("tls-qemu");
-    let Some(pki) = pki(&dir, "pki") else { return };
-    let server = start(&dir, &tls_args(&pki, true, true));
-    let (host, port) = server.addr.rsplit_once(':').unwrap();
-    let qemu = |sub: &str, cmds: &[&str]| {
-        let mut c = Command::new("qemu-io");
-        c.arg("--object").arg(format!(
-            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-            pki.join(sub).display()
-        ));
-        c.arg("--image-opts").arg(format!(
-            "driver=nbd,server.type=inet,server.host={host},server.port={port},export=d,tls-creds=tls0"
-        ));
-        for x in cmds {
-            c.arg("-c").arg(x);
-        }
-        c.output().unwrap()
-    };
-    let out = qemu(
-        "client",
-        &[
-            "write -P 0x3c 0 1M",
-            "write -P 0x4d 1000 5000",
-            "flush",
-            "read -P 0x3c 0 1000",
-            "read -P 0x4d 1000 5000",
-            "read -P 0x3c 6000 1042576",
-        ],
-    );
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(!text.contains("Pattern verification failed"), "{text}");
-    assert_eq!(text.matches("read ").count(), 3, "{text}");
-    let out = qemu("other", &["read 0 4096"]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() || !text.contains("read 4096/4096"),
-        "qemu-io with another CA's certificate was served: {text}"
-    );
-}
-
-/// A TCP proxy that records every byte it forwards, both ways (one connection).
-fn recording_proxy(upstream: String) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let rec = Arc::clone(&seen);
-    std::thread::spawn(move || {
-        let (client, _) = l.accept().unwrap();
-        let server = TcpStream::connect(upstream).unwrap();
-        let pipe = |mut from: TcpStream, mut to: TcpStream, rec: Arc<std::sync::Mutex<Vec<u8>>>| {
-            std::thread::spawn(move || {
-                let mut b = [0u8; 65536];
-                while let Ok(n) = from.read(&mut b) {
-                    if n == 0 || to.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                    rec.lock().unwrap().extend_from_slice(&b[..n]);
-                }
-                let _ = to.shutdown(std::net::Shutdown::Both);
-            })
-        };
-        let a = pipe(
-            client.try_clone().unwrap(),
-            server.try_clone().unwrap(),
-            Arc::clone(&rec),
-        );
-        let b = pipe(server, client, rec);
-        let _ = (a.join(), b.join());
-    });
-    (addr, seen)
 }
 
 #[test]
@@ -629,10 +430,11 @@ fn tls_a_snooped_connection_shows_no_plaintext_data() {
         .collect();
     let marker = b"NBDCRYPT-IN-TRANSIT-NBDCRYPT";
 
-    let (addr, seen) = recording_proxy(server.addr.clone());
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let seen = common::tcp_forward(addr.clone(), server.addr.clone(), Duration::ZERO);
     let mut s = plaintext(&addr);
     assert_eq!(go(&mut s, "d").unwrap(), rep::ACK);
-    assert_eq!(write_read(&mut s, &pattern).unwrap(), pattern);
+    assert_eq!(write_read(&mut s, &pattern), pattern);
     drop(s);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let control = seen.lock().unwrap().clone();
@@ -641,19 +443,12 @@ fn tls_a_snooped_connection_shows_no_plaintext_data() {
         "the plaintext control run does not show the data: the check would prove nothing"
     );
 
-    let (addr, seen) = recording_proxy(server.addr.clone());
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let seen = common::tcp_forward(addr.clone(), server.addr.clone(), Duration::ZERO);
     let ca = pki.join("ca-cert.pem");
-    let mut tls = starttls(
-        plaintext(&addr),
-        &ClientOpts {
-            ca: &ca,
-            cert: None,
-            version: None,
-        },
-    )
-    .unwrap();
+    let mut tls = starttls(plaintext(&addr), &ClientOpts::trusting(&ca)).unwrap();
     assert_eq!(go(&mut tls, "d").unwrap(), rep::ACK);
-    assert_eq!(write_read(&mut tls, &pattern).unwrap(), pattern);
+    assert_eq!(write_read(&mut tls, &pattern), pattern);
     drop(tls);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let wire = seen.lock().unwrap().clone();

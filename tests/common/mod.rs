@@ -4,6 +4,17 @@
 
 use nbdcrypt::crypto::VolumeKey;
 
+mod artifacts;
+mod raw;
+mod sys;
+pub mod tls;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use raw::*;
+#[allow(unused_imports)]
+pub use sys::*;
+
 /// `NBDCRYPT_REQUIRE_PEERS=1` (set by `scripts/test.sh` and CI): a missing peer is a failure.
 pub fn peers_required() -> bool {
     std::env::var("NBDCRYPT_REQUIRE_PEERS").is_ok_and(|v| v == "1")
@@ -113,94 +124,8 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        harvest_for_secret_audit(&self.0);
+        artifacts::harvest_for_secret_audit(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Whether the first 8 KiB of `path` (a volume's header copies) hold a local KMS blob.
-fn has_local_kms_blob(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut head = vec![0u8; 8192];
-    std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut head, 0))
-        .is_ok()
-        && head.windows(4).any(|w| w == b"NBK1")
-}
-
-/// With `NBDCRYPT_TEST_ARTIFACTS=DIR` (set by `scripts/test.sh`), keeps what the secret audit
-/// needs before a test directory is removed: every `*.log` file (server logs, audit logs), every
-/// key file (64 raw bytes or 128 hex digits), every local KMS store (`keys.json`, its key
-/// material), and the header copies of every volume wrapped by the local KMS (from which the
-/// audit recovers the data key). `scripts/secrets-audit.py` then searches all the logs of the run for all the keys.
-fn harvest_for_secret_audit(root: &std::path::Path) {
-    let Some(out) = std::env::var_os("NBDCRYPT_TEST_ARTIFACTS") else {
-        return;
-    };
-    let dest = std::path::Path::new(&out).join(root.file_name().unwrap_or_default());
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if !meta.is_file() {
-                continue;
-            }
-            let name = path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let kind = if name.ends_with(".log") {
-                "logs"
-            } else if meta.len() >= 8192 && has_local_kms_blob(&path) {
-                // A volume's backing store: keep its two header copies (the wrapped data key).
-                let mut head = vec![0u8; 8192];
-                if let Ok(f) = std::fs::File::open(&path) {
-                    use std::os::unix::fs::FileExt;
-                    let _ = f.read_exact_at(&mut head, 0);
-                }
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap_or(&path)
-                    .to_string_lossy()
-                    .replace('/', "_");
-                if std::fs::create_dir_all(dest.join("headers")).is_ok() {
-                    let _ = std::fs::write(dest.join("headers").join(rel), head);
-                }
-                continue;
-            } else if name == "keys.json" {
-                "kms"
-            } else if (meta.len() == 64
-                // A raw key is random bytes, not text (a 64-byte ready file is not a key).
-                && std::fs::read(&path).is_ok_and(|b| !b.iter().all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace())))
-                || ((128..=129).contains(&meta.len())
-                    && std::fs::read(&path)
-                        .is_ok_and(|b| b.iter().take(128).all(u8::is_ascii_hexdigit)))
-            {
-                "keys"
-            } else {
-                continue;
-            };
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .replace('/', "_");
-            let target = dest.join(kind).join(rel);
-            if std::fs::create_dir_all(dest.join(kind)).is_ok() {
-                let _ = std::fs::copy(&path, target);
-            }
-        }
     }
 }
 
@@ -241,10 +166,29 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Server, String> {
+        Self::try_start_wrapped(dir, exports, extra, env, &[])
+    }
+
+    /// [`Server::try_start`] through a wrapper command (e.g. `setpriv --reuid=…`), which must
+    /// exec the server so that the child's pid is the server's.
+    pub fn try_start_wrapped(
+        dir: &TempDir,
+        exports: &[String],
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Result<Server, String> {
         let ready = dir.path(&format!("ready-{}", std::process::id()));
         let _ = std::fs::remove_file(&ready);
         let log = dir.path("server.log");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_nbdcrypt"));
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_nbdcrypt")),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -294,6 +238,18 @@ impl Server {
 
     pub fn uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.addr)
+    }
+
+    /// The log once it contains `needle`, or after 10 s without it (the caller asserts).
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains(needle) || start.elapsed().as_secs() > 10 {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, then wait; returns the log.
@@ -392,45 +348,6 @@ impl Drop for LoopDev {
             .arg(&self.0)
             .status();
     }
-}
-
-/// A raw NBD connection to `export` (fixed newstyle, `NBD_OPT_EXPORT_NAME`, simple replies).
-pub fn raw_connect(addr: &str, export: &str) -> std::net::TcpStream {
-    use nbdcrypt::protocol::consts::{client_flags, opt};
-    use nbdcrypt::protocol::handshake::OptionHeader;
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    let mut b = (client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES)
-        .to_be_bytes()
-        .to_vec();
-    OptionHeader {
-        code: opt::EXPORT_NAME,
-        len: u32::try_from(export.len()).unwrap(),
-    }
-    .encode(&mut b);
-    b.extend_from_slice(export.as_bytes());
-    s.write_all(&b).unwrap();
-    let mut info = [0u8; 10];
-    s.read_exact(&mut info).unwrap();
-    s
-}
-
-/// One request header on the wire.
-pub fn raw_request(kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    let mut b = Vec::new();
-    nbdcrypt::protocol::Request {
-        flags: 0,
-        kind,
-        cookie,
-        offset,
-        length,
-    }
-    .encode(&mut b);
-    b
 }
 
 /// An encrypted volume over `storage` with a fixed test key (not a secret: both sides of a
