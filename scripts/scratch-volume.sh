@@ -229,6 +229,10 @@ cmd_up() {
     desc="$("$BIN" --log error volume describe "$NAME" --json 2>/dev/null || true)"
     if grep -q '"state": "available"' <<<"$desc"; then
         say "volume: $NAME exists"
+    elif grep -q '"state": "incomplete"' <<<"$desc"; then
+        "$BIN" --log error volume create "$NAME" --resume >/dev/null ||
+            die "volume: cannot finish the interrupted creation of $NAME"
+        say "volume: finished the interrupted creation of $NAME"
     else
         "$BIN" --log error volume create "$NAME" --size "$SIZE" >/dev/null ||
             die "volume: cannot create $NAME"
@@ -285,7 +289,7 @@ cmd_down() {
     ((failed == 0)) || die "down: stopped before deleting $NAME (see above); run down again"
     local desc
     desc="$("$BIN" --log error volume describe "$NAME" --json 2>/dev/null || true)"
-    if grep -q '"state": "available"' <<<"$desc"; then
+    if grep -qE '"state": "(available|incomplete|damaged|unreadable)"' <<<"$desc"; then
         "$BIN" --log error volume delete "$NAME" >/dev/null || die "volume: delete $NAME failed"
         say "volume: $NAME deleted"
     elif [[ -n "$desc" ]]; then
@@ -316,8 +320,16 @@ cmd_status() {
     [[ -d "$RUN" ]] || { echo "$1: not up"; return; }
     local f
     for f in via device mountpoint port pid unit; do
-        [[ -f "$RUN/$f" ]] && printf '%-10s %s\n' "$f" "$(cat "$RUN/$f")"
+        if [[ -f "$RUN/$f" ]]; then printf '%-10s %s\n' "$f" "$(cat "$RUN/$f")"; fi
     done
+    local pid
+    pid="$(cat "$RUN/pid" 2>/dev/null || true)"
+    if [[ -n "$pid" ]] && pid_alive "$pid"; then
+        echo "server     running"
+    elif [[ ! -f "$RUN/unit" ]]; then
+        echo "server     not running"
+    fi
+    return 0
 }
 
 BIN="$(find_nbdcrypt)"

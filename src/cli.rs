@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::commands::export::ExportSpec;
 use crate::crypto::BackendChoice;
+use crate::volume::header::VolumeType;
 
 /// An NBD server whose every volume is encrypted with XTS-AES-256 (aes-xts-plain64).
 #[derive(Debug, Parser)]
@@ -106,7 +107,9 @@ pub enum KmsCommand {
         /// Key id, alias or ARN.
         key: String,
     },
-    /// Disable a key (volumes under it stop serving).
+    /// Disable a key. Volumes under it can no longer be opened: `serve` refuses them from its
+    /// next start, and a running `serve --kms-recheck N` withdraws them within N seconds. A
+    /// server without `--kms-recheck` keeps serving volumes whose key it already unwrapped.
     DisableKey {
         /// Key id, alias or ARN.
         key: String,
@@ -265,11 +268,25 @@ pub enum VolumeCommand {
         #[arg(long)]
         confirm: bool,
     },
+    /// Adopt an existing nbdcrypt volume (e.g. one created on another node): reads its header,
+    /// checks that the KMS unwraps its key, and registers it. Never writes to the store.
+    Import {
+        /// Name to register it under.
+        name: String,
+        /// Its backing file or block device.
+        #[arg(long)]
+        backing: PathBuf,
+    },
     /// Delete a volume: its wrapped key is destroyed in every header copy (crypto-shredding),
-    /// and the backing file is removed unless `--keep-ciphertext`.
+    /// and the backing file is removed unless `--keep-ciphertext`. A volume being served is
+    /// refused unless `--force`. Also removes an incomplete volume.
     Delete {
         /// Volume name.
         name: String,
+        /// Delete it even while a server serves it: the server cuts its clients off (their
+        /// requests in flight fail) and destroys the key in its memory within a second.
+        #[arg(long)]
+        force: bool,
         /// Keep the (now undecryptable) backing file.
         #[arg(long)]
         keep_ciphertext: bool,
@@ -286,11 +303,11 @@ pub struct VolumeCreateArgs {
     /// Volume name.
     pub name: String,
     /// Size (K/M/G/T suffixes, powers of 1024).
-    #[arg(long, value_parser = crate::commands::export::parse_size)]
-    pub size: u64,
+    #[arg(long, value_parser = crate::commands::export::parse_size, required_unless_present = "resume")]
+    pub size: Option<u64>,
     /// scratch (service-managed key, destroyed with the volume) or persistent.
-    #[arg(long = "type", default_value = "scratch", value_parser = ["scratch", "persistent"])]
-    pub volume_type: String,
+    #[arg(long = "type", value_enum, default_value_t = VolumeType::Scratch)]
+    pub volume_type: VolumeType,
     /// KMS key for a persistent volume: key id, alias/NAME or ARN.
     #[arg(long)]
     pub kms_key: Option<String>,
@@ -305,8 +322,17 @@ pub struct VolumeCreateArgs {
     pub discards: bool,
     /// Write encrypted zeroes over the whole volume now (slow; shows progress): every block is
     /// allocated, and the backing file's sparseness no longer reveals which regions hold data.
+    /// Interrupted, the volume stays incomplete until `--resume`.
     #[arg(long)]
     pub preallocate: bool,
+    /// Overwrite a `--backing` store that already holds data (a file system, a partition
+    /// table, another volume's deleted ciphertext, any non-zero byte). Never allowed for the
+    /// store of another registered volume.
+    #[arg(long)]
+    pub force: bool,
+    /// Finish an interrupted creation (other options are taken from the first attempt).
+    #[arg(long, conflicts_with_all = ["size", "kms_key", "backing", "force"])]
+    pub resume: bool,
 }
 
 /// `nbdcrypt serve`.
@@ -372,6 +398,22 @@ pub struct ServeArgs {
     /// groups) once the volumes are open, the keys unwrapped and the socket bound.
     #[arg(long)]
     pub user: Option<String>,
+    /// Re-validate each `--volume`'s wrapped key with one KMS Decrypt every SECONDS (audited
+    /// as purpose `recheck`). A disabled, revoked (AccessDenied), deleted or pending-deletion
+    /// key withdraws the volume at once: connections cut, key wiped from memory. Off by
+    /// default: then a key change takes effect at the next start of the server. An unreachable
+    /// KMS is logged and the volume kept.
+    #[arg(long, value_name = "SECONDS")]
+    pub kms_recheck: Option<f64>,
+    /// Seconds between renewals of each volume's serving lease in its header; another server
+    /// takes the volume over only after three intervals without a renewal.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub lease_interval: f64,
+    /// Take over the serving lease of a volume even though its holder (on another node)
+    /// renewed it recently: only when you know that server is gone. A live server on this
+    /// node always keeps its volume.
+    #[arg(long)]
+    pub take_over: bool,
 }
 
 /// `nbdcrypt keygen`.
@@ -384,7 +426,7 @@ pub struct KeygenArgs {
 /// `nbdcrypt info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Backend selection to report on: auto, hw or portable.
+    /// Backend selection to report on: auto, hw, portable or vaes.
     #[arg(long, env = "NBDCRYPT_XTS_BACKEND", default_value = "auto")]
     pub backend: BackendChoice,
 }

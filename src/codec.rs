@@ -137,6 +137,12 @@ impl Put for Vec<u8> {
     }
 }
 
+/// Constant-time equality of two byte strings of equal length (false on different lengths):
+/// no timing hint about how many leading bytes matched.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Lower-case hex of `bytes`.
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

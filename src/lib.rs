@@ -10,6 +10,7 @@
 //! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`, `volume`, `kms`, raw-key exports and `keygen`) | hold key material beyond one call |
 //! | [`codec`] | big-endian byte reading/writing shared by the wire format and the volume header | panic on short input |
 //! | [`fsutil`] | creating private (0700) state directories | create anything others can write |
+//! | [`human`] | UTC timestamps and IEC sizes for people (JSON keeps raw numbers) | be used for `--json` output |
 //! | [`protocol`] | the NBD wire format, pure (no I/O) | panic on any input |
 //! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation, crypto workers, payload buffers | touch key bytes |
 //! | [`volume`] | plaintext byte ranges ↔ encrypted sectors (head/body/tail, RMW locks), named volumes and headers | keep raw key bytes past opening a volume |
@@ -25,6 +26,7 @@ pub mod codec;
 pub mod commands;
 pub mod crypto;
 pub mod fsutil;
+pub mod human;
 pub mod kms;
 pub mod protocol;
 pub mod server;

@@ -43,13 +43,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         kms_attempts,
         ..
     } = cli;
-    let state = nbdcrypt::commands::volume::state_dir(state_dir);
-    if matches!(
+    // Only the commands that keep state need a state directory.
+    let state = if matches!(
         command,
         Command::Serve(_) | Command::Volume(_) | Command::Kms(_)
     ) {
+        let state = nbdcrypt::commands::volume::state_dir(state_dir)?;
         nbdcrypt::commands::check_state_dir(&state)?;
-    }
+        state
+    } else {
+        std::path::PathBuf::new()
+    };
     let key_service = || {
         nbdcrypt::commands::key_service(
             &kms,

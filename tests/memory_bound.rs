@@ -70,6 +70,9 @@ impl Storage for GatedStore {
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
         self.mem.extents(offset, len)
     }
+    fn size(&self) -> std::io::Result<u64> {
+        self.mem.size()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,7 +183,7 @@ fn no_key_material_in_logs_errors_or_state_files() {
     assert_ne!(&reply[4..8], &[0, 0, 0, 0], "a read past the end succeeded");
     drop(s);
     ok(capture(
-        cli(&state).args(["volume", "delete", "s"]),
+        cli(&state).args(["volume", "delete", "s", "--force"]),
         &mut logs,
     ));
     std::thread::sleep(std::time::Duration::from_millis(1500));

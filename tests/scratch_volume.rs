@@ -159,6 +159,14 @@ fn scratch_volume_up_takes_nbdfuse_path_and_down_shreds() {
         assert!(again.contains(done), "{done}: {again}");
     }
     assert_eq!(std::fs::read(mnt.join("data")).unwrap().len(), 1 << 20);
+    // status reports and succeeds without systemd.
+    let status = env.script(&["status", "job"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "status failed: {text}");
+    assert!(
+        text.contains("server     running") && text.contains("mountpoint"),
+        "{text}"
+    );
     let down = env.ok(&["down", "job"]);
     assert!(down.contains("is gone and its key destroyed"), "{down}");
     env.assert_gone("job", &mnt);

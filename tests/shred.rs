@@ -99,7 +99,7 @@ fn shred_live(backend: &str) {
         memory_contains(pid, &key[..32]) && memory_contains(pid, &key[32..]),
         "{backend}: the scan must find the key while the volume is served"
     );
-    run_ok(cli(&state).args(["volume", "delete", "m"]));
+    run_ok(cli(&state).args(["volume", "delete", "m", "--force"]));
     let start = std::time::Instant::now();
     loop {
         let log = std::fs::read_to_string(&server.log).unwrap_or_default();

@@ -151,6 +151,18 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
     };
     let storage =
         FileStorage::open(&spec.file, spec.size.unwrap_or(0), spec.read_only).map_err(backing)?;
+    // One writer: a second server of the same file is refused (the lock goes with the
+    // process). Read-only exports take no lock.
+    if !spec.read_only
+        && !crate::storage::Storage::lock(&storage, crate::storage::StoreLock::Serving, false)
+            .map_err(backing)?
+    {
+        return Err(backing(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            "another nbdcrypt process serves this file (or a volume command is using it); one writer per store",
+        )));
+    }
+    warn_if_managed(spec, &storage);
     let size = match spec.size {
         Some(s) => s,
         None => storage.len().map_err(backing)?,
@@ -179,6 +191,28 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
         },
         volume,
     ))
+}
+
+/// A raw `--export` over a managed volume's backing file would serve its header as data (and
+/// let writes destroy it): say so.
+fn warn_if_managed(spec: &ExportSpec, storage: &FileStorage) {
+    let mut head = vec![0u8; 2 * crate::volume::header::HEADER_COPY_BYTES];
+    if crate::storage::Storage::read_at(storage, &mut head, 0).is_err() {
+        return;
+    }
+    if let crate::volume::probe::Found::Nbdcrypt { name, .. } =
+        crate::volume::probe::examine(&head, &[])
+    {
+        tracing::warn!(
+            export = spec.name,
+            file = %spec.file.display(),
+            volume = name,
+            "this file is a managed nbdcrypt volume: a raw --export serves its header and key \
+             area as data, and writes through it destroy the volume; serve it with \
+             `nbdcrypt serve --volume NAME` (after `nbdcrypt volume import NAME --backing FILE` \
+             if it is not registered here)"
+        );
+    }
 }
 
 /// `nbdcrypt keygen PATH`: 64 random bytes, mode 0600, refusing to overwrite.

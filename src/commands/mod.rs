@@ -3,6 +3,7 @@
 
 pub mod benchmark;
 pub mod export;
+pub mod guard;
 pub mod info;
 pub mod kms;
 pub mod privileges;

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::export::open_export;
+use super::guard::GuardConfig;
+use crate::volume::lease::{LeaseOptions, ServingLease};
+use crate::volume::manager::Manager;
 
 use crate::cli::ServeArgs;
 use crate::crypto::{self, CryptoError, SectorSize};
@@ -59,9 +62,9 @@ pub enum ServeError {
     /// A named volume could not be opened.
     #[error(transparent)]
     NamedVolume(#[from] crate::volume::manager::ManagerError),
-    /// `--handshake-timeout` is not a positive number of seconds.
-    #[error("--handshake-timeout {0} is not a positive number of seconds")]
-    HandshakeTimeout(f64),
+    /// A duration flag is not a positive number of seconds.
+    #[error("{0} {1} is not a positive number of seconds")]
+    Seconds(&'static str, f64),
     /// The crypto workers could not start.
     #[error(transparent)]
     Workers(crate::server::workers::WorkersError),
@@ -81,19 +84,16 @@ pub const QUICKSTART_VOLUME: &str = "scratch";
 /// Its size when it has to be created.
 pub const QUICKSTART_SIZE: u64 = 1 << 30;
 
-/// Runs the server until SIGINT or SIGTERM.
-pub fn run(
-    args: ServeArgs,
-    state_dir: &Path,
-    kms: &dyn crate::kms::KeyService,
-    kms_name: &str,
-) -> Result<(), ServeError> {
-    if !crypto::locked::disable_core_dumps() {
-        tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
-    }
-    // main() does this before any thread exists; again here for library callers.
-    super::privileges::no_new_privs();
-    // Fail on a bad --user or TLS file before any key is unwrapped.
+/// Checks `--user` and loads TLS before any key is unwrapped.
+fn prepare(
+    args: &ServeArgs,
+) -> Result<
+    (
+        Option<(String, nix::unistd::User)>,
+        Option<Arc<crate::server::tls::Tls>>,
+    ),
+    ServeError,
+> {
     let user = match &args.user {
         Some(name) => {
             let user = super::privileges::lookup(name)?;
@@ -122,11 +122,35 @@ pub fn run(
         }
         _ => None,
     };
-    let mut list = Vec::new();
+    if tls.is_none() && args.unix.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening on a non-loopback address without TLS: anyone on the network can read \
+             and write the volumes' plaintext; add --tls-cert/--tls-key (and \
+             --tls-client-ca to admit only your clients)"
+        );
+    }
+    Ok((user, tls))
+}
+
+/// A positive number of seconds.
+fn seconds(flag: &'static str, v: f64) -> Result<std::time::Duration, ServeError> {
+    std::time::Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or(ServeError::Seconds(flag, v))
+}
+
+/// The `--volume`s (the quick-start volume when nothing is named), each opened with its lease
+/// taken and key unwrapped, then the raw `--export`s. On failure, leases taken so far are
+/// released.
+fn open_all(
+    args: &ServeArgs,
+    m: &Manager<'_>,
+) -> Result<(Vec<Export>, Vec<ServingLease>, Vec<String>), ServeError> {
     let mut volumes = args.volumes.clone();
     if volumes.is_empty() && args.exports.is_empty() {
         volumes.push(QUICKSTART_VOLUME.into());
-        let m = crate::volume::manager::Manager::new(state_dir, kms, kms_name);
         if matches!(
             m.entry(QUICKSTART_VOLUME),
             Err(crate::volume::manager::ManagerError::NoSuchVolume(_))
@@ -140,24 +164,34 @@ pub fn run(
                     sector_size: SectorSize::S4096,
                     backing: None,
                     discards: false,
+                    preallocate: false,
+                    force: false,
                 },
             )?;
-            tracing::info!(volume = h.name, size = h.size, state_dir = %state_dir.display(), "created the quick-start scratch volume on the local KMS");
+            tracing::info!(volume = h.name, size = h.size, state_dir = %m.state_dir().display(), "created the quick-start scratch volume on the local KMS");
         }
     }
-    if !volumes.is_empty() {
-        let m = crate::volume::manager::Manager::new(state_dir, kms, kms_name);
+    let lease = LeaseOptions {
+        interval_ms: u32::try_from(seconds("--lease-interval", args.lease_interval)?.as_millis())
+            .unwrap_or(u32::MAX),
+        take_over: args.take_over,
+    };
+    let mut list: Vec<Export> = Vec::new();
+    let mut leases: Vec<ServingLease> = Vec::new();
+    let opened = (|| {
         for name in &volumes {
-            if list.iter().any(|e: &Export| &e.name == name) {
+            if list.iter().any(|e| &e.name == name) {
                 return Err(ServeError::DuplicateName(name.clone()));
             }
             // One Decrypt per volume per serve: the key is unwrapped here and only here.
-            let volume = m.open(name, args.backend, false)?;
+            let (volume, held) = m.open(name, args.backend, lease)?;
+            leases.push(held);
             tracing::info!(
                 volume = name,
                 size = volume.size(),
                 crypto = volume.engine_summary(),
-                "volume ready"
+                lease_interval_s = args.lease_interval,
+                "volume ready (lease taken)"
             );
             list.push(Export::new(
                 name.clone(),
@@ -165,24 +199,57 @@ pub fn run(
                 volume,
             ));
         }
-    }
-    for spec in &args.exports {
-        if list.iter().any(|e: &Export| e.name == spec.name) {
-            return Err(ServeError::DuplicateName(spec.name.clone()));
+        for spec in &args.exports {
+            if list.iter().any(|e| e.name == spec.name) {
+                return Err(ServeError::DuplicateName(spec.name.clone()));
+            }
+            let export = open_export(spec, args.backend)?;
+            tracing::info!(
+                export = export.name,
+                size = export.volume.size(),
+                discards = spec.discards,
+                read_only = spec.read_only,
+                file = %spec.file.display(),
+                crypto = export.volume.engine_summary(),
+                "export ready"
+            );
+            list.push(export);
         }
-        let export = open_export(spec, args.backend)?;
-        tracing::info!(
-            export = export.name,
-            size = export.volume.size(),
-            discards = spec.discards,
-            read_only = spec.read_only,
-            file = %spec.file.display(),
-            crypto = export.volume.engine_summary(),
-            "export ready"
-        );
-        list.push(export);
+        Ok(())
+    })();
+    match opened {
+        Ok(()) => Ok((list, leases, volumes)),
+        Err(e) => {
+            for l in leases {
+                let _ = l.release();
+            }
+            Err(e)
+        }
     }
-    let exports = Exports::new(list);
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(
+    args: ServeArgs,
+    state_dir: &Path,
+    kms: &dyn crate::kms::KeyService,
+    kms_name: &str,
+) -> Result<(), ServeError> {
+    if !crypto::locked::disable_core_dumps() {
+        tracing::warn!("could not mark the process undumpable (PR_SET_DUMPABLE)");
+    }
+    // main() does this before any thread exists; again here for library callers.
+    super::privileges::no_new_privs();
+    // Fail on a bad --user or TLS file before any key is unwrapped.
+    let (user, tls) = prepare(&args)?;
+    let guard_cfg = GuardConfig {
+        lease_interval: seconds("--lease-interval", args.lease_interval)?,
+        kms_recheck: args
+            .kms_recheck
+            .map(|v| seconds("--kms-recheck", v))
+            .transpose()?,
+        state_dir: state_dir.to_owned(),
+    };
     let config = ServerConfig {
         listen: match &args.unix {
             Some(p) => Listen::Unix(p.clone()),
@@ -195,18 +262,46 @@ pub fn run(
             ),
             buffers: BufferPool::new(args.max_buffer_mib.saturating_mul(1024 * 1024)),
         },
-        handshake_timeout: std::time::Duration::try_from_secs_f64(args.handshake_timeout)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or(ServeError::HandshakeTimeout(args.handshake_timeout))?,
+        handshake_timeout: seconds("--handshake-timeout", args.handshake_timeout)?,
         tls: tls.clone(),
     };
+    let m = Manager::new(state_dir, kms, kms_name);
+    let (list, leases, volumes) = open_all(&args, &m)?;
+    let exports = Exports::new(list);
     tracing::info!(
         workers = config.resources.workers.threads(),
         split_bytes = config.resources.workers.split_bytes(),
         max_buffer_mib = args.max_buffer_mib,
         "crypto workers ready"
     );
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (exports_ref, m_ref, guard_ref) = (&exports, &m, &guard_cfg);
+    std::thread::scope(|scope| {
+        let guard = std::thread::Builder::new()
+            .name("nbdcrypt-guard".into())
+            .spawn_scoped(scope, move || {
+                super::guard::run(exports_ref, leases, m_ref, guard_ref, &stop_rx);
+            })
+            .map_err(ServeError::Runtime)?;
+        let served = serve_until_signal(&args, state_dir, &config, &exports, user, tls, &volumes);
+        let _ = stop_tx.send(());
+        if guard.join().is_err() {
+            tracing::error!("the volume guard panicked");
+        }
+        served
+    })
+}
+
+/// Binds, drops privileges, prints the attach lines and serves until SIGINT/SIGTERM.
+fn serve_until_signal(
+    args: &ServeArgs,
+    state_dir: &Path,
+    config: &ServerConfig,
+    exports: &Exports,
+    user: Option<(String, nix::unistd::User)>,
+    tls: Option<Arc<crate::server::tls::Tls>>,
+    volumes: &[String],
+) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nbdcrypt")
@@ -234,8 +329,8 @@ pub fn run(
                     user = name,
                     state_dir = %state_dir.display(),
                     "the state directory is not readable as this user: a volume deleted while \
-                     served is withdrawn only when the server restarts (chown the state \
-                     directory to the user to fix)"
+                     served is withdrawn when its header is shredded, not from the registry \
+                     (chown the state directory to the user to fix)"
                 );
             }
         }
@@ -245,19 +340,12 @@ pub fn run(
             (Listen::Tcp(_), Some(a)) => Listen::Tcp(a),
             (other, _) => other.clone(),
         };
-        print_attach_help(&bound, &exports, tls.as_deref());
+        print_attach_help(&bound, exports, tls.as_deref());
         if let Some((path, file)) = ready {
             use std::io::Write as _;
             if let Err(e) = file.and_then(|mut f| f.write_all(format!("{addr}\n").as_bytes())) {
                 tracing::warn!(error = %e, path = %path.display(), "could not write the ready file");
             }
-        }
-        if !volumes.is_empty() {
-            tokio::spawn(watch_deletions(
-                exports.clone(),
-                volumes.clone(),
-                state_dir.to_owned(),
-            ));
         }
         tokio::spawn(reload_on_hangup(tls));
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -266,7 +354,7 @@ pub fn run(
             tracing::info!("signal received: finishing in-flight requests");
             let _ = tx.send(true);
         });
-        server::run(listener, exports, &config, rx).await;
+        server::run(listener, exports.clone(), config, rx).await;
         tracing::info!("stopped");
         Ok(())
     })
@@ -283,14 +371,21 @@ fn print_attach_help(listen: &Listen, exports: &Exports, tls: Option<&crate::ser
         }
         Some(_) => " -cacertfile CA.pem".into(),
     };
-    for e in exports.all() {
+    let all = exports.all();
+    for (i, e) in all.iter().enumerate() {
         // Block size = the volume's sector size: no client-side or server-side partial sectors.
         let bs = e.volume.config().sector_size.bytes();
+        // Several exports: a device and a mount directory each.
+        let dir = if all.len() == 1 {
+            "fuse".to_owned()
+        } else {
+            format!("fuse-{}", e.name)
+        };
         let (uri, client) = match listen {
             Listen::Tcp(a) => (
                 format!("{scheme}://{a}/{}", e.name),
                 format!(
-                    "nbd-client {} {} /dev/nbd0 -N {} -b {bs}{tls_opts}",
+                    "nbd-client {} {} /dev/nbd{i} -N {} -b {bs}{tls_opts}",
                     a.ip(),
                     a.port(),
                     e.name
@@ -299,7 +394,7 @@ fn print_attach_help(listen: &Listen, exports: &Exports, tls: Option<&crate::ser
             Listen::Unix(p) => (
                 format!("{scheme}+unix:///{}?socket={}", e.name, p.display()),
                 format!(
-                    "nbd-client -unix {} /dev/nbd0 -N {} -b {bs}{tls_opts}",
+                    "nbd-client -unix {} /dev/nbd{i} -N {} -b {bs}{tls_opts}",
                     p.display(),
                     e.name
                 ),
@@ -307,36 +402,10 @@ fn print_attach_help(listen: &Listen, exports: &Exports, tls: Option<&crate::ser
         };
         let _ = writeln!(
             err,
-            "serving {uri}\n  kernel:  {client}\n  nbdfuse: mkdir -p fuse && nbdfuse fuse/disk {uri} & losetup -f --show -b {bs} fuse/disk"
+            "serving {uri}\n  kernel:  {client}\n  nbdfuse: mkdir -p {dir} && (nbdfuse {dir}/disk '{uri}' &) && \
+             until [ -e {dir}/disk ]; do sleep 0.1; done && losetup -f --show -b {bs} {dir}/disk\n  \
+             detach:  losetup -d /dev/loopN && fusermount3 -u {dir}"
         );
-    }
-}
-
-/// Withdraws served volumes that `volume delete` has tombstoned, and destroys their in-memory
-/// keys once the last connection lets go: a deleted volume stops being served within a second.
-async fn watch_deletions(exports: Exports, volumes: Vec<String>, state_dir: std::path::PathBuf) {
-    let mut live = volumes;
-    while !live.is_empty() {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let mut still = Vec::new();
-        for name in live {
-            if !crate::volume::manager::is_deleted(&state_dir, &name) {
-                still.push(name);
-                continue;
-            }
-            let Some(export) = exports.withdraw(&name) else {
-                continue;
-            };
-            tracing::warn!(volume = name, "volume deleted while served: withdrawing it");
-            // Wait for its connections to end, then drop the last reference: the key schedules
-            // are wiped as the volume is dropped.
-            while Arc::strong_count(&export.volume) > 1 {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            drop(export);
-            tracing::warn!(volume = name, "volume key destroyed in memory");
-        }
-        live = still;
     }
 }
 

@@ -2,21 +2,45 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::cli::{VolumeCommand, VolumeCreateArgs};
+use crate::human::{iec_bytes, utc_timestamp};
 use crate::kms::KeyService;
-use crate::volume::header::VolumeType;
-use crate::volume::manager::{CreateOptions, Manager, ManagerError, read_header};
+use crate::volume::header::{DATA_OFFSET, Header, VolumeType};
+use crate::volume::manager::{CreateOptions, Entry, Manager, ManagerError, read_header};
 
-/// The state directory: the flag/env value, else `$XDG_STATE_HOME/nbdcrypt`, else
-/// `~/.local/state/nbdcrypt`, else `./.nbdcrypt`.
-pub fn state_dir(given: Option<PathBuf>) -> PathBuf {
-    given
-        .or_else(|| std::env::var_os("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("nbdcrypt")))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/nbdcrypt"))
-        })
-        .unwrap_or_else(|| PathBuf::from(".nbdcrypt"))
+/// No state directory could be chosen.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no state directory: HOME and XDG_STATE_HOME are unset and user {uid} has no home directory in the password database; pass --state-dir DIR (or set NBDCRYPT_STATE_DIR)"
+)]
+pub struct NoStateDir {
+    /// The user.
+    pub uid: u32,
+}
+
+/// The state directory: `--state-dir`/`NBDCRYPT_STATE_DIR`, else `$XDG_STATE_HOME/nbdcrypt`,
+/// else `$HOME/.local/state/nbdcrypt`, else `.local/state/nbdcrypt` under the user's home
+/// directory from the password database (HOME unset, e.g. under some service managers). Never
+/// the current directory.
+pub fn state_dir(given: Option<PathBuf>) -> Result<PathBuf, NoStateDir> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = given
+        .or_else(|| nonempty("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("nbdcrypt")))
+        .or_else(|| nonempty("HOME").map(|h| PathBuf::from(h).join(".local/state/nbdcrypt")))
+    {
+        return Ok(d);
+    }
+    let uid = nix::unistd::getuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(".local/state/nbdcrypt"))
+        .ok_or(NoStateDir { uid: uid.as_raw() })
 }
 
 /// Errors of `volume` commands.
@@ -30,40 +54,80 @@ pub enum VolumeCommandError {
     Io(#[from] std::io::Error),
 }
 
-/// Creates a volume with the settings of `args`.
+/// Creates a volume with the settings of `args` (without preallocating).
 pub fn create(
     m: &Manager<'_>,
     args: &VolumeCreateArgs,
 ) -> Result<crate::volume::header::Header, ManagerError> {
+    let Some(size) = args.size else {
+        return Err(ManagerError::Refused("--size is required".into()));
+    };
     m.create(
         &args.name,
         &CreateOptions {
-            size: args.size,
-            volume_type: if args.volume_type == "persistent" {
-                VolumeType::Persistent
-            } else {
-                VolumeType::Scratch
-            },
+            size,
+            volume_type: args.volume_type,
             kms_key: args.kms_key.clone(),
             sector_size: args.sector_size,
             backing: args.backing.clone(),
             discards: args.discards,
+            preallocate: args.preallocate,
+            force: args.force,
         },
     )
 }
 
-/// The describable, non-secret facts of a volume.
+/// What is wrong with a live volume's store, if anything (for `list` and `describe`).
+fn store_problem(e: &Entry, h: &Header) -> Option<String> {
+    let needed = DATA_OFFSET.saturating_add(h.size);
+    match crate::storage::FileStorage::open_existing(&e.backing, true).and_then(|s| s.len()) {
+        Ok(len) if len < needed => Some(format!(
+            "backing store is {}, volume needs {}",
+            iec_bytes(len),
+            iec_bytes(needed)
+        )),
+        Ok(_) => None,
+        Err(err) => Some(format!("backing store unusable: {err}")),
+    }
+}
+
+/// The describable, non-secret facts of a volume (raw numbers; the text output formats them).
 fn describe_json(m: &Manager<'_>, name: &str) -> Result<serde_json::Value, ManagerError> {
     let e = m.entry(name)?;
     if e.deleted {
         return Ok(serde_json::json!({ "name": e.name, "state": "deleted", "backing": e.backing }));
     }
-    let h = read_header(&e.backing, name)?.header;
+    let pending_size = e.pending.as_ref().map(|p| p.size);
+    let loaded = match read_header(&e.backing, name) {
+        Ok(l) => l,
+        Err(err) => {
+            // A creation killed before its header, or a store that went away.
+            let state = if e.pending.is_some() {
+                "incomplete"
+            } else {
+                "unreadable"
+            };
+            return Ok(serde_json::json!({
+                "name": e.name, "state": state, "backing": e.backing, "size": pending_size,
+                "problem": if e.pending.is_some() {
+                    format!("creation interrupted before the header was written; `nbdcrypt volume create {name} --resume` or `nbdcrypt volume delete {name}`")
+                } else { err.to_string() },
+            }));
+        }
+    };
+    let h = loaded.header;
+    let state = if h.deleted {
+        "deleted"
+    } else if h.incomplete || e.pending.is_some() {
+        "incomplete"
+    } else {
+        "available"
+    };
     let mut v = serde_json::json!({
-        "name": h.name,
+        "name": e.name,
         "uuid": e.uuid,
         "type": h.volume_type.to_string(),
-        "state": if h.deleted { "deleted" } else { "available" },
+        "state": state,
         "size": h.size,
         "sector_size": h.sector_size,
         "cipher": crate::volume::header::CIPHER,
@@ -76,7 +140,104 @@ fn describe_json(m: &Manager<'_>, name: &str) -> Result<serde_json::Value, Manag
     if h.volume_type == VolumeType::Persistent {
         v["kms_key"] = serde_json::Value::String(h.key_id.clone());
     }
+    if h.incomplete {
+        v["preallocated"] = h.progress.into();
+        v["problem"] = format!(
+            "creation interrupted after {} of {} were preallocated; `nbdcrypt volume create {name} --resume` or `nbdcrypt volume delete {name}`",
+            iec_bytes(h.progress),
+            iec_bytes(h.size)
+        )
+        .into();
+    } else if !h.deleted
+        && let Some(problem) = store_problem(&e, &h)
+    {
+        v["state"] = "damaged".into();
+        v["problem"] = problem.into();
+    }
+    if let Some(l) = &h.lease {
+        v["served_by"] = serde_json::json!({
+            "node": l.node, "pid": l.pid, "since": l.started, "heartbeat_ms": l.heartbeat_ms,
+            "stale": l.is_stale(crate::human::now_ms()),
+        });
+    }
+    if let Some(d) = &loaded.damaged {
+        v["damaged_copy"] = d.to_string().into();
+    }
     Ok(v)
+}
+
+/// One `describe` value as text: sizes in IEC units, times as UTC timestamps.
+fn human_value(key: &str, val: &serde_json::Value) -> String {
+    match (key, val.as_u64()) {
+        ("size" | "preallocated", Some(n)) => format!("{} ({n} bytes)", iec_bytes(n)),
+        ("created", Some(t)) => utc_timestamp(t),
+        _ if key == "served_by" => {
+            let node = val["node"].as_str().unwrap_or("?");
+            let since = val["since"]
+                .as_u64()
+                .map_or_else(|| "?".into(), utc_timestamp);
+            let stale = if val["stale"].as_bool() == Some(true) {
+                " (stale: no heartbeat for three intervals)"
+            } else {
+                ""
+            };
+            format!("pid {} on {node}, since {since}{stale}", val["pid"])
+        }
+        _ => val.as_str().map_or_else(|| val.to_string(), str::to_owned),
+    }
+}
+
+fn print_list(out: &mut impl Write, all: &[serde_json::Value]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<24} {:<11} {:<11} {:>10}  PROBLEM",
+        "NAME", "TYPE", "STATE", "SIZE"
+    )?;
+    for v in all {
+        writeln!(
+            out,
+            "{:<24} {:<11} {:<11} {:>10}  {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["type"].as_str().unwrap_or("-"),
+            v["state"].as_str().unwrap_or("?"),
+            v["size"].as_u64().map_or_else(|| "-".into(), iec_bytes),
+            v["problem"].as_str().unwrap_or(""),
+        )?;
+    }
+    Ok(())
+}
+
+fn json_text(v: &impl serde::Serialize) -> Result<String, VolumeCommandError> {
+    serde_json::to_string_pretty(v).map_err(|e| VolumeCommandError::Io(std::io::Error::other(e)))
+}
+
+/// Preallocates with a progress bar; Ctrl-C (or SIGTERM) checkpoints and says how to go on.
+fn preallocate(m: &Manager<'_>, h: &Header) -> Result<(), ManagerError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
+            tracing::warn!(error = %e, "cannot catch Ctrl-C: an interruption loses up to one checkpoint of progress");
+        }
+    }
+    let bar = super::progress::bytes(h.size, "preallocating");
+    let mut done = 0u64;
+    let finished = m.preallocate(
+        &h.name,
+        |n| {
+            done += n;
+            bar.inc(n);
+        },
+        &stop,
+    )?;
+    bar.finish_and_clear();
+    if finished {
+        return Ok(());
+    }
+    Err(ManagerError::Incomplete {
+        volume: h.name.clone(),
+        done,
+        size: h.size,
+    })
 }
 
 /// Runs a `volume` subcommand.
@@ -90,66 +251,73 @@ pub fn run(
     let m = Manager::new(state, kms, kms_name);
     match cmd {
         VolumeCommand::Create(args) => {
-            let h = create(&m, &args)?;
-            if args.preallocate {
-                let bar = super::progress::bytes(h.size, "preallocating");
-                m.preallocate(&h.name, |n| bar.inc(n))?;
-                bar.finish_and_clear();
+            let (h, prealloc) = if args.resume {
+                m.resume(&args.name)?
+            } else {
+                let h = create(&m, &args)?;
+                let p = h.incomplete;
+                (h, p)
+            };
+            if prealloc {
+                preallocate(&m, &h)?;
             }
             writeln!(
                 out,
-                "created {} volume {} ({} bytes, {}-byte sectors)",
-                h.volume_type, h.name, h.size, h.sector_size
+                "{} {} volume {} ({}, {}-byte sectors)",
+                if args.resume { "finished" } else { "created" },
+                h.volume_type,
+                h.name,
+                iec_bytes(h.size),
+                h.sector_size
+            )?;
+        }
+        VolumeCommand::Import { name, backing } => {
+            let h = m.import(&name, &backing)?;
+            writeln!(
+                out,
+                "imported {} volume {name} ({}, created {}){}",
+                h.volume_type,
+                iec_bytes(h.size),
+                utc_timestamp(h.created),
+                if h.name == name {
+                    String::new()
+                } else {
+                    format!("; its header calls it {:?}", h.name)
+                }
             )?;
         }
         VolumeCommand::List { json } => {
+            if !state.exists() {
+                if json {
+                    writeln!(out, "[]")?;
+                } else {
+                    writeln!(
+                        out,
+                        "no volumes: the state directory {} does not exist (the first `nbdcrypt volume create` or `nbdcrypt serve` creates it; --state-dir picks another)",
+                        state.display()
+                    )?;
+                }
+                return Ok(());
+            }
             let mut all = Vec::new();
             for e in m.list()? {
                 all.push(describe_json(&m, &e.name).unwrap_or_else(|err| {
-                    serde_json::json!({ "name": e.name, "state": "unreadable", "error": err.to_string() })
+                    serde_json::json!({ "name": e.name, "state": "unreadable", "problem": err.to_string() })
                 }));
             }
             if json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&all).unwrap_or_default()
-                )?;
+                writeln!(out, "{}", json_text(&all)?)?;
             } else {
-                writeln!(
-                    out,
-                    "{:<24} {:<11} {:<10} {:>14}",
-                    "NAME", "TYPE", "STATE", "SIZE"
-                )?;
-                for v in all {
-                    writeln!(
-                        out,
-                        "{:<24} {:<11} {:<10} {:>14}",
-                        v["name"].as_str().unwrap_or("?"),
-                        v["type"].as_str().unwrap_or("-"),
-                        v["state"].as_str().unwrap_or("?"),
-                        v["size"]
-                            .as_u64()
-                            .map_or_else(|| "-".into(), |s| s.to_string()),
-                    )?;
-                }
+                print_list(out, &all)?;
             }
         }
         VolumeCommand::Describe { name, json } => {
             let v = describe_json(&m, &name)?;
             if json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&v).unwrap_or_default()
-                )?;
+                writeln!(out, "{}", json_text(&v)?)?;
             } else if let Some(map) = v.as_object() {
                 for (k, val) in map {
-                    writeln!(
-                        out,
-                        "{k:<12} {}",
-                        val.as_str().map_or_else(|| val.to_string(), str::to_owned)
-                    )?;
+                    writeln!(out, "{k:<12} {}", human_value(k, val))?;
                 }
             }
         }
@@ -171,13 +339,14 @@ pub fn run(
             name,
             keep_ciphertext,
             wipe,
+            force,
         } => {
             if wipe {
                 let bar = super::progress::bytes(m.data_bytes(&name)?, "wiping");
-                m.wipe_data(&name, |n| bar.inc(n))?;
+                m.wipe_data(&name, force, |n| bar.inc(n))?;
                 bar.finish_and_clear();
             }
-            m.delete(&name, keep_ciphertext)?;
+            m.delete(&name, keep_ciphertext, force)?;
             writeln!(
                 out,
                 "deleted volume {name}: its key is destroyed{}",

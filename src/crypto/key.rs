@@ -89,8 +89,7 @@ impl VolumeKey {
     /// Constant-time comparison of the halves: the time taken reveals nothing about the key.
     fn halves_equal(&self) -> bool {
         let (k1, k2) = self.halves();
-        let diff = k1.iter().zip(k2).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        std::hint::black_box(diff) == 0
+        std::hint::black_box(crate::codec::ct_eq(k1, k2))
     }
 
     #[cfg(test)]

@@ -27,6 +27,10 @@ pub struct Record {
     pub error_code: Option<String>,
     /// Error message on failure.
     pub error_message: Option<String>,
+    /// Why nbdcrypt made the call (`recheck`: `serve --kms-recheck` re-validating a served
+    /// volume's key), when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
 }
 
 /// An append-only audit log file.
@@ -79,6 +83,7 @@ impl AuditLog {
         operation: &'static str,
         key: &str,
         principal: &str,
+        purpose: Option<&str>,
         volume: Option<&str>,
         result: Result<T, super::KmsError>,
     ) -> Result<T, super::KmsError> {
@@ -103,6 +108,7 @@ impl AuditLog {
             outcome: outcome.to_owned(),
             error_code: code,
             error_message: message,
+            purpose: purpose.map(str::to_owned),
         };
         if let Err(e) = self.append(&record) {
             return Err(super::KmsError::Unavailable {

@@ -169,11 +169,23 @@ impl AwsKms {
         volume: Option<&str>,
         r: Result<T, KmsError>,
     ) -> Result<T, KmsError> {
+        self.audited_for(operation, key, None, volume, r)
+    }
+
+    fn audited_for<T>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        purpose: Option<&str>,
+        volume: Option<&str>,
+        r: Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
         self.audit.outcome(
             self.clock.now(),
             operation,
             key,
             "aws:credential-chain",
+            purpose,
             volume,
             r,
         )
@@ -278,7 +290,7 @@ impl KeyService for AwsKms {
         key: &str,
         blob: &[u8],
         context: &EncryptionContext,
-        _caller: &Caller,
+        caller: &Caller,
     ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         const OP: &str = "Decrypt";
         let volume = context.volume_name();
@@ -298,7 +310,7 @@ impl KeyService for AwsKms {
                         .unwrap_or_default(),
                 )
             });
-        self.audited(OP, key, volume, r)
+        self.audited_for(OP, key, caller.purpose.as_deref(), volume, r)
     }
 
     fn re_encrypt(

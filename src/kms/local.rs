@@ -129,6 +129,7 @@ impl LocalKms {
             operation,
             &key,
             &caller.principal,
+            caller.purpose.as_deref(),
             volume,
             result,
         );

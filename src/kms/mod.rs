@@ -67,6 +67,10 @@ pub struct Caller {
     pub account: String,
     /// `kms:ViaService`, when the call is made on behalf of a service.
     pub via_service: Option<String>,
+    /// Why the call is made (`serve`, `recheck`, …), recorded in the audit log; no effect on
+    /// authorisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
 }
 
 impl Caller {
@@ -76,6 +80,7 @@ impl Caller {
             principal: local::ADMIN_PRINCIPAL.into(),
             account: local::ACCOUNT.into(),
             via_service: None,
+            purpose: None,
         }
     }
 
@@ -85,6 +90,15 @@ impl Caller {
             principal: format!("arn:nbdcrypt:iam::{}:role/nbdcrypt-service", local::ACCOUNT),
             account: local::ACCOUNT.into(),
             via_service: Some("nbdcrypt.local".into()),
+            purpose: None,
+        }
+    }
+
+    /// The same caller, recording `purpose` in the audit log.
+    pub fn for_purpose(&self, purpose: &str) -> Self {
+        Caller {
+            purpose: Some(purpose.into()),
+            ..self.clone()
         }
     }
 }

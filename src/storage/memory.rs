@@ -37,6 +37,10 @@ impl Storage for MemoryStorage {
         true
     }
 
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.bytes.lock().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         let r = range(offset, buf.len())?;

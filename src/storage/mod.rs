@@ -21,6 +21,30 @@ pub struct Extent {
     pub hole: bool,
 }
 
+/// Advisory locks a store can hold for the volume layer. On files and block devices they are
+/// Linux open-file-description locks (`F_OFD_SETLK`) on single bytes of the header's reserved
+/// area: they never touch data, conflict between processes *and* between two opens in one
+/// process, and vanish when the holder's descriptor closes, so a crashed server leaves none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreLock {
+    /// Held for as long as a process serves (or administers) the volume: one writer.
+    Serving,
+    /// Held around each read-modify-write of the header copies, so that two processes'
+    /// updates (a lease renewal and a `volume delete`) never lose each other.
+    Header,
+}
+
+impl StoreLock {
+    /// The byte the lock covers (inside the reserved area between the header copies and the
+    /// data area; the bytes themselves are never written through a lock).
+    pub fn byte(self) -> u64 {
+        match self {
+            StoreLock::Serving => 8192,
+            StoreLock::Header => 8193,
+        }
+    }
+}
+
 /// A store of ciphertext bytes.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Fills `buf` from `offset`. Bytes past the end of a shorter file read as zeroes.
@@ -37,6 +61,29 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Whether concurrent writes are serialized below us anyway (a regular file's buffered
     /// writes hold its inode lock), so that issuing them in parallel buys nothing.
     fn serializes_writes(&self) -> bool {
+        false
+    }
+    /// The store's length in bytes.
+    fn size(&self) -> std::io::Result<u64>;
+    /// Writes `buf` at `offset` and makes that write durable before returning, without
+    /// flushing the rest of the store (header updates while serving).
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.sync()
+    }
+    /// Takes `lock` exclusively; `wait` blocks until it is free. `Ok(false)`: held elsewhere
+    /// (only without `wait`). Stores that have no locks grant every request.
+    fn lock(&self, lock: StoreLock, wait: bool) -> std::io::Result<bool> {
+        let _ = (lock, wait);
+        Ok(true)
+    }
+    /// Releases `lock` (a no-op when not held).
+    fn unlock(&self, lock: StoreLock) -> std::io::Result<()> {
+        let _ = lock;
+        Ok(())
+    }
+    /// Whether the store can lock at all (files and devices can; a network store cannot).
+    fn has_locks(&self) -> bool {
         false
     }
 }
@@ -60,5 +107,20 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn serializes_writes(&self) -> bool {
         (**self).serializes_writes()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        (**self).size()
+    }
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        (**self).write_durable_at(buf, offset)
+    }
+    fn lock(&self, lock: StoreLock, wait: bool) -> std::io::Result<bool> {
+        (**self).lock(lock, wait)
+    }
+    fn unlock(&self, lock: StoreLock) -> std::io::Result<()> {
+        (**self).unlock(lock)
+    }
+    fn has_locks(&self) -> bool {
+        (**self).has_locks()
     }
 }

@@ -26,13 +26,19 @@ pub const HEADER_COPIES: usize = 2;
 pub const DATA_OFFSET: u64 = 1 << 20;
 /// `"NBDCRYPT"`.
 pub const MAGIC: [u8; 8] = *b"NBDCRYPT";
-/// Format version.
-pub const VERSION: u16 = 1;
+/// Format version written. Version 1 (no lease, no `incomplete` state) is still read, and
+/// becomes version 2 on the first header update.
+pub const VERSION: u16 = 2;
+/// The oldest format version read.
+pub const MIN_VERSION: u16 = 1;
 /// The only cipher.
 pub const CIPHER: &str = "aes-xts-plain64";
 
 /// Scratch or persistent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum VolumeType {
     /// Service-managed key; the key is destroyed with the volume.
     Scratch,
@@ -89,6 +95,55 @@ pub struct Header {
     pub context: Vec<(String, String)>,
     /// Key-check value: proves a candidate data key is the right one without revealing it.
     pub key_check: [u8; 32],
+    /// Creation has not finished (interrupted `volume create --preallocate`): never served.
+    pub incomplete: bool,
+    /// Bytes of the data area that the unfinished operation has completed (its checkpoint).
+    pub progress: u64,
+    /// Who is serving the volume, if anyone ([`Lease`]).
+    pub lease: Option<Lease>,
+}
+
+/// The serving lease: which process on which node serves (writes) the volume. Renewed by a
+/// heartbeat while serving and cleared at clean shutdown; a lease whose heartbeat is older
+/// than three intervals is stale (its holder died) and may be taken over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Host name of the serving node.
+    pub node: String,
+    /// Process id on that node.
+    pub pid: u32,
+    /// Random id of the serving process: tells a renewal whether the lease is still its own.
+    pub owner: u64,
+    /// When serving started, Unix seconds.
+    pub started: u64,
+    /// Last renewal, Unix milliseconds.
+    pub heartbeat_ms: u64,
+    /// Renewal interval, milliseconds.
+    pub interval_ms: u32,
+}
+
+impl Lease {
+    /// Milliseconds since the last heartbeat at `now_ms` (0 if the clocks disagree).
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.heartbeat_ms)
+    }
+
+    /// Stale: no heartbeat for three intervals.
+    pub fn is_stale(&self, now_ms: u64) -> bool {
+        self.age_ms(now_ms) > 3 * u64::from(self.interval_ms)
+    }
+}
+
+impl std::fmt::Display for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} on node {} (serving since {})",
+            self.pid,
+            self.node,
+            crate::human::utc_timestamp(self.started)
+        )
+    }
 }
 
 impl std::fmt::Debug for Header {
@@ -104,6 +159,8 @@ impl std::fmt::Debug for Header {
             .field("kms", &self.kms)
             .field("key_id", &self.key_id)
             .field("wrapped_key_bytes", &self.wrapped_key.len())
+            .field("incomplete", &self.incomplete)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -152,6 +209,11 @@ fn get_string16(r: &mut Reader<'_>) -> Result<String, HeaderError> {
 }
 
 impl Header {
+    /// The volume UUID in hex (as the registry and the KMS context hold it).
+    pub fn uuid_hex(&self) -> String {
+        crate::codec::to_hex(&self.uuid)
+    }
+
     /// The full 4 KiB slot for this copy (zero padded, checksummed).
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
         let mut out = Vec::with_capacity(HEADER_COPY_BYTES);
@@ -162,7 +224,11 @@ impl Header {
         out.put_u64(self.sequence);
         out.extend_from_slice(&self.uuid);
         out.push(self.volume_type.code());
-        out.push(u8::from(self.discards) | (u8::from(self.deleted) << 1));
+        out.push(
+            u8::from(self.discards)
+                | (u8::from(self.deleted) << 1)
+                | (u8::from(self.incomplete) << 2),
+        );
         out.put_u16(self.sector_size);
         out.put_u64(self.size);
         out.put_u64(DATA_OFFSET);
@@ -181,6 +247,20 @@ impl Header {
             put_bytes16(&mut out, v.as_bytes())?;
         }
         out.extend_from_slice(&self.key_check);
+        // Version 2 from here.
+        out.put_u64(self.progress);
+        match &self.lease {
+            None => out.push(0),
+            Some(l) => {
+                out.push(1);
+                put_bytes16(&mut out, l.node.as_bytes())?;
+                out.put_u32(l.pid);
+                out.put_u64(l.owner);
+                out.put_u64(l.started);
+                out.put_u64(l.heartbeat_ms);
+                out.put_u32(l.interval_ms);
+            }
+        }
         let body = out.len() + 4;
         if body > HEADER_COPY_BYTES {
             return Err(HeaderError::TooLarge(body));
@@ -199,7 +279,7 @@ impl Header {
         }
         let mut r = Reader::new(&slot[8..]);
         let version = r.u16()?;
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(HeaderError::Version(version));
         }
         r.u16()?;
@@ -226,6 +306,10 @@ impl Header {
             t => return Err(HeaderError::Malformed(format!("volume type {t}"))),
         };
         let flags = r.take(1)?[0];
+        let known = if version >= 2 { 0b111 } else { 0b11 };
+        if flags & !known != 0 {
+            return Err(HeaderError::Malformed(format!("flags {flags:#04x}")));
+        }
         let sector_size = r.u16()?;
         let size = r.u64()?;
         let data_offset = r.u64()?;
@@ -248,6 +332,24 @@ impl Header {
         }
         let mut key_check = [0u8; 32];
         key_check.copy_from_slice(r.take(32)?);
+        let (progress, lease) = if version >= 2 {
+            let progress = r.u64()?;
+            let lease = match r.take(1)?[0] {
+                0 => None,
+                1 => Some(Lease {
+                    node: get_string16(&mut r)?,
+                    pid: r.u32()?,
+                    owner: r.u64()?,
+                    started: r.u64()?,
+                    heartbeat_ms: r.u64()?,
+                    interval_ms: r.u32()?,
+                }),
+                t => return Err(HeaderError::Malformed(format!("lease tag {t}"))),
+            };
+            (progress, lease)
+        } else {
+            (0, None)
+        };
         r.finish()?;
         Ok(Header {
             sequence,
@@ -264,6 +366,9 @@ impl Header {
             wrapped_key,
             context,
             key_check,
+            incomplete: flags & 4 != 0,
+            progress,
+            lease,
         })
     }
 }
@@ -338,6 +443,16 @@ mod tests {
             wrapped_key: vec![0xAB; 180],
             context: vec![("nbdcrypt:volume-id".into(), "0909".into())],
             key_check: [3; 32],
+            incomplete: false,
+            progress: 0,
+            lease: Some(Lease {
+                node: "node-a".into(),
+                pid: 4242,
+                owner: 0x1234_5678_9abc_def0,
+                started: 1_790_000_100,
+                heartbeat_ms: 1_790_000_200_000,
+                interval_ms: 10_000,
+            }),
         }
     }
 
@@ -399,6 +514,55 @@ mod tests {
             let _ = Header::decode(&slot);
             let _ = Header::decode(&slot[..(state as usize % 200)]);
         }
+    }
+
+    #[test]
+    fn header_without_lease_and_incomplete_roundtrips() {
+        let mut h = sample();
+        h.lease = None;
+        h.incomplete = true;
+        h.progress = 6 << 30;
+        assert_eq!(Header::decode(&h.encode().unwrap()).unwrap(), h);
+    }
+
+    /// A version-1 header (as written before leases existed) still opens: its body ends at the
+    /// key-check value, and it has no lease and no `incomplete` flag.
+    #[test]
+    fn header_version_1_is_still_read() {
+        let mut h = sample();
+        h.lease = None;
+        let v2 = h.encode().unwrap();
+        let body = u32::from_be_bytes(v2[12..16].try_into().unwrap()) as usize;
+        // Version 2 appends progress (8) and the lease tag (1) before the CRC.
+        let v1_body = body - 9;
+        let mut v1 = v2[..v1_body - 4].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_be_bytes());
+        v1[12..16].copy_from_slice(&u32::try_from(v1_body).unwrap().to_be_bytes());
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_be_bytes());
+        v1.resize(HEADER_COPY_BYTES, 0);
+        assert_eq!(Header::decode(&v1).unwrap(), h);
+        // An unknown flag bit is refused rather than ignored.
+        let mut bad = v1.clone();
+        bad[41] |= 4;
+        let crc = crc32fast::hash(&bad[..v1_body - 4]);
+        bad[v1_body - 4..v1_body].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            Header::decode(&bad),
+            Err(HeaderError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn lease_goes_stale_after_three_intervals() {
+        let l = sample().lease.unwrap();
+        let hb = l.heartbeat_ms;
+        assert!(!l.is_stale(hb + 30_000));
+        assert!(l.is_stale(hb + 30_001));
+        assert!(
+            !l.is_stale(hb - 5_000),
+            "a clock behind the heartbeat is not staleness"
+        );
     }
 
     #[test]

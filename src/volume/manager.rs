@@ -5,17 +5,20 @@
 //! the name to the backing path. The registry holds no key material and no wrapped key; after a
 //! delete it keeps a tombstone so that a later `serve` can say the volume was deleted.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::header::{self, DATA_OFFSET, HEADER_COPIES, HEADER_COPY_BYTES, Header, VolumeType};
+use super::header::{self, DATA_OFFSET, Header, VolumeType};
+use super::lease::{LeaseOptions, ServingLease};
 use super::{EncryptedVolume, VolumeConfig};
-use crate::crypto::{self, BackendChoice, SectorSize, VolumeKey, XtsEngine};
+use crate::crypto::{BackendChoice, SectorSize, VolumeKey, XtsEngine};
 use crate::kms::{Caller, EncryptionContext, KeyService, KmsError, local::DEFAULT_ALIAS};
-use crate::storage::FileStorage;
+use crate::storage::{FileStorage, Storage};
 
-pub use super::ondisk::{Entry, ManagerError, is_deleted, read_header, write_header};
+pub use super::lifecycle::CreateOptions;
+pub use super::ondisk::{
+    Copies, Entry, ManagerError, Pending, is_deleted, read_header, read_header_from, update_header,
+};
 use super::ondisk::{check_name, io};
 pub use crate::kms::{CONTEXT_VOLUME_ID, CONTEXT_VOLUME_NAME};
 
@@ -28,39 +31,22 @@ pub const GRANT_OPERATIONS: [&str; 5] = [
     "DescribeKey",
 ];
 
-/// Settings for `volume create`.
-#[derive(Debug, Clone)]
-pub struct CreateOptions {
-    /// Size in bytes.
-    pub size: u64,
-    /// Scratch or persistent.
-    pub volume_type: VolumeType,
-    /// KMS key for persistent volumes (default: the managed default key).
-    pub kms_key: Option<String>,
-    /// Sector size.
-    pub sector_size: SectorSize,
-    /// Backing file (default: `<state-dir>/volumes/<name>.img`).
-    pub backing: Option<PathBuf>,
-    /// Discards on.
-    pub discards: bool,
-}
-
 /// The volumes of one state directory, backed by one key service.
 pub struct Manager<'k> {
-    state_dir: PathBuf,
-    kms: &'k dyn KeyService,
-    kms_name: String,
+    pub(super) state_dir: PathBuf,
+    pub(super) kms: &'k dyn KeyService,
+    pub(super) kms_name: String,
     /// The serving principal: data-key operations.
-    caller: Caller,
+    pub(super) caller: Caller,
     /// The administrator: grants.
-    admin: Caller,
+    pub(super) admin: Caller,
 }
 
 use crate::codec::to_hex as hex;
 
 /// Moves an unwrapped data key into a [`VolumeKey`] (wiping `plain`), builds the engine, and
 /// drops the key: only the engine's protected schedules remain. Returns the key-check value.
-fn engine_with_check(
+pub(super) fn engine_with_check(
     volume: &str,
     plain: &mut [u8],
     sector_size: SectorSize,
@@ -89,7 +75,12 @@ impl<'k> Manager<'k> {
         }
     }
 
-    fn registry(&self) -> PathBuf {
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub(super) fn registry(&self) -> PathBuf {
         self.state_dir.join("volumes")
     }
 
@@ -112,7 +103,7 @@ impl<'k> Manager<'k> {
             .map_err(|e| io("corrupt registry entry", &p)(std::io::Error::other(e)))
     }
 
-    fn save_entry(&self, e: &Entry) -> Result<(), ManagerError> {
+    pub(super) fn save_entry(&self, e: &Entry) -> Result<(), ManagerError> {
         let dir = self.registry();
         crate::fsutil::create_private_dir(&dir).map_err(io("cannot create", &dir))?;
         let p = self.entry_path(&e.name);
@@ -122,6 +113,16 @@ impl<'k> Manager<'k> {
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &p))
             .map_err(io("cannot write", &p))
+    }
+
+    /// Removes a registry entry (an unfinished creation that is rolled back).
+    pub(super) fn remove_entry(&self, name: &str) -> Result<(), ManagerError> {
+        let p = self.entry_path(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot remove", &p)(e)),
+        }
     }
 
     /// All registry entries, by name.
@@ -145,119 +146,18 @@ impl<'k> Manager<'k> {
         Ok(out)
     }
 
-    fn context(uuid: &[u8; 16], name: &str) -> EncryptionContext {
+    pub(super) fn context(uuid: &[u8; 16], name: &str) -> EncryptionContext {
         let mut c = EncryptionContext::single(CONTEXT_VOLUME_ID, &hex(uuid));
         c.0.insert(CONTEXT_VOLUME_NAME.into(), name.into());
         c
     }
 
-    /// `volume create`: a new data key from `GenerateDataKey`, a header, an empty data area.
-    pub fn create(&self, name: &str, opts: &CreateOptions) -> Result<Header, ManagerError> {
-        check_name(name)?;
-        match self.entry(name) {
-            Ok(e) if !e.deleted => return Err(ManagerError::Exists(name.into())),
-            Ok(_) | Err(ManagerError::NoSuchVolume(_)) => {}
-            Err(e) => return Err(e),
-        }
-        let sector = opts.sector_size.bytes() as u64;
-        if opts.size == 0 || !opts.size.is_multiple_of(sector) {
-            return Err(ManagerError::Refused(format!(
-                "size {} is not a positive multiple of the {sector}-byte sector size",
-                opts.size
-            )));
-        }
-        let key_id = match (opts.volume_type, &opts.kms_key) {
-            (VolumeType::Scratch, Some(_)) => {
-                return Err(ManagerError::Refused(
-                    "scratch volumes always use the service-managed default key; --kms-key is for persistent volumes".into(),
-                ));
-            }
-            (VolumeType::Scratch, None) | (VolumeType::Persistent, None) => {
-                DEFAULT_ALIAS.to_owned()
-            }
-            (VolumeType::Persistent, Some(k)) => k.clone(),
-        };
-        let mut uuid = [0u8; 16];
-        getrandom::fill(&mut uuid).map_err(|e| ManagerError::Refused(e.to_string()))?;
-        let context = Self::context(&uuid, name);
-        let kms_err = |source| ManagerError::Kms {
-            volume: name.into(),
-            source,
-        };
-        // A customer-managed key: the administrator grants the serving principal what it needs,
-        // for this volume's context only (as FSx does for persistent file systems).
-        let grant = self.grant_for(&key_id, &uuid).map_err(kms_err)?;
-        let mut dk = self
-            .kms
-            .generate_data_key(&key_id, crypto::VOLUME_KEY_BYTES, &context, &self.caller)
-            .map_err(kms_err)?;
-        let (_engine, key_check) = engine_with_check(
-            name,
-            &mut dk.plaintext,
-            opts.sector_size,
-            BackendChoice::Auto,
-        )?;
-        let backing = opts
-            .backing
-            .clone()
-            .unwrap_or_else(|| self.registry().join(format!("{name}.img")));
-        if let Some(parent) = backing.parent() {
-            crate::fsutil::create_private_dir(parent).map_err(io("cannot create", parent))?;
-        }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&backing)
-            .map_err(io("cannot create the backing file", &backing))?;
-        let meta = f.metadata().map_err(io("cannot stat", &backing))?;
-        if meta.is_file() && meta.len() < DATA_OFFSET + opts.size {
-            f.set_len(DATA_OFFSET + opts.size)
-                .map_err(io("cannot size", &backing))?;
-        }
-        // A reused file must not show old data: zero the header area.
-        f.write_all_at(&vec![0u8; DATA_OFFSET as usize], 0)
-            .map_err(io("cannot initialise", &backing))?;
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut h = Header {
-            sequence: 1,
-            uuid,
-            name: name.into(),
-            volume_type: opts.volume_type,
-            size: opts.size,
-            sector_size: u16::try_from(opts.sector_size.bytes()).unwrap_or(4096),
-            discards: opts.discards,
-            deleted: false,
-            created,
-            kms: self.kms_name.clone(),
-            key_id: dk.key_arn.clone(),
-            wrapped_key: dk.blob.clone(),
-            context: context
-                .0
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            key_check,
-        };
-        write_header(&backing, &h, 0)?;
-        h.sequence = 2;
-        write_header(&backing, &h, 1)?;
-        self.save_entry(&Entry {
-            name: name.into(),
-            backing,
-            uuid: hex(&uuid),
-            deleted: false,
-            grant,
-        })?;
-        Ok(h)
-    }
-
     /// Creates the serving principal's grant on `key` if it is customer-managed.
-    fn grant_for(&self, key: &str, uuid: &[u8; 16]) -> Result<Option<(String, String)>, KmsError> {
+    pub(super) fn grant_for(
+        &self,
+        key: &str,
+        uuid: &[u8; 16],
+    ) -> Result<Option<(String, String)>, KmsError> {
         // The service default key needs no grant (its policy admits the service); a key
         // service without a serving principal creates none.
         let Some(grantee) = self.kms.serving_principal() else {
@@ -293,18 +193,32 @@ impl<'k> Manager<'k> {
         Ok((e, loaded))
     }
 
-    /// Unwraps the volume's key (one `Decrypt`) and opens it for serving.
-    pub fn open(
+    /// Opens the backing store of a live volume for writing (never creating it) and checks
+    /// that it is as long as the header says the volume is.
+    pub(super) fn open_store(
         &self,
         name: &str,
-        backend: BackendChoice,
         read_only: bool,
-    ) -> Result<EncryptedVolume, ManagerError> {
+    ) -> Result<(Entry, Arc<FileStorage>, Header), ManagerError> {
         let (entry, loaded) = self.header(name)?;
         if let Some(problem) = &loaded.damaged {
             tracing::warn!(volume = name, %problem, "one header copy is damaged; using the other (it is rewritten on the next update)");
         }
+        let store = FileStorage::open_existing(&entry.backing, read_only)
+            .map_err(io("cannot open the backing store", &entry.backing))?;
         let h = loaded.header;
+        check_length(name, &entry.backing, &store, h.size)?;
+        Ok((entry, Arc::new(store), h))
+    }
+
+    /// One `Decrypt` of the header's wrapped key, checked against the key-check value; the
+    /// engine keeps only the protected key schedules.
+    pub(super) fn unwrap_engine(
+        &self,
+        name: &str,
+        h: &Header,
+        backend: BackendChoice,
+    ) -> Result<XtsEngine, ManagerError> {
         let sector_size = SectorSize::from_bytes(u64::from(h.sector_size)).map_err(|source| {
             ManagerError::Crypto {
                 volume: name.into(),
@@ -320,23 +234,99 @@ impl<'k> Manager<'k> {
                 source,
             })?;
         let (engine, kcv) = engine_with_check(name, &mut plain, sector_size, backend)?;
-        // Constant-time comparison: no timing hint about how close a wrong key came.
-        if kcv
-            .iter()
-            .zip(h.key_check.iter())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            != 0
-        {
+        if !crate::codec::ct_eq(&kcv, &h.key_check) {
             return Err(ManagerError::WrongKey(name.into()));
         }
-        let storage = FileStorage::open(&entry.backing, 0, read_only)
-            .map_err(io("cannot open", &entry.backing))?;
+        Ok(engine)
+    }
+
+    /// Opens a volume for serving: refuses an incomplete volume or a short backing store,
+    /// takes the serving lease (refusing while another server holds it), then unwraps the key
+    /// (one `Decrypt`). The lease goes to the caller, which renews and releases it.
+    pub fn open(
+        &self,
+        name: &str,
+        backend: BackendChoice,
+        lease: LeaseOptions,
+    ) -> Result<(EncryptedVolume, ServingLease), ManagerError> {
+        let pending = self.entry(name)?.pending;
+        if let Some(p) = pending {
+            let done = self.header(name).map_or(0, |(_, l)| l.header.progress);
+            return Err(ManagerError::Incomplete {
+                volume: name.into(),
+                done,
+                size: p.size,
+            });
+        }
+        let (entry, store, h) = self.open_store(name, false)?;
+        if h.incomplete {
+            return Err(ManagerError::Incomplete {
+                volume: name.into(),
+                done: h.progress,
+                size: h.size,
+            });
+        }
+        let dyn_store: Arc<dyn Storage> = store.clone();
+        let held =
+            ServingLease::acquire(dyn_store, name, lease).map_err(|e| e.at(&entry.backing))?;
+        match self.unwrap_engine(name, &h, backend).and_then(|engine| {
+            self.volume_over(name, Box::new(Arc::clone(&store)), engine, &h, false)
+        }) {
+            Ok(v) => Ok((v, held)),
+            Err(e) => {
+                if let Err(release) = held.release() {
+                    tracing::warn!(volume = name, error = %release, "could not release the lease");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `serve --kms-recheck`: one `Decrypt` of the volume's current wrapped key (read from
+    /// `store`, so a rewrap is followed), audited with purpose `recheck`. The unwrapped key is
+    /// wiped at once; only the answer matters.
+    pub fn recheck(&self, name: &str, store: &dyn Storage) -> Result<(), ManagerError> {
+        let h = super::ondisk::read_header_from(store, name)?.header;
+        if h.deleted {
+            return Err(ManagerError::Deleted(name.into()));
+        }
+        let context = EncryptionContext(h.context.iter().cloned().collect());
+        let plain = self
+            .kms
+            .decrypt(
+                &h.key_id,
+                &h.wrapped_key,
+                &context,
+                &self.caller.for_purpose("recheck"),
+            )
+            .map_err(|source| ManagerError::Kms {
+                volume: name.into(),
+                source,
+            })?;
+        drop(plain);
+        Ok(())
+    }
+
+    /// The encrypted volume over `store` that the header describes.
+    pub(super) fn volume_over(
+        &self,
+        name: &str,
+        store: Box<dyn Storage>,
+        engine: XtsEngine,
+        h: &Header,
+        read_only: bool,
+    ) -> Result<EncryptedVolume, ManagerError> {
         EncryptedVolume::new(
-            Box::new(storage),
+            store,
             engine,
             VolumeConfig {
                 size: h.size,
-                sector_size,
+                sector_size: SectorSize::from_bytes(u64::from(h.sector_size)).map_err(
+                    |source| ManagerError::Crypto {
+                        volume: name.into(),
+                        source,
+                    },
+                )?,
                 discards: h.discards,
                 read_only,
                 data_offset: DATA_OFFSET,
@@ -352,7 +342,7 @@ impl<'k> Manager<'k> {
     /// rewritten (older first), no data is touched and the plaintext key never leaves the KMS.
     pub fn rewrap(&self, name: &str, new_key: &str) -> Result<Header, ManagerError> {
         let (mut entry, loaded) = self.header(name)?;
-        let mut h = loaded.header;
+        let h = loaded.header;
         if h.volume_type == VolumeType::Scratch {
             return Err(ManagerError::Refused(format!(
                 "volume {name} is a scratch volume: its key is service-managed and cannot be moved to another KMS key"
@@ -368,13 +358,21 @@ impl<'k> Manager<'k> {
             .kms
             .re_encrypt(&h.key_id, new_key, &h.wrapped_key, &context, &self.caller)
             .map_err(kms_err)?;
-        h.wrapped_key = blob;
-        h.key_id = arn;
-        let first = header::next_slot(loaded.slot);
-        h.sequence += 1;
-        write_header(&entry.backing, &h, first)?;
-        h.sequence += 1;
-        write_header(&entry.backing, &h, loaded.slot)?;
+        let store = FileStorage::open_existing(&entry.backing, false)
+            .map_err(io("cannot open the backing store", &entry.backing))?;
+        // Under the header lock, so a serving process's lease renewal cannot undo it; both
+        // copies, so the blob under the old key survives in neither.
+        let h = update_header(&store, name, Copies::Both, |cur| {
+            if cur.wrapped_key != h.wrapped_key {
+                return Err(ManagerError::Refused(format!(
+                    "volume {name}: its key was rewrapped by another command meanwhile; run rewrap again"
+                )));
+            }
+            cur.wrapped_key = blob;
+            cur.key_id = arn;
+            Ok(true)
+        })
+        .map_err(|e| e.at(&entry.backing))?;
         if let Some((key, id)) = entry.grant.take()
             && let Err(e) = self.kms.retire_grant(&key, &id, &self.admin)
         {
@@ -405,49 +403,24 @@ impl<'k> Manager<'k> {
             })?;
         Ok(zeroize::Zeroizing::new(hex(&plain)))
     }
+}
 
-    /// `volume delete`: destroys the wrapped key in both header copies (crypto-shredding),
-    /// leaves a tombstone, and removes the backing file unless `keep_ciphertext`.
-    pub fn delete(&self, name: &str, keep_ciphertext: bool) -> Result<(), ManagerError> {
-        let mut entry = self.entry(name)?;
-        if entry.deleted {
-            return Err(ManagerError::Deleted(name.into()));
-        }
-        match read_header(&entry.backing, name) {
-            Ok(loaded) => {
-                let mut h = loaded.header;
-                h.deleted = true;
-                h.wrapped_key.clear();
-                h.key_check = [0; 32];
-                // Both copies, newest last: no copy of the blob survives either way.
-                let first = header::next_slot(loaded.slot);
-                h.sequence += 1;
-                write_header(&entry.backing, &h, first)?;
-                h.sequence += 1;
-                write_header(&entry.backing, &h, loaded.slot)?;
-            }
-            Err(ManagerError::Io { .. }) if !entry.backing.exists() => {}
-            Err(e) => {
-                // Unreadable headers: overwrite both slots with zeroes rather than keep them.
-                tracing::warn!(volume = name, error = %e, "headers unreadable; wiping both header slots");
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&entry.backing)
-                    .map_err(io("cannot open", &entry.backing))?;
-                f.write_all_at(&vec![0u8; HEADER_COPY_BYTES * HEADER_COPIES], 0)
-                    .and_then(|()| f.sync_data())
-                    .map_err(io("cannot wipe the header of", &entry.backing))?;
-            }
-        }
-        if let Some((key, id)) = entry.grant.take()
-            && let Err(e) = self.kms.retire_grant(&key, &id, &self.admin)
-        {
-            tracing::warn!(volume = name, error = %e, "could not retire the serving grant; revoke it with `nbdcrypt kms revoke-grant`");
-        }
-        if !keep_ciphertext && entry.backing.is_file() {
-            std::fs::remove_file(&entry.backing).map_err(io("cannot remove", &entry.backing))?;
-        }
-        entry.deleted = true;
-        self.save_entry(&entry)
+/// Refuses a backing store shorter than the header's volume size (plus the header area).
+pub(super) fn check_length(
+    name: &str,
+    path: &Path,
+    store: &dyn Storage,
+    volume_size: u64,
+) -> Result<(), ManagerError> {
+    let actual = store.size().map_err(io("cannot find the size of", path))?;
+    let needed = DATA_OFFSET.saturating_add(volume_size);
+    if actual < needed {
+        return Err(ManagerError::Short {
+            volume: name.into(),
+            path: path.to_owned(),
+            actual,
+            needed,
+        });
     }
+    Ok(())
 }

@@ -22,9 +22,12 @@
 
 mod fill;
 pub mod header;
+pub mod lease;
+mod lifecycle;
 mod locks;
 pub mod manager;
 mod ondisk;
+pub mod probe;
 
 use std::io;
 
@@ -76,6 +79,9 @@ pub enum VolumeError {
     /// The volume configuration is invalid.
     #[error("invalid volume: {0}")]
     Config(String),
+    /// The volume was withdrawn (deleted or its key revoked) and its key destroyed.
+    #[error("the volume was withdrawn and its key destroyed")]
+    Withdrawn,
 }
 
 impl VolumeError {
@@ -93,6 +99,7 @@ impl VolumeError {
             VolumeError::ReadOnly => err::EPERM,
             VolumeError::Unsupported(_) => err::ENOTSUP,
             VolumeError::Config(_) => err::EINVAL,
+            VolumeError::Withdrawn => err::ESHUTDOWN,
         }
     }
 }
@@ -104,7 +111,12 @@ const ZERO_CHUNK: usize = 1 << 20;
 #[derive(Debug)]
 pub struct EncryptedVolume {
     storage: Box<dyn Storage>,
-    engine: XtsEngine,
+    /// `None` once [`EncryptedVolume::destroy_key`] ran. Each cipher call holds the read lock
+    /// only for its own pass (never across I/O), so destroying waits for at most the passes
+    /// under way, however many requests still hold the volume.
+    engine: std::sync::RwLock<Option<XtsEngine>>,
+    /// Engine facts kept for logs after the key is gone.
+    summary: String,
     config: VolumeConfig,
     locks: StripeLocks,
 }
@@ -172,7 +184,8 @@ impl EncryptedVolume {
         }
         Ok(EncryptedVolume {
             storage,
-            engine,
+            summary: engine.summary(),
+            engine: std::sync::RwLock::new(Some(engine)),
             config,
             locks: StripeLocks::new(),
         })
@@ -195,7 +208,44 @@ impl EncryptedVolume {
 
     /// The crypto engine's one-line description (for the startup log).
     pub fn engine_summary(&self) -> String {
-        self.engine.summary()
+        self.summary.clone()
+    }
+
+    /// Runs `f` with the engine, or fails with [`VolumeError::Withdrawn`] once the key is
+    /// destroyed.
+    fn with_engine<T>(
+        &self,
+        f: impl FnOnce(&XtsEngine) -> Result<T, CryptoError>,
+    ) -> Result<T, VolumeError> {
+        let guard = self.engine.read().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(engine) => Ok(f(engine)?),
+            None => Err(VolumeError::Withdrawn),
+        }
+    }
+
+    /// Destroys the key schedules now (they are wiped as the engine drops): every later
+    /// request fails with [`VolumeError::Withdrawn`]. Waits only for cipher passes under way.
+    pub fn destroy_key(&self) {
+        let engine = self
+            .engine
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(engine);
+    }
+
+    /// Whether [`EncryptedVolume::destroy_key`] ran.
+    pub fn is_withdrawn(&self) -> bool {
+        self.engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    /// The backing store (for header I/O and the serving lock).
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 
     fn sector(&self) -> u64 {
@@ -240,8 +290,9 @@ impl EncryptedVolume {
             while j < n && !is_zero(&buf[j * sb..(j + 1) * sb]) {
                 j += 1;
             }
-            self.engine
-                .decrypt_sectors(SectorIndex(first + i as u64), &mut buf[i * sb..j * sb])?;
+            self.with_engine(|e| {
+                e.decrypt_sectors(SectorIndex(first + i as u64), &mut buf[i * sb..j * sb])
+            })?;
             i = j;
         }
         Ok(())
@@ -249,7 +300,7 @@ impl EncryptedVolume {
 
     /// Encrypts plaintext `buf` (whole sectors) in place and writes it at sector `first`.
     fn write_sectors(&self, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        self.engine.encrypt_sectors(SectorIndex(first), buf)?;
+        self.with_engine(|e| e.encrypt_sectors(SectorIndex(first), buf))?;
         self.storage
             .write_at(buf, self.config.data_offset + first * self.sector())?;
         Ok(())
@@ -342,9 +393,7 @@ impl EncryptedVolume {
             if !(at as u64).is_multiple_of(sector) {
                 return Err(VolumeError::Config("piece not on a sector boundary".into()));
             }
-            self.engine
-                .encrypt_sectors(SectorIndex(first + at as u64 / sector), piece)?;
-            Ok(())
+            self.with_engine(|e| e.encrypt_sectors(SectorIndex(first + at as u64 / sector), piece))
         };
         par(data, &encrypt)?;
         self.storage

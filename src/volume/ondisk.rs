@@ -2,16 +2,15 @@
 //! (`<state-dir>/volumes/NAME.json`, no key material) and header I/O on the backing store;
 //! and the error type of named-volume operations.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::VolumeError;
-use super::header::{self, HEADER_COPIES, HEADER_COPY_BYTES, Header};
+use super::header::{self, HEADER_COPIES, HEADER_COPY_BYTES, Header, Lease};
 use crate::crypto;
 use crate::kms::KmsError;
+use crate::storage::{Storage, StoreLock};
 
 /// A registry entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +26,29 @@ pub struct Entry {
     /// The grant that lets the serving principal use a customer-managed key: `(key ARN, grant id)`.
     #[serde(default)]
     pub grant: Option<(String, String)>,
+    /// Set while `volume create` has not finished: what it was asked to do, so that
+    /// `--resume` can finish it and `volume delete` can undo it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+}
+
+/// An unfinished `volume create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// Size in bytes.
+    pub size: u64,
+    /// Scratch or persistent.
+    pub volume_type: header::VolumeType,
+    /// The KMS key asked for.
+    pub kms_key: Option<String>,
+    /// Sector size in bytes.
+    pub sector_size: u16,
+    /// Discards on.
+    pub discards: bool,
+    /// Preallocation asked for.
+    pub preallocate: bool,
+    /// The backing file did not exist before: undoing the creation removes it.
+    pub created_backing: bool,
 }
 
 /// What went wrong with a named volume.
@@ -97,9 +119,74 @@ pub enum ManagerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The backing store failed (path unknown at this layer; see [`ManagerError::at`]).
+    #[error("volume {volume}: {what}: {source}")]
+    Store {
+        /// Volume.
+        volume: String,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process serves the volume (or administers it right now).
+    #[error("volume {volume} is {}{hint}", match holder {
+        Some(l) => format!("being served by {l}"),
+        None => "in use by another nbdcrypt process (a server starting, or a volume command)".to_owned(),
+    })]
+    Busy {
+        /// Volume.
+        volume: String,
+        /// Who holds it, as its lease says.
+        holder: Option<Lease>,
+        /// The way out.
+        hint: String,
+    },
+    /// Creation never finished.
+    #[error(
+        "volume {volume} is incomplete: its creation was interrupted{}; finish it with `nbdcrypt volume create {volume} --resume`, or remove it with `nbdcrypt volume delete {volume}`",
+        if *done > 0 { format!(" after {} of {} were preallocated", crate::human::iec_bytes(*done), crate::human::iec_bytes(*size)) } else { String::new() }
+    )]
+    Incomplete {
+        /// Volume.
+        volume: String,
+        /// Bytes preallocated so far.
+        done: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// The backing store is shorter than the header says the volume is.
+    #[error(
+        "volume {volume}: backing store {path} is {}, volume needs {} ({} of data + the 1 MiB header area); it was truncated or replaced: restore it from a copy, or `nbdcrypt volume delete {volume}`",
+        crate::human::iec_bytes(*actual), crate::human::iec_bytes(*needed), crate::human::iec_bytes(needed.saturating_sub(header::DATA_OFFSET))
+    )]
+    Short {
+        /// Volume.
+        volume: String,
+        /// Backing path.
+        path: PathBuf,
+        /// Its length.
+        actual: u64,
+        /// What the header needs.
+        needed: u64,
+    },
     /// Something the request cannot do (e.g. export-key on a scratch volume).
     #[error("{0}")]
     Refused(String),
+}
+
+impl ManagerError {
+    /// Names the backing path in a store error.
+    pub fn at(self, path: &Path) -> ManagerError {
+        match self {
+            ManagerError::Store { what, source, .. } => ManagerError::Io {
+                what,
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 pub(super) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError {
@@ -129,18 +216,19 @@ pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
         .is_some_and(|e| e.deleted)
 }
 
-/// Reads both header copies of a backing store.
+/// Reads both header copies of the backing store at `path` (opened read-only).
 pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerError> {
-    let f = std::fs::File::open(path).map_err(io("cannot open the backing store", path))?;
+    let store = crate::storage::FileStorage::open_existing(path, true)
+        .map_err(io("cannot open the backing store", path))?;
+    read_header_from(&store, name).map_err(|e| e.at(path))
+}
+
+/// Reads both header copies from `store`.
+pub fn read_header_from(store: &dyn Storage, name: &str) -> Result<header::Loaded, ManagerError> {
     let mut slots = vec![0u8; HEADER_COPY_BYTES * HEADER_COPIES];
-    let mut done = 0;
-    while done < slots.len() {
-        match f.read_at(&mut slots[done..], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) => return Err(io("cannot read the header of", path)(e)),
-        }
-    }
+    store
+        .read_at(&mut slots, 0)
+        .map_err(store_io(name, "cannot read the header"))?;
     let (a, b) = slots.split_at(HEADER_COPY_BYTES);
     header::choose([a, b]).map_err(|[first, second]| ManagerError::Header {
         volume: name.to_owned(),
@@ -149,16 +237,72 @@ pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerErr
     })
 }
 
-/// Writes one header copy into `slot` and syncs.
-pub fn write_header(path: &Path, h: &Header, slot: usize) -> Result<(), ManagerError> {
+/// Writes one header copy into `slot`; durable when it returns.
+pub fn write_slot(
+    store: &dyn Storage,
+    name: &str,
+    h: &Header,
+    slot: usize,
+) -> Result<(), ManagerError> {
     let bytes = h
         .encode()
         .map_err(|e| ManagerError::Refused(e.to_string()))?;
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(io("cannot open the backing store", path))?;
-    f.write_all_at(&bytes, (slot * HEADER_COPY_BYTES) as u64)
-        .and_then(|()| f.sync_data())
-        .map_err(io("cannot write the header of", path))
+    store
+        .write_durable_at(&bytes, (slot * HEADER_COPY_BYTES) as u64)
+        .map_err(store_io(name, "cannot write the header"))
+}
+
+/// How many header copies an update rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copies {
+    /// Only the older copy (lease renewals): the newer one stays intact until the next update.
+    Older,
+    /// The older copy, then the newer one: no copy of the previous contents survives (key
+    /// destruction, rewrap).
+    Both,
+}
+
+/// Read-modify-write of the header under the store's header lock: reads the newest valid copy,
+/// lets `change` edit it (`Ok(false)`: nothing to write), then writes the older slot with the
+/// next sequence number, and with [`Copies::Both`] the other slot after it. A crash at any
+/// point leaves one valid copy, old or new. Returns the header as it now stands.
+pub fn update_header(
+    store: &dyn Storage,
+    name: &str,
+    copies: Copies,
+    change: impl FnOnce(&mut Header) -> Result<bool, ManagerError>,
+) -> Result<Header, ManagerError> {
+    store
+        .lock(StoreLock::Header, true)
+        .map_err(store_io(name, "cannot lock the header"))?;
+    let result = (|| {
+        let loaded = read_header_from(store, name)?;
+        let mut h = loaded.header;
+        if !change(&mut h)? {
+            return Ok(h);
+        }
+        let first = header::next_slot(loaded.slot);
+        h.sequence += 1;
+        write_slot(store, name, &h, first)?;
+        if copies == Copies::Both {
+            h.sequence += 1;
+            write_slot(store, name, &h, loaded.slot)?;
+        }
+        Ok(h)
+    })();
+    let unlocked = store
+        .unlock(StoreLock::Header)
+        .map_err(store_io(name, "cannot unlock the header"));
+    let h = result?;
+    unlocked?;
+    Ok(h)
+}
+
+fn store_io(name: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> ManagerError {
+    let volume = name.to_owned();
+    move |source| ManagerError::Store {
+        volume,
+        what,
+        source,
+    }
 }
