@@ -44,7 +44,7 @@ pub fn iec_bytes(bytes: u64) -> String {
     let scale = 1u128 << (10 * unit);
     // Tenths, rounded down so that "16.0 GiB" is never shown for 15.99 GiB.
     let tenths = u128::from(bytes) * 10 / scale;
-    if tenths % 10 == 0 {
+    if tenths.is_multiple_of(10) {
         format!("{} {}", tenths / 10, UNITS[unit])
     } else {
         format!("{}.{} {}", tenths / 10, tenths % 10, UNITS[unit])

@@ -84,3 +84,65 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         .collect();
     assert!(ours.is_empty(), "{err}");
 }
+
+/// `scripts/lib/deb.sh` waits for another apt/dpkg instead of failing at once: with a fake
+/// `apt-get` that reports the dpkg lock as held twice, the install still succeeds, asked apt
+/// to wait for the lock, and retried; a real failure is not retried.
+#[test]
+fn deb_install_waits_for_the_dpkg_lock() {
+    let dir = TempDir::new("deb-lock");
+    let bin = dir.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.path("calls");
+    let fake_apt = format!(
+        "#!/bin/bash\necho \"$*\" >> {calls}\nn=$(wc -l < {calls})\n\
+         if [ \"$1\" != update ] && grep -q fail-for-real <<<\"$*\"; then echo 'E: Unable to locate package fail-for-real'; exit 100; fi\n\
+         if [ \"$n\" -le 2 ]; then echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)'; exit 100; fi\nexit 0\n",
+        calls = calls.display()
+    );
+    let fake_query = "#!/bin/bash\nexit 1\n";
+    for (name, text) in [("apt-get", fake_apt.as_str()), ("dpkg-query", fake_query)] {
+        let p = bin.join(name);
+        std::fs::write(&p, text).unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(&p));
+    }
+    let script = |pkg: &str| {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                ". {}/scripts/lib/deb.sh; deb_install_missing {pkg}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("DEB_LOCK_RETRY_SECONDS", "0.05")
+            .output()
+            .unwrap()
+    };
+    let out = script("somepkg");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&calls).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    // update refused twice (lock), then update and install.
+    assert_eq!(lines.len(), 4, "{log}");
+    assert!(
+        lines.iter().all(|l| l.contains("DPkg::Lock::Timeout=")),
+        "{log}"
+    );
+    assert!(
+        lines[3].contains("install") && lines[3].contains("somepkg"),
+        "{log}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apt is busy"));
+    // A package that does not exist fails at once, with apt's message.
+    std::fs::write(&calls, "x\nx\nx\n").unwrap();
+    let out = script("fail-for-real");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unable to locate package"));
+}

@@ -300,11 +300,14 @@ fn header_damage_is_survived_once_and_refused_twice() {
         b[offset] ^= 0x40;
         std::fs::write(&backing, b).unwrap();
     };
-    // One damaged copy: still serves.
+    // One damaged copy: still serves, and taking the lease rewrites (heals) the damaged copy.
     flip(100 + usize::try_from(rng.below(50)).unwrap());
     let server = serve(&dir, &state, &["h"]).unwrap();
     drop(server.stop());
+    let healed = read_header(&backing, "h").unwrap();
+    assert!(healed.damaged.is_none(), "{:?}", healed.damaged);
     // Both damaged: a clear refusal.
+    flip(100);
     flip(HEADER_COPY_BYTES + 100);
     let err = serve(&dir, &state, &["h"])
         .err()

@@ -84,16 +84,20 @@ pub const QUICKSTART_VOLUME: &str = "scratch";
 /// Its size when it has to be created.
 pub const QUICKSTART_SIZE: u64 = 1 << 30;
 
+/// The user to switch to (`--user`), by name and entry.
+type SwitchTo = Option<(String, nix::unistd::User)>;
+/// The TLS credentials, when TLS is on.
+type TlsOn = Option<Arc<crate::server::tls::Tls>>;
+
+/// What `open_all` opened: the exports, the leases of the `--volume`s, and their names.
+struct Opened {
+    exports: Vec<Export>,
+    leases: Vec<ServingLease>,
+    volumes: Vec<String>,
+}
+
 /// Checks `--user` and loads TLS before any key is unwrapped.
-fn prepare(
-    args: &ServeArgs,
-) -> Result<
-    (
-        Option<(String, nix::unistd::User)>,
-        Option<Arc<crate::server::tls::Tls>>,
-    ),
-    ServeError,
-> {
+fn prepare(args: &ServeArgs) -> Result<(SwitchTo, TlsOn), ServeError> {
     let user = match &args.user {
         Some(name) => {
             let user = super::privileges::lookup(name)?;
@@ -144,10 +148,7 @@ fn seconds(flag: &'static str, v: f64) -> Result<std::time::Duration, ServeError
 /// The `--volume`s (the quick-start volume when nothing is named), each opened with its lease
 /// taken and key unwrapped, then the raw `--export`s. On failure, leases taken so far are
 /// released.
-fn open_all(
-    args: &ServeArgs,
-    m: &Manager<'_>,
-) -> Result<(Vec<Export>, Vec<ServingLease>, Vec<String>), ServeError> {
+fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
     let mut volumes = args.volumes.clone();
     if volumes.is_empty() && args.exports.is_empty() {
         volumes.push(QUICKSTART_VOLUME.into());
@@ -218,7 +219,11 @@ fn open_all(
         Ok(())
     })();
     match opened {
-        Ok(()) => Ok((list, leases, volumes)),
+        Ok(()) => Ok(Opened {
+            exports: list,
+            leases,
+            volumes,
+        }),
         Err(e) => {
             for l in leases {
                 let _ = l.release();
@@ -266,8 +271,12 @@ pub fn run(
         tls: tls.clone(),
     };
     let m = Manager::new(state_dir, kms, kms_name);
-    let (list, leases, volumes) = open_all(&args, &m)?;
-    let exports = Exports::new(list);
+    let Opened {
+        exports,
+        leases,
+        volumes,
+    } = open_all(&args, &m)?;
+    let exports = Exports::new(exports);
     tracing::info!(
         workers = config.resources.workers.threads(),
         split_bytes = config.resources.workers.split_bytes(),
@@ -298,8 +307,8 @@ fn serve_until_signal(
     state_dir: &Path,
     config: &ServerConfig,
     exports: &Exports,
-    user: Option<(String, nix::unistd::User)>,
-    tls: Option<Arc<crate::server::tls::Tls>>,
+    user: SwitchTo,
+    tls: TlsOn,
     volumes: &[String],
 ) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()

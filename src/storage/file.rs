@@ -21,10 +21,11 @@ pub struct FileStorage {
 }
 
 fn flock(lock: StoreLock, l_type: libc::c_int) -> libc::flock {
+    // F_WRLCK, F_UNLCK and SEEK_SET are small constants (1, 2, 0): they fit a short.
+    let short = |v: libc::c_int| libc::c_short::try_from(v).unwrap_or_default();
     libc::flock {
-        // F_WRLCK/F_UNLCK are small constants.
-        l_type: libc::c_short::try_from(l_type).unwrap_or(libc::F_WRLCK as libc::c_short),
-        l_whence: libc::SEEK_SET as libc::c_short,
+        l_type: short(l_type),
+        l_whence: short(libc::SEEK_SET),
         l_start: libc::off_t::try_from(lock.byte()).unwrap_or(0),
         l_len: 1,
         // Must be 0 for open-file-description locks.

@@ -422,7 +422,10 @@ impl Manager<'_> {
             .map_err(io("cannot open the backing store", backing))?;
         let h = match super::ondisk::read_header_from(&store, name) {
             Ok(l) => l.header,
-            Err(ManagerError::Header { first, .. }) if first == header::HeaderError::Magic => {
+            Err(ManagerError::Header {
+                first: header::HeaderError::Magic,
+                ..
+            }) => {
                 return Err(ManagerError::Refused(format!(
                     "{} holds no nbdcrypt volume ({}); `volume import` adopts existing nbdcrypt volumes only",
                     backing.display(),
@@ -482,10 +485,9 @@ impl Manager<'_> {
             self.claim_for_delete(name, store, force)?;
         }
         let header_ours = !entry.uuid.is_empty();
-        match (&store, header_ours) {
-            (Some(store), true) => shred(name, store, &entry.backing)?,
-            // A creation killed before its header: nothing of ours is in the store.
-            (Some(_), false) | (None, _) => {}
+        // Without a uuid, a creation was killed before its header: nothing of ours is there.
+        if let (Some(store), true) = (&store, header_ours) {
+            shred(name, store, &entry.backing)?;
         }
         if let Some((key, id)) = entry.grant.take()
             && let Err(e) = self.kms.retire_grant(&key, &id, &self.admin)
