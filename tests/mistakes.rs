@@ -43,6 +43,20 @@ fn cli_err(state: &Path, args: &[&str]) -> String {
     err
 }
 
+/// `volume create NAME --size SIZE --backing PATH [EXTRA…]`.
+fn create_on(
+    state: &Path,
+    name: &str,
+    size: &str,
+    backing: &Path,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let mut args = vec!["volume", "create", name, "--size", size, "--backing"];
+    args.push(backing.to_str().unwrap());
+    args.extend_from_slice(extra);
+    cli(state, &args)
+}
+
 /// `volume list --json` as (name, state) pairs.
 fn listed(state: &Path) -> Vec<(String, String)> {
     let v: serde_json::Value =
@@ -87,18 +101,8 @@ fn create_refuses_a_backing_file_with_data_unless_forced() {
     let precious = dir.path("precious.dat");
     std::fs::write(&precious, Rng::new(7).bytes(8 << 20)).unwrap();
     let before = sha256(&precious);
-    let err = cli_err(
-        &state,
-        &[
-            "volume",
-            "create",
-            "bk",
-            "--size",
-            "64M",
-            "--backing",
-            precious.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, err) = create_on(&state, "bk", "64M", &precious, &[]);
+    assert!(!ok);
     assert!(
         err.contains("already holds data") && err.contains("--force"),
         "{err}"
@@ -116,18 +120,8 @@ fn create_refuses_a_backing_file_with_data_unless_forced() {
     let mut img = vec![0u8; 4 << 20];
     img[0x438..0x43a].copy_from_slice(&[0x53, 0xef]);
     std::fs::write(&fs, &img).unwrap();
-    let err = cli_err(
-        &state,
-        &[
-            "volume",
-            "create",
-            "fs",
-            "--size",
-            "16M",
-            "--backing",
-            fs.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, err) = create_on(&state, "fs", "16M", &fs, &[]);
+    assert!(!ok);
     assert!(err.contains("ext2/ext3/ext4 file system"), "{err}");
 
     // An empty or all-zero file is fine; --force overwrites data knowingly.
@@ -136,31 +130,8 @@ fn create_refuses_a_backing_file_with_data_unless_forced() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    cli_ok(
-        &state,
-        &[
-            "volume",
-            "create",
-            "z",
-            "--size",
-            "16M",
-            "--backing",
-            zero.to_str().unwrap(),
-        ],
-    );
-    cli_ok(
-        &state,
-        &[
-            "volume",
-            "create",
-            "bk",
-            "--size",
-            "16M",
-            "--backing",
-            precious.to_str().unwrap(),
-            "--force",
-        ],
-    );
+    assert!(create_on(&state, "z", "16M", &zero, &[]).0);
+    assert!(create_on(&state, "bk", "16M", &precious, &["--force"]).0);
     assert_eq!(
         listed(&state),
         vec![
@@ -234,18 +205,8 @@ fn import_adopts_an_existing_volume_and_writes_nothing() {
     std::fs::remove_file(state.join("volumes/v.json")).unwrap();
     let before = sha256(&img);
     // create refuses it and points at import.
-    let err = cli_err(
-        &state,
-        &[
-            "volume",
-            "create",
-            "v",
-            "--size",
-            "16M",
-            "--backing",
-            img.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, err) = create_on(&state, "v", "16M", &img, &[]);
+    assert!(!ok);
     assert!(
         err.contains("nbdcrypt volume header") && err.contains("volume import"),
         "{err}"
