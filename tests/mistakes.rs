@@ -639,6 +639,11 @@ fn first_run_messages_are_clear() {
         serde_json::from_str(&cli_ok(&st, &["volume", "describe", "a", "--json"])).unwrap();
     assert_eq!(json["size"], 16 << 20);
     assert!(json["created"].is_u64());
+    let audit = cli_ok(&st, &["kms", "audit"]);
+    let first = audit.split_whitespace().next().unwrap_or_default();
+    assert!(first.len() == 20 && first.ends_with('Z'), "{audit}");
+    let list = cli_ok(&st, &["volume", "list"]);
+    assert!(list.contains("16 MiB"), "{list}");
 }
 
 #[test]

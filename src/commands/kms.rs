@@ -98,7 +98,7 @@ pub fn run(state: &Path, cmd: KmsCommand, out: &mut impl Write) -> Result<(), Km
                 out,
                 "{} is pending deletion until {}",
                 md.arn,
-                md.deletion_date.unwrap_or(0)
+                crate::human::utc_timestamp(md.deletion_date.unwrap_or(0))
             )?;
         }
         KmsCommand::CancelKeyDeletion { key } => {
@@ -124,7 +124,11 @@ pub fn run(state: &Path, cmd: KmsCommand, out: &mut impl Write) -> Result<(), Km
                 )?;
             } else {
                 for (version, created, kind) in v {
-                    writeln!(out, "{version}  {created}  {kind}")?;
+                    writeln!(
+                        out,
+                        "{version}  {}  {kind}",
+                        crate::human::utc_timestamp(created)
+                    )?;
                 }
             }
         }
@@ -238,12 +242,16 @@ pub fn run(state: &Path, cmd: KmsCommand, out: &mut impl Write) -> Result<(), Km
                 } else {
                     writeln!(
                         out,
-                        "{}  {:<20} {:<8} {}  {}{}",
-                        r.time,
+                        "{}  {:<20} {:<8} {}  {}{}{}",
+                        crate::human::utc_timestamp(r.time),
                         r.operation,
                         r.outcome,
                         r.key,
                         r.volume.as_deref().unwrap_or("-"),
+                        r.purpose
+                            .as_deref()
+                            .map(|p| format!("  ({p})"))
+                            .unwrap_or_default(),
                         r.error_code.map(|c| format!("  {c}")).unwrap_or_default()
                     )?;
                 }
