@@ -15,7 +15,8 @@ log() { printf '\n==> %s\n' "$*"; }
 # Debian packages:
 # - libssl-dev + pkg-config: the `openssl` crate the benchmarks use as a reference;
 # - util-linux: setpriv/prlimit (refused-mlock test), losetup (ext4 test);
-# - the NBD peers: qemu-utils (qemu-io), libnbd-bin (nbdinfo, nbdcopy, nbdfuse), fio;
+# - the NBD peers: qemu-utils (qemu-io), libnbd-bin (nbdinfo, nbdcopy, nbdfuse) and
+#   python3-libnbd (the conformance tests drive libnbd call by call), fio;
 # - fuse3 and e2fsprogs: nbdfuse's mount helper, mkfs.ext4 and e2fsck;
 # - nbdkit and gnuplot-nox: the peers and the chart of the benchmark smoke run (bench.sh --quick);
 # - the kernel-path VM (scripts/vm-e2e.sh): qemu-system-x86, cpio, kmod (depmod), xxd, and
@@ -23,17 +24,16 @@ log() { printf '\n==> %s\n' "$*"; }
 # - openssl: the test PKI of the TLS tests (scripts/tls-certs.sh);
 # - bsdutils (`script`: a terminal for the progress-bar test) and systemd (`systemd-analyze`
 #   verifies contrib/nbdcrypt.service).
-# qemu-system-x86 goes first, alone: Debian's 7.2 replaces a newer qemu-utils if one is
-# installed, and qemu-utils is then (re)installed in the matching version with the rest, so that
-# every test runs against one qemu.
-VM_PACKAGES=(qemu-system-x86)
-DEB_PACKAGES=(libssl-dev pkg-config util-linux qemu-utils libnbd-bin fio fuse3 e2fsprogs nbdkit
+# qemu (qemu-system-x86 for the VM, qemu-utils for qemu-io/qemu-img, qemu-block-extra) is made
+# one consistent version by scripts/lib/qemu.sh, whatever the machine starts with (see there).
+DEB_PACKAGES=(libssl-dev pkg-config util-linux libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
     gnuplot-nox cpio kmod xxd cryptsetup-bin bsdutils systemd openssl)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 # shellcheck source=scripts/lib/deb.sh
 . "$ROOT/scripts/lib/deb.sh"
-deb_install_missing "${VM_PACKAGES[@]}"
+# shellcheck source=scripts/lib/qemu.sh
+. "$ROOT/scripts/lib/qemu.sh"
 deb_install_missing "${DEB_PACKAGES[@]}"
 
 # Python venv: pyca/cryptography (OpenSSL XTS, an oracle independent of our code) and moto
@@ -46,9 +46,25 @@ if ! "$VENV/bin/python" -c 'import cryptography, moto' 2>/dev/null || [ ! -x "$V
     "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements-test.txt"
 fi
 
+# Tests write only inside their own temporary directories: the tree must look the same after
+# the run as before it (untracked or changed files that git does not ignore).
+tree_state() { git -C "$ROOT" status --porcelain=v1 --untracked-files=all 2>/dev/null || true; }
+TREE_BEFORE="$(tree_state)"
+
 export NBDCRYPT_PYTHON="$VENV/bin/python"
 export NBDCRYPT_REQUIRE_PEERS=1
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+# A machine that carries a newer qemu-io than its sources offer (qemu 10 from backports): the
+# qemu interop tests run against it first, then qemu is made consistent for the rest.
+QEMU_WANT="$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')"
+QEMU_HAVE="$(qemu_version_of qemu-utils)"
+if [[ -n "$QEMU_HAVE" && -n "$QEMU_WANT" && "$QEMU_HAVE" != "$QEMU_WANT" ]] && command -v qemu-io >/dev/null; then
+    log "qemu interop tests against this machine's $(qemu-io --version | head -1)"
+    cargo test --locked --test tls_interop --test interop -- qemu
+fi
+qemu_consistent
+log "peer versions: $(qemu-io --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(fio --version); $(nbdkit --version)"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -78,3 +94,11 @@ scripts/fuzz.sh 20
 
 log "benchmark smoke run (scripts/bench.sh --quick: debug build, every peer server, every job)"
 scripts/bench.sh --quick --out "$ROOT/target/bench-quick"
+
+log "the working tree is as clean as before the run"
+TREE_AFTER="$(tree_state)"
+if [[ "$TREE_AFTER" != "$TREE_BEFORE" ]]; then
+    echo "test.sh: the run left files in the working tree (tests must write only in their temporary directories):" >&2
+    diff <(printf '%s\n' "$TREE_BEFORE") <(printf '%s\n' "$TREE_AFTER") >&2 || true
+    exit 1
+fi

@@ -40,12 +40,12 @@ leaf() { # cn cakey cacert keyfile certfile extensions
 ca "nbdcrypt test CA" ca-key.pem ca-cert.pem
 leaf localhost ca-key.pem ca-cert.pem server-key.pem server-cert.pem \
     "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature
+keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
 subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1,IP:10.0.2.2"
 leaf "nbdcrypt test client" ca-key.pem ca-cert.pem client-key.pem client-cert.pem \
     "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature
+keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 mkdir -p client nocert other
 cp ca-cert.pem client-cert.pem client-key.pem client/
@@ -54,7 +54,7 @@ ca "another CA" other/other-ca-key.pem other/other-ca-cert.pem
 leaf "client of another CA" other/other-ca-key.pem other/other-ca-cert.pem \
     other/client-key.pem other/client-cert.pem \
     "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature
+keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 cp ca-cert.pem other/ca-cert.pem
 rm -f ./*.srl other/*.srl

@@ -42,9 +42,11 @@ die() { printf 'vm-e2e.sh: %s\n' "$*" >&2; exit 1; }
 # their libraries: e2fsprogs, fio, cryptsetup-bin, bash. kmod provides depmod, binutils strip.
 # shellcheck source=scripts/lib/deb.sh
 . "$ROOT/scripts/lib/deb.sh"
-deb_install_missing qemu-system-x86
+# shellcheck source=scripts/lib/qemu.sh
+. "$ROOT/scripts/lib/qemu.sh"
+qemu_consistent
 # qemu-utils again: installing qemu-system-x86 can remove a newer one; keep the peers whole.
-deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils qemu-utils openssl
+deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils openssl
 
 if [[ -z "$BIN" ]]; then
     cargo build --locked --quiet

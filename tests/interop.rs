@@ -188,8 +188,10 @@ fn fio_randrw_verify_512_and_4k_blocks_has_no_errors() {
     for (bs, name) in [("512", "s512"), ("4k", "s4k")] {
         let out = run_ok(
             Command::new("fio")
+                .current_dir(&dir.0)
                 .args([
                     "--name=verify",
+                    "--verify_state_save=0",
                     "--ioengine=nbd",
                     "--rw=randrw",
                     "--iodepth=32",

@@ -146,3 +146,104 @@ fn deb_install_waits_for_the_dpkg_lock() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unable to locate package"));
 }
+
+/// `scripts/lib/qemu.sh` on a machine like a fresh one here: qemu-utils and qemu-block-extra
+/// 10.x from backports, no qemu-system-x86, sources offering 7.2. It installs the whole set at
+/// the sources' version (downgrading) in one apt call, and removes a qemu package that exists
+/// only in the newer version, instead of letting apt break or drop qemu-utils.
+#[test]
+fn qemu_set_is_made_consistent_whatever_the_machine_has() {
+    let dir = TempDir::new("qemu-set");
+    let bin = dir.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.path("calls");
+    // 10.x installed (one package only exists there); the sources offer 7.2, whose
+    // arch-dependent packages carry a binary-rebuild suffix (+b3) that qemu-system-data lacks.
+    let fakes = [
+        (
+            "dpkg-query",
+            "#!/bin/bash\n\
+             printf '%s\\n' 'qemu-utils install ok installed qemu 1:10.0.2+ds-2~bpo12+1' \
+             'qemu-block-extra install ok installed qemu 1:10.0.2+ds-2~bpo12+1' \
+             'qemu-system-data install ok installed qemu 1:10.0.2+ds-2~bpo12+1' \
+             'qemu-block-supplemental install ok installed qemu 1:10.0.2+ds-2~bpo12+1' \
+             'fio install ok installed fio 3.33-1'\n",
+        ),
+        (
+            "apt-cache",
+            "#!/bin/bash\n\
+             case \"$1 $2\" in\n\
+             'policy qemu-block-supplemental') echo '  Candidate: (none)' ;;\n\
+             'policy qemu-system-data') echo '  Candidate: 1:7.2+dfsg-7' ;;\n\
+             policy*) echo '  Candidate: 1:7.2+dfsg-7+b3' ;;\n\
+             'show qemu-system-data='*) echo 'Package: qemu-system-data'; echo 'Source: qemu' ;;\n\
+             show*) echo 'Source: qemu (1:7.2+dfsg-7)' ;;\n\
+             esac\n",
+        ),
+        ("apt-get", "#!/bin/bash\necho \"$*\" >> CALLS\n"),
+    ];
+    for (name, text) in fakes {
+        let p = bin.join(name);
+        std::fs::write(&p, text.replace("CALLS", &calls.display().to_string())).unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(&p));
+    }
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            ". {root}/scripts/lib/deb.sh; . {root}/scripts/lib/qemu.sh; qemu_consistent",
+            root = env!("CARGO_MANIFEST_DIR")
+        ))
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&calls).unwrap();
+    let install = log
+        .lines()
+        .find(|l| l.contains(" install "))
+        .unwrap_or_else(|| panic!("no install: {log}"));
+    for want in [
+        "--allow-downgrades",
+        "qemu-system-x86=1:7.2+dfsg-7+b3",
+        "qemu-utils=1:7.2+dfsg-7+b3",
+        "qemu-block-extra=1:7.2+dfsg-7+b3",
+        "qemu-system-data=1:7.2+dfsg-7",
+    ] {
+        assert!(
+            install.split_whitespace().any(|w| w == want),
+            "{want}: {log}"
+        );
+    }
+    assert!(!install.contains("fio"), "{log}");
+    let remove = log
+        .lines()
+        .find(|l| l.contains(" remove "))
+        .unwrap_or_else(|| panic!("no remove: {log}"));
+    assert!(remove.contains("qemu-block-supplemental"), "{log}");
+    // Already consistent: nothing to do.
+    std::fs::remove_file(&calls).unwrap();
+    let consistent = "#!/bin/bash\nfor p in qemu-system-x86 qemu-utils qemu-block-extra qemu-system-data; do \
+                      echo \"$p install ok installed qemu 1:7.2+dfsg-7\"; done\n";
+    std::fs::write(bin.join("dpkg-query"), consistent).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            ". {root}/scripts/lib/deb.sh; . {root}/scripts/lib/qemu.sh; qemu_consistent",
+            root = env!("CARGO_MANIFEST_DIR")
+        ))
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!calls.exists(), "apt-get ran for a consistent set");
+}

@@ -26,11 +26,14 @@ fn worker_requests(log: &str) -> u64 {
         .sum()
 }
 
-fn fio_verify(uri: &str, bs_min: &str) {
+fn fio_verify(dir: &TempDir, uri: &str, bs_min: &str) {
+    // fio writes its verify state into the current directory: keep it in the test's own.
     let out = run_ok(
         Command::new("fio")
+            .current_dir(&dir.0)
             .args([
                 "--name=parallel",
+                "--verify_state_save=0",
                 "--ioengine=nbd",
                 "--rw=randrw",
                 "--iodepth=16",
@@ -70,8 +73,8 @@ fn fio_verify_multi_conn_large_requests_run_on_workers() {
         ],
         &["--split-bytes", "64K", "--workers", "3"],
     );
-    fio_verify(&server.uri("s4k"), "4k");
-    fio_verify(&server.uri("s512"), "512");
+    fio_verify(&dir, &server.uri("s4k"), "4k");
+    fio_verify(&dir, &server.uri("s512"), "512");
     let log = server.stop();
     assert!(
         worker_requests(&log) > 0,
@@ -111,7 +114,7 @@ fn fio_verify_block_device_parallel_writes() {
         )],
         &["--split-bytes", "64K"],
     );
-    fio_verify(&server.uri("dev"), "512");
+    fio_verify(&dir, &server.uri("dev"), "512");
     let log = server.stop();
     assert!(
         worker_requests(&log) > 0,

@@ -100,3 +100,29 @@ fn tls_qemu_io_with_tls_creds_x509() {
         "qemu-io with another CA's certificate was served: {text}"
     );
 }
+
+/// qemu 10 (GnuTLS) refuses a certificate whose key usage lacks keyEncipherment ("usage does
+/// not permit key encipherment"); qemu 7.2 and rustls do not care. Every leaf certificate
+/// scripts/tls-certs.sh makes must carry digitalSignature and keyEncipherment, and the right
+/// extended key usage, so that users' certificates work with every client.
+#[test]
+fn tls_test_pki_has_the_key_usages_every_client_expects() {
+    let dir = TempDir::new("tls-usage");
+    let Some(pki) = pki(&dir, "pki") else { return };
+    for (cert, eku) in [
+        ("server-cert.pem", "TLS Web Server Authentication"),
+        ("client-cert.pem", "TLS Web Client Authentication"),
+        ("other/client-cert.pem", "TLS Web Client Authentication"),
+    ] {
+        let text = run_ok(
+            Command::new("openssl")
+                .args(["x509", "-noout", "-text", "-in"])
+                .arg(pki.join(cert)),
+        );
+        assert!(
+            text.contains("Digital Signature, Key Encipherment"),
+            "{cert}: {text}"
+        );
+        assert!(text.contains(eku), "{cert}: {text}");
+    }
+}
