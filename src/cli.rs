@@ -373,9 +373,14 @@ pub struct ServeArgs {
     #[arg(long, default_value = "128K", value_parser = crate::commands::export::parse_size_usize)]
     pub split_bytes: usize,
     /// Server-wide bound on request payloads in flight, in MiB (each connection is also
-    /// bounded to 96 MiB).
+    /// bounded to 96 MiB, or one largest request if that is more).
     #[arg(long, default_value_t = 1024)]
     pub max_buffer_mib: usize,
+    /// Largest READ or WRITE served, in MiB; advertised as the maximum block size. Larger
+    /// reads get EOVERFLOW, larger writes end the connection (their payload cannot be
+    /// trusted to be skipped).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_request_mib: u32,
     /// Seconds a client has to finish the NBD handshake; slower (or silent) clients are
     /// disconnected so they cannot hold connection slots.
     #[arg(long, default_value_t = 30.0)]

@@ -250,7 +250,7 @@ fn bad_requests_get_spec_errors_and_the_connection_goes_on() {
         (cmd::READ, 0, SIZE - 100, 512, vec![], err::EINVAL), // read past the end
         (cmd::READ, 0, u64::MAX - 10, 512, vec![], err::EINVAL), // offset overflow
         (cmd::WRITE, 0, SIZE - 100, 512, vec![7; 512], err::ENOSPC), // write past the end
-        (cmd::READ, 0, 0, 64 << 20, vec![], err::EOVERFLOW), // longer than the maximum
+        (cmd::READ, 0, 0, (64 << 20) + 1, vec![], err::EOVERFLOW), // longer than the maximum
         (cmd::READ, cmd_flag::DF, 0, 512, vec![], err::EINVAL), // DF without structured replies
         (cmd::WRITE, 1 << 12, 0, 512, vec![9; 512], err::EINVAL), // unknown flag on a write
     ];
@@ -267,7 +267,7 @@ fn bad_requests_get_spec_errors_and_the_connection_goes_on() {
     c.request(cmd::READ, 0, 2, 1000, 3000, &[]);
     assert!(c.simple_reply(3000).unwrap().1 == data);
     // A write larger than the maximum cannot be skipped safely: disconnect.
-    c.request(cmd::WRITE, 0, 3, 0, 64 << 20, &[]);
+    c.request(cmd::WRITE, 0, 3, 0, (64 << 20) + 1, &[]);
     assert!(c.closed());
     // A bad request magic: disconnect.
     let mut c = Client::hello(&server.addr);

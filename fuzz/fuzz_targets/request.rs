@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
                 structured: mode & 1 != 0,
                 trim: mode & 8 != 0,
                 block_status: mode & 2 != 0,
+                max_payload: if mode & 16 != 0 { 1 << 20 } else { 64 << 20 },
             },
         );
     }

@@ -194,17 +194,17 @@ fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
                 lease_interval_s = args.lease_interval,
                 "volume ready (lease taken)"
             );
-            list.push(Export::new(
-                name.clone(),
-                format!("nbdcrypt volume {name}"),
-                volume,
-            ));
+            list.push(
+                Export::new(name.clone(), format!("nbdcrypt volume {name}"), volume)
+                    .with_max_request(args.max_request_mib << 20),
+            );
         }
         for spec in &args.exports {
             if list.iter().any(|e| e.name == spec.name) {
                 return Err(ServeError::DuplicateName(spec.name.clone()));
             }
-            let export = open_export(spec, args.backend)?;
+            let export =
+                open_export(spec, args.backend)?.with_max_request(args.max_request_mib << 20);
             tracing::info!(
                 export = export.name,
                 size = export.volume.size(),

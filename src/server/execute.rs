@@ -112,6 +112,7 @@ pub(super) fn execute(volume: &EncryptedVolume, resources: &Resources, work: Wor
             None => volume.write(offset, &mut [], fua),
         },
         Command::Flush => volume.flush(),
+        Command::Cache { offset, len } => volume.prefetch(offset, u64::from(len)),
         Command::Trim { offset, len, fua } => volume.trim(offset, u64::from(len), fua),
         Command::WriteZeroes {
             offset,

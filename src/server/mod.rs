@@ -36,6 +36,8 @@ pub struct Export {
     pub volume: Arc<EncryptedVolume>,
     /// Turns true when the export is withdrawn (its volume was deleted): its connections end.
     pub retired: watch::Sender<bool>,
+    /// Largest `READ`/`WRITE` payload served and advertised (`serve --max-request-mib`).
+    pub max_request: u32,
 }
 
 impl Export {
@@ -46,7 +48,15 @@ impl Export {
             description,
             volume: Arc::new(volume),
             retired: watch::Sender::new(false),
+            max_request: validate::DEFAULT_MAX_PAYLOAD,
         }
+    }
+
+    /// The same export with another maximum request size.
+    #[must_use]
+    pub fn with_max_request(mut self, bytes: u32) -> Self {
+        self.max_request = bytes;
+        self
     }
 }
 

@@ -110,7 +110,11 @@ async fn error<S: AsyncWrite + Unpin>(
 pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
     use crate::protocol::consts::flag;
     let cfg = export.volume.config();
-    let mut f = flag::HAS_FLAGS | flag::SEND_FLUSH | flag::SEND_FUA | flag::CAN_MULTI_CONN;
+    let mut f = flag::HAS_FLAGS
+        | flag::SEND_FLUSH
+        | flag::SEND_FUA
+        | flag::CAN_MULTI_CONN
+        | flag::SEND_CACHE;
     if cfg.read_only {
         f |= flag::READ_ONLY;
     } else {
@@ -256,12 +260,16 @@ pub async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
                 if req.requests.contains(&info::DESCRIPTION) {
                     infos.push(Info::Description(export.description.clone()));
                 }
-                // Block sizes are always sent: they are advice, and unaligned I/O is accepted
-                // anyway (nbd-client ignores them).
+                // Block sizes say what the server accepts: any alignment (unaligned edges are
+                // read-modify-written, as the kernel client needs), the sector size as the
+                // preferred size (no read-modify-write then), and the largest request. A
+                // minimum above 1 would make libnbd refuse smaller I/O client-side, so that
+                // nbdfuse + a 512-byte loop device could not even read a superblock.
                 infos.push(Info::BlockSize {
-                    min: u32::try_from(export.volume.config().sector_size.bytes()).unwrap_or(4096),
-                    preferred: 4096,
-                    max: super::validate::MAX_PAYLOAD,
+                    min: 1,
+                    preferred: u32::try_from(export.volume.config().sector_size.bytes())
+                        .unwrap_or(4096),
+                    max: export.max_request,
                 });
                 for i in infos {
                     let mut d = Vec::new();

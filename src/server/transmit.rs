@@ -102,7 +102,9 @@ pub fn placement(
                 (Placement::Inline, false)
             }
         }
-        Command::BlockStatus { .. } | Command::Disc => (Placement::Inline, false),
+        Command::BlockStatus { .. } | Command::Disc | Command::Cache { .. } => {
+            (Placement::Inline, false)
+        }
         Command::Flush | Command::Trim { .. } | Command::WriteZeroes { .. } => {
             (Placement::Blocking, false)
         }
@@ -191,7 +193,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
     let writer_task = tokio::spawn(writer(wr, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let conn_bytes = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES));
+    // A connection may always hold at least one largest request.
+    let conn_bytes = Arc::new(Semaphore::new(
+        MAX_BUFFERED_BYTES.max(session.export.max_request as usize),
+    ));
     let volume = Arc::clone(&session.export.volume);
     let structured = session.structured;
     let cfg = volume.config().clone();
@@ -203,6 +208,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         structured,
         trim: cfg.discards && !cfg.read_only,
         block_status: session.block_status,
+        max_payload: session.export.max_request,
     };
 
     let end = loop {

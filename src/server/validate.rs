@@ -4,8 +4,12 @@
 use crate::protocol::Request;
 use crate::protocol::consts::{cmd, cmd_flag, err};
 
-/// Largest payload of a `READ` reply or a `WRITE` request (the advertised maximum block size).
-pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Default largest payload of a `READ` reply or a `WRITE` request (the advertised maximum
+/// block size; `serve --max-request-mib`). 64 MiB, like nbdkit: clients that ignore block
+/// sizes (the reference server's own tests) send writes of about 50 MB.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 * 1024 * 1024;
+/// The most `--max-request-mib` may raise it to.
+pub const MAX_MAX_PAYLOAD: u32 = 1024 * 1024 * 1024;
 
 /// What a connection negotiated and what its export allows.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +24,8 @@ pub struct Limits {
     pub trim: bool,
     /// `base:allocation` was selected with `SET_META_CONTEXT` for this export.
     pub block_status: bool,
+    /// Largest `READ`/`WRITE` payload (the advertised maximum block size).
+    pub max_payload: u32,
 }
 
 /// A validated command.
@@ -66,6 +72,13 @@ pub enum Command {
         no_hole: bool,
         /// Fail with `ENOTSUP` rather than zero slowly.
         fast: bool,
+    },
+    /// Prefetch a range (`posix_fadvise(WILLNEED)` on the ciphertext).
+    Cache {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u32,
     },
     /// `base:allocation` status.
     BlockStatus {
@@ -118,8 +131,10 @@ pub fn validate(req: &Request, limits: &Limits) -> Verdict {
     let bad_flags = flags & !allowed != 0;
     match req.kind {
         cmd::WRITE => {
-            if req.length > MAX_PAYLOAD {
-                return Verdict::Disconnect("write payload larger than the 32 MiB maximum");
+            if req.length > limits.max_payload {
+                return Verdict::Disconnect(
+                    "write payload larger than the advertised maximum block size",
+                );
             }
             let errno = if bad_flags {
                 Some(err::EINVAL)
@@ -144,9 +159,11 @@ pub fn validate(req: &Request, limits: &Limits) -> Verdict {
         }
         _ if bad_flags => fail(err::EINVAL),
         cmd::READ => {
-            if req.length > MAX_PAYLOAD {
+            if req.length > limits.max_payload {
                 fail(err::EOVERFLOW)
-            } else if !in_range(req.length) {
+            } else if req.length == 0 || !in_range(req.length) {
+                // A zero-length read has no data chunk to send (a chunk's length MUST be at
+                // least 9): EINVAL, as nbdkit answers it, with simple replies too.
                 fail(err::EINVAL)
             } else {
                 Verdict::Run(Command::Read {
@@ -158,10 +175,11 @@ pub fn validate(req: &Request, limits: &Limits) -> Verdict {
         cmd::DISC => Verdict::Run(Command::Disc),
         cmd::FLUSH => Verdict::Run(Command::Flush),
         cmd::TRIM => {
-            if !limits.trim {
-                fail(err::EINVAL)
-            } else if limits.read_only {
+            // The spec: writes and trims on a read-only export fail with EPERM.
+            if limits.read_only {
                 fail(err::EPERM)
+            } else if !limits.trim {
+                fail(err::EINVAL)
             } else if !in_range(req.length) {
                 fail(err::EINVAL)
             } else {
@@ -202,7 +220,17 @@ pub fn validate(req: &Request, limits: &Limits) -> Verdict {
                 })
             }
         }
-        // CACHE, RESIZE and unknown commands are not advertised: EINVAL, no payload assumed.
+        cmd::CACHE => {
+            if req.length == 0 || !in_range(req.length) {
+                fail(err::EINVAL)
+            } else {
+                Verdict::Run(Command::Cache {
+                    offset: req.offset,
+                    len: req.length,
+                })
+            }
+        }
+        // RESIZE and unknown commands are not advertised: EINVAL, no payload assumed.
         _ => fail(err::EINVAL),
     }
 }
@@ -218,6 +246,7 @@ mod tests {
         structured: true,
         trim: true,
         block_status: true,
+        max_payload: DEFAULT_MAX_PAYLOAD,
     };
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
@@ -302,19 +331,54 @@ mod tests {
         );
         assert_eq!(validate(&req(99, 0, 0, 0), &LIMITS), fail(err::EINVAL));
         assert_eq!(
-            validate(&req(cmd::CACHE, 0, 0, 512), &LIMITS),
+            validate(&req(cmd::RESIZE, 0, 0, 512), &LIMITS),
             fail(err::EINVAL)
         );
     }
 
     #[test]
-    fn validate_too_long_is_eoverflow_or_disconnect() {
+    fn validate_zero_length_read_and_cache_are_einval_in_both_reply_modes() {
+        for structured in [true, false] {
+            let l = Limits {
+                structured,
+                ..LIMITS
+            };
+            assert_eq!(validate(&req(cmd::READ, 0, 0, 0), &l), fail(err::EINVAL));
+            assert_eq!(validate(&req(cmd::CACHE, 0, 0, 0), &l), fail(err::EINVAL));
+        }
         assert_eq!(
-            validate(&req(cmd::READ, 0, 0, MAX_PAYLOAD + 1), &LIMITS),
+            validate(&req(cmd::CACHE, 0, 4096, 8192), &LIMITS),
+            Verdict::Run(Command::Cache {
+                offset: 4096,
+                len: 8192
+            })
+        );
+    }
+
+    #[test]
+    fn validate_max_payload_is_configurable() {
+        let l = Limits {
+            max_payload: 1 << 20,
+            ..LIMITS
+        };
+        assert_eq!(
+            validate(&req(cmd::READ, 0, 0, (1 << 20) + 1), &l),
             fail(err::EOVERFLOW)
         );
         assert!(matches!(
-            validate(&req(cmd::WRITE, 0, 0, MAX_PAYLOAD + 1), &LIMITS),
+            validate(&req(cmd::READ, 0, 0, 1 << 20), &l),
+            Verdict::Run(_)
+        ));
+    }
+
+    #[test]
+    fn validate_too_long_is_eoverflow_or_disconnect() {
+        assert_eq!(
+            validate(&req(cmd::READ, 0, 0, DEFAULT_MAX_PAYLOAD + 1), &LIMITS),
+            fail(err::EOVERFLOW)
+        );
+        assert!(matches!(
+            validate(&req(cmd::WRITE, 0, 0, DEFAULT_MAX_PAYLOAD + 1), &LIMITS),
             Verdict::Disconnect(_)
         ));
     }
@@ -344,7 +408,8 @@ mod tests {
                 let span = match c {
                     Command::Read { offset, len } | Command::Write { offset, len, .. }
                     | Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. }
-                    | Command::BlockStatus { offset, len, .. } => Some((offset, len)),
+                    | Command::BlockStatus { offset, len, .. }
+                    | Command::Cache { offset, len } => Some((offset, len)),
                     Command::Disc | Command::Flush => None,
                 };
                 if let Some((o, l)) = span {

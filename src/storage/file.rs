@@ -127,6 +127,20 @@ impl Storage for FileStorage {
         self.len()
     }
 
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let l =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        nix::fcntl::posix_fadvise(
+            &self.file,
+            off,
+            l,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )?;
+        Ok(())
+    }
+
     fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match &self.dsync {
             Some(f) => f.write_all_at(buf, offset),

@@ -65,6 +65,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
     /// The store's length in bytes.
     fn size(&self) -> std::io::Result<u64>;
+    /// Starts reading `offset..offset+len` ahead of use (advisory; the default does nothing).
+    fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Writes `buf` at `offset` and makes that write durable before returning, without
     /// flushing the rest of the store (header updates while serving).
     fn write_durable_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -110,6 +115,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn size(&self) -> std::io::Result<u64> {
         (**self).size()
+    }
+    fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        (**self).prefetch(offset, len)
     }
     fn write_durable_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         (**self).write_durable_at(buf, offset)

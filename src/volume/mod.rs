@@ -502,6 +502,18 @@ impl EncryptedVolume {
         self.finish(fua)
     }
 
+    /// `CACHE`: asks the store to read the sectors covering the range ahead (advisory; a store
+    /// that cannot simply ignores it).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check(offset, len)?;
+        let sector = self.sector();
+        let first = offset / sector * sector;
+        let end = (offset + len).div_ceil(sector) * sector;
+        self.storage
+            .prefetch(self.config.data_offset + first, end - first)?;
+        Ok(())
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<(), VolumeError> {
         self.storage.sync()?;
