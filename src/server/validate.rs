@@ -178,9 +178,7 @@ pub fn validate(req: &Request, limits: &Limits) -> Verdict {
             // The spec: writes and trims on a read-only export fail with EPERM.
             if limits.read_only {
                 fail(err::EPERM)
-            } else if !limits.trim {
-                fail(err::EINVAL)
-            } else if !in_range(req.length) {
+            } else if !limits.trim || !in_range(req.length) {
                 fail(err::EINVAL)
             } else {
                 Verdict::Run(Command::Trim {
