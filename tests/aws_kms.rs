@@ -121,9 +121,19 @@ fn aws_kms_scratch_lifecycle_against_moto() {
     let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
     let decrypts = audit
         .lines()
-        .filter(|l| l.contains("\"operation\":\"Decrypt\"") && l.contains("\"success\""))
+        .filter(|l| {
+            l.contains("\"operation\":\"Decrypt\"")
+                && l.contains("\"success\"")
+                && !l.contains("\"purpose\"")
+        })
         .count();
     assert_eq!(decrypts, 2, "one Decrypt per serve:\n{audit}");
+    // Creation checked once that the new wrapped key unwraps before writing the header.
+    assert_eq!(
+        audit.matches("\"purpose\":\"verify-wrap\"").count(),
+        1,
+        "{audit}"
+    );
     assert!(
         audit.contains("\"operation\":\"GenerateDataKey\""),
         "{audit}"
@@ -203,4 +213,108 @@ fn aws_kms_outage_at_serve_start_is_ridden_out_by_the_retry() {
     assert!(log.contains("AWS KMS call failed; retrying"), "{log}");
     assert!(log.contains("operation=\"Decrypt\""), "{log}");
     assert!(log.contains("volume ready"), "{log}");
+}
+
+/// A KMS endpoint that answers every call with `body` for `GenerateDataKey` and an error
+/// otherwise (std only; one thread, stops with the test process).
+fn fake_kms(generate_body: String) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut r = BufReader::new(stream);
+            loop {
+                let (mut target, mut len) = (String::new(), 0usize);
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("x-amz-target:") {
+                        target = v.trim().to_owned();
+                    } else if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_err() {
+                    break;
+                }
+                let (status, reply) = if target.ends_with("generatedatakey") {
+                    ("200 OK", generate_body.clone())
+                } else {
+                    (
+                        "400 Bad Request",
+                        r#"{"__type":"NotFoundException","message":"no such key"}"#.to_owned(),
+                    )
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+                if r.get_mut().write_all(resp.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    url
+}
+
+/// A `GenerateDataKey` answer without `CiphertextBlob` (or `KeyId`) is an error naming the
+/// operation and the field: no header is written with an empty wrapped key, no volume is
+/// registered, no backing file is left.
+#[test]
+fn aws_answer_missing_a_field_writes_nothing() {
+    // 64 bytes of 0x07, base64.
+    let plain = format!("{}Bw==", "BwcH".repeat(21));
+    for (body, field) in [
+        (
+            format!(
+                r#"{{"KeyId":"arn:aws:kms:us-east-1:111122223333:key/k","Plaintext":"{plain}"}}"#
+            ),
+            "CiphertextBlob",
+        ),
+        (
+            format!(r#"{{"Plaintext":"{plain}","CiphertextBlob":"{plain}"}}"#),
+            "KeyId",
+        ),
+    ] {
+        let url = fake_kms(body);
+        let dir = TempDir::new("aws-missing");
+        let state = dir.path("state");
+        let out = aws_cli(&state, &url)
+            .args([
+                "--kms-attempts",
+                "1",
+                "volume",
+                "create",
+                "v",
+                "--size",
+                "16M",
+                "--type",
+                "persistent",
+                "--kms-key",
+                "alias/k",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("GenerateDataKey") && err.contains(field),
+            "{field}: {err}"
+        );
+        assert!(
+            !state.join("volumes/v.json").exists(),
+            "{field}: registered"
+        );
+        assert!(!state.join("volumes/v.img").exists(), "{field}: file left");
+    }
 }

@@ -52,7 +52,9 @@ fn decrypts_for(state: &std::path::Path, volume: &str) -> usize {
         .read_all()
         .unwrap()
         .iter()
-        .filter(|r| r.operation == "Decrypt" && r.volume.as_deref() == Some(volume))
+        .filter(|r| {
+            r.operation == "Decrypt" && r.volume.as_deref() == Some(volume) && r.purpose.is_none()
+        })
         .count()
 }
 

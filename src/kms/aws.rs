@@ -210,10 +210,12 @@ impl AwsKms {
                         .description("nbdcrypt default key for scratch volumes")
                         .send()
                 })?;
-                let id = md
-                    .key_metadata()
-                    .map(|m| m.key_id().to_owned())
-                    .unwrap_or_default();
+                let id = required(
+                    md.key_metadata().map(|m| m.key_id().to_owned()),
+                    "CreateKey",
+                    AWS_DEFAULT_ALIAS,
+                    "KeyMetadata",
+                )?;
                 let r = self.call("CreateAlias", AWS_DEFAULT_ALIAS, false, || {
                     self.client
                         .create_alias()
@@ -275,11 +277,13 @@ impl KeyService for AwsKms {
             }
             Ok(DataKey {
                 plaintext,
-                blob: out
-                    .ciphertext_blob()
-                    .map(|b| b.as_ref().to_vec())
-                    .unwrap_or_default(),
-                key_arn: out.key_id().unwrap_or(key).to_owned(),
+                blob: required(
+                    out.ciphertext_blob().map(|b| b.as_ref().to_vec()),
+                    OP,
+                    key,
+                    "CiphertextBlob",
+                )?,
+                key_arn: required(out.key_id(), OP, key, "KeyId")?.to_owned(),
             })
         })();
         self.audited(OP, key, volume, r)
@@ -303,11 +307,12 @@ impl KeyService for AwsKms {
                     .set_encryption_context(context_map(context))
                     .send()
             })
-            .map(|out| {
-                Zeroizing::new(
-                    out.plaintext()
-                        .map(|b| b.as_ref().to_vec())
-                        .unwrap_or_default(),
+            .and_then(|out| {
+                required(
+                    out.plaintext().map(|b| Zeroizing::new(b.as_ref().to_vec())),
+                    OP,
+                    key,
+                    "Plaintext",
                 )
             });
         self.audited_for(OP, key, caller.purpose.as_deref(), volume, r)
@@ -334,13 +339,16 @@ impl KeyService for AwsKms {
                     .set_destination_encryption_context(context_map(context))
                     .send()
             })
-            .map(|out| {
-                (
-                    out.ciphertext_blob()
-                        .map(|b| b.as_ref().to_vec())
-                        .unwrap_or_default(),
-                    out.key_id().unwrap_or(dest_key).to_owned(),
-                )
+            .and_then(|out| {
+                Ok((
+                    required(
+                        out.ciphertext_blob().map(|b| b.as_ref().to_vec()),
+                        OP,
+                        dest_key,
+                        "CiphertextBlob",
+                    )?,
+                    required(out.key_id(), OP, dest_key, "KeyId")?.to_owned(),
+                ))
             });
         self.audited(OP, source_key, volume, r)
     }
@@ -415,7 +423,7 @@ impl KeyService for AwsKms {
                     .constraints(constraints.clone())
                     .send()
             })
-            .map(|out| out.grant_id().unwrap_or_default().to_owned());
+            .and_then(|out| Ok(required(out.grant_id(), OP, key, "GrantId")?.to_owned()));
         self.audited(OP, key, None, r)
     }
 
@@ -436,4 +444,19 @@ impl KeyService for AwsKms {
     fn serving_principal(&self) -> Option<String> {
         self.settings.service_principal.clone()
     }
+}
+
+/// A field the operation must return; its absence is an error naming the operation, never an
+/// empty value that could be written into a header.
+fn required<T>(
+    value: Option<T>,
+    operation: &'static str,
+    key: &str,
+    field: &'static str,
+) -> Result<T, KmsError> {
+    value.ok_or_else(|| KmsError::MalformedResponse {
+        operation,
+        key: key.to_owned(),
+        field,
+    })
 }

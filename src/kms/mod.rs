@@ -270,6 +270,17 @@ pub enum KmsError {
         /// Why.
         reason: String,
     },
+    /// The key service answered without a field the operation must return (a wrapped key, a
+    /// key id): nothing is written with such an answer.
+    #[error("KMS answered {operation} on key {key} without its {field}; nothing was written")]
+    MalformedResponse {
+        /// Operation.
+        operation: &'static str,
+        /// Key.
+        key: String,
+        /// The missing field.
+        field: &'static str,
+    },
     /// The key service could not be reached or its state could not be read.
     #[error("KMS unavailable for {operation}: {reason}")]
     Unavailable {
@@ -293,6 +304,7 @@ impl KmsError {
             KmsError::Validation { .. } => "ValidationException",
             KmsError::MalformedPolicy { .. } => "MalformedPolicyDocumentException",
             KmsError::Unavailable { .. } => "KMSUnavailable",
+            KmsError::MalformedResponse { .. } => "KMSMalformedResponse",
         }
     }
 }

@@ -306,6 +306,11 @@ impl Manager<'_> {
             .kms
             .generate_data_key(&key_id, crypto::VOLUME_KEY_BYTES, &context, &self.caller)
             .map_err(kms_err)?;
+        // Before the wrapped key goes into both header copies: it must unwrap to the key in
+        // hand, or the volume would be written under a key nobody can recover.
+        self.verify_wrap(&name, &dk.key_arn, &dk.blob, &context, |plain| {
+            crate::codec::ct_eq(plain, &dk.plaintext)
+        })?;
         let (_engine, key_check) =
             engine_with_check(&name, &mut dk.plaintext, sector_size, BackendChoice::Auto)?;
         let mut h = Header {

@@ -282,6 +282,33 @@ impl<'k> Manager<'k> {
         }
     }
 
+    /// Checks that `blob` (just made by the KMS) unwraps, under `key` and `context`, to a key
+    /// that `matches` accepts; one `Decrypt` audited with purpose `verify-wrap`. Refuses
+    /// otherwise, before any header holds the blob.
+    pub(super) fn verify_wrap(
+        &self,
+        name: &str,
+        key: &str,
+        blob: &[u8],
+        context: &EncryptionContext,
+        matches: impl FnOnce(&[u8]) -> bool,
+    ) -> Result<(), ManagerError> {
+        let plain = self
+            .kms
+            .decrypt(key, blob, context, &self.caller.for_purpose("verify-wrap"))
+            .map_err(|source| ManagerError::Kms {
+                volume: name.into(),
+                source,
+            })?;
+        if matches(&plain) {
+            Ok(())
+        } else {
+            Err(ManagerError::Refused(format!(
+                "volume {name}: the key service returned a wrapped key that does not unwrap to the data key; nothing was written"
+            )))
+        }
+    }
+
     /// `serve --kms-recheck`: one `Decrypt` of the volume's current wrapped key (read from
     /// `store`, so a rewrap is followed), audited with purpose `recheck`. The unwrapped key is
     /// wiped at once; only the answer matters.
@@ -358,6 +385,19 @@ impl<'k> Manager<'k> {
             .kms
             .re_encrypt(&h.key_id, new_key, &h.wrapped_key, &context, &self.caller)
             .map_err(kms_err)?;
+        // The new blob must unwrap to the same data key (its key-check value) before it
+        // replaces the old one in both header copies.
+        let sector_size = SectorSize::from_bytes(u64::from(h.sector_size)).map_err(|source| {
+            ManagerError::Crypto {
+                volume: name.into(),
+                source,
+            }
+        })?;
+        self.verify_wrap(name, &arn, &blob, &context, |plain| {
+            let mut copy = zeroize::Zeroizing::new(plain.to_vec());
+            engine_with_check(name, &mut copy, sector_size, BackendChoice::Auto)
+                .is_ok_and(|(_, kcv)| crate::codec::ct_eq(&kcv, &h.key_check))
+        })?;
         let store = FileStorage::open_existing(&entry.backing, false)
             .map_err(io("cannot open the backing store", &entry.backing))?;
         // Under the header lock, so a serving process's lease renewal cannot undo it; both
