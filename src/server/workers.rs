@@ -11,7 +11,11 @@
 //! Small requests never come here: they run inline on the connection's task, because handing
 //! a 4 KiB request to another thread (a queue push, a wake-up, a cache miss on the other core)
 //! costs more than decrypting it. The threshold between the two is
-//! [`DEFAULT_SPLIT_BYTES`], chosen from `benches/split.rs` (see `BENCHMARKING.md`).
+//! [`DEFAULT_SPLIT_BYTES`], measured with `scripts/split-sweep.sh` (see `BENCHMARKING.md`).
+//!
+//! Rule: no lock is held across a call into the pool. The volume's locking methods take no
+//! closures; the one that takes a closure to run in the pool
+//! ([`EncryptedVolume::seal_aligned`]) takes no lock (tests/pool_locks.rs).
 //!
 //! This module never sees key bytes; it calls the volume, which calls the crypto engine.
 
@@ -24,7 +28,7 @@ use rayon::prelude::*;
 use crate::volume::{EncryptedVolume, VolumeError};
 
 /// Requests of at least this many bytes go to the workers and are split; smaller ones run
-/// inline. Measured by `benches/split.rs` on this project's reference machine: below 64 KiB
+/// inline. Measured by `scripts/split-sweep.sh` on this project's reference machine: below 64 KiB
 /// the hand-off cost more than it saved; from 128 KiB on, two workers beat one (see
 /// `BENCHMARKING.md`, "Split threshold").
 pub const DEFAULT_SPLIT_BYTES: usize = 128 * 1024;
@@ -190,10 +194,12 @@ impl Workers {
     }
 
     /// Writes `data` at `offset` with the workers (`data` is encrypted in place). An aligned
-    /// request is encrypted in parallel runs and written with one call (see
-    /// [`EncryptedVolume::write_aligned_with`]); an unaligned one is written run by run, in
-    /// parallel, each run read-modify-writing its own partial edge sector. With `fua`, one
-    /// flush follows.
+    /// request is encrypted in parallel runs *before* any lock is taken
+    /// ([`EncryptedVolume::seal_aligned`]) and then written with one call under the stripe
+    /// locks ([`EncryptedVolume::write_sealed`]); an unaligned one is written run by run, in
+    /// parallel, each run taking and releasing its own locks inside its job. No lock is ever
+    /// held across `install`: a worker waiting in a join may steal any queued job. With
+    /// `fua`, one flush follows.
     pub fn write(
         &self,
         volume: &EncryptedVolume,
@@ -204,14 +210,15 @@ impl Workers {
         let sector = volume.config().sector_size.bytes();
         if offset.is_multiple_of(sector as u64) && data.len().is_multiple_of(sector) {
             let runs = self.runs(volume, 0, data.len());
-            return volume.write_aligned_with(offset, data, fua, |buf, encrypt| {
+            let sealed = volume.seal_aligned(offset, data, |buf, encrypt| {
                 let slices = carve(buf, &runs);
                 self.pool.install(|| {
                     slices.into_par_iter().try_for_each(|(at, piece)| {
                         encrypt(usize::try_from(at).unwrap_or(usize::MAX), piece)
                     })
                 })
-            });
+            })?;
+            return volume.write_sealed(sealed, fua);
         }
         let runs = self.runs(volume, offset, data.len());
         let slices = carve(data, &runs);

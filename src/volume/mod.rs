@@ -121,6 +121,14 @@ pub struct EncryptedVolume {
     locks: StripeLocks,
 }
 
+/// Ciphertext of whole sectors, ready for [`EncryptedVolume::write_sealed`]: only
+/// [`EncryptedVolume::seal_aligned`] makes one.
+#[derive(Debug)]
+pub struct Sealed<'d> {
+    offset: u64,
+    data: &'d [u8],
+}
+
 /// A byte range split at sector boundaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
@@ -356,19 +364,20 @@ impl EncryptedVolume {
         self.finish(fua)
     }
 
-    /// Writes sector-aligned plaintext `data` at `offset` (both multiples of the sector size),
-    /// handing the cipher pass to `par`, which may run it on disjoint pieces in parallel: `par`
-    /// gets the buffer and an encryptor taking a piece's byte offset within the buffer (a
-    /// multiple of the sector size) and the piece. The ciphertext then goes to the store in one
-    /// write: buffered writes to one file serialize on its inode lock in the kernel, so
-    /// parallel writes of the pieces would only contend. `data` is encrypted in place.
-    pub fn write_aligned_with<P>(
+    /// Encrypts sector-aligned plaintext `data` for `offset` (both multiples of the sector
+    /// size) in place, handing the cipher pass to `par`, which may run it on disjoint pieces in
+    /// parallel: `par` gets the buffer and an encryptor taking a piece's byte offset within the
+    /// buffer (a multiple of the sector size) and the piece. Takes **no lock**: this is where a
+    /// thread pool may be called, and a lock held across a pool call can deadlock (a worker
+    /// waiting in the pool's join may steal a job that needs that lock). The ciphertext of a
+    /// whole sector does not depend on what the sector held, so it needs none. Write the result
+    /// with [`EncryptedVolume::write_sealed`].
+    pub fn seal_aligned<'d, P>(
         &self,
         offset: u64,
-        data: &mut [u8],
-        fua: bool,
+        data: &'d mut [u8],
         par: P,
-    ) -> Result<(), VolumeError>
+    ) -> Result<Sealed<'d>, VolumeError>
     where
         P: FnOnce(
             &mut [u8],
@@ -383,21 +392,38 @@ impl EncryptedVolume {
                 "unaligned request on the aligned path".into(),
             ));
         }
-        if data.is_empty() {
-            return self.finish(fua);
-        }
         let first = offset / sector;
-        let count = data.len() as u64 / sector;
-        let _guard = self.locks.lock_for_write(first, count, false, false);
         let encrypt = |at: usize, piece: &mut [u8]| -> Result<(), VolumeError> {
             if !(at as u64).is_multiple_of(sector) {
                 return Err(VolumeError::Config("piece not on a sector boundary".into()));
             }
             self.with_engine(|e| e.encrypt_sectors(SectorIndex(first + at as u64 / sector), piece))
         };
-        par(data, &encrypt)?;
+        if !data.is_empty() {
+            par(data, &encrypt)?;
+        }
+        Ok(Sealed { offset, data })
+    }
+
+    /// Writes what [`EncryptedVolume::seal_aligned`] encrypted, under the stripe locks (shared:
+    /// whole sectors), in one store call: buffered writes to one file serialize on its inode
+    /// lock in the kernel, so parallel writes of the pieces would only contend. Takes no
+    /// closure, so nothing can run in a pool while the locks are held.
+    pub fn write_sealed(&self, sealed: Sealed<'_>, fua: bool) -> Result<(), VolumeError> {
+        if sealed.data.is_empty() {
+            return self.finish(fua);
+        }
+        let sector = self.sector();
+        let first = sealed.offset / sector;
+        let count = sealed.data.len() as u64 / sector;
+        let _guard = self.locks.lock_for_write(first, count, false, false);
+        // Withdrawn while it was being sealed: write nothing under a destroyed key's name.
+        if self.is_withdrawn() {
+            return Err(VolumeError::Withdrawn);
+        }
         self.storage
-            .write_at(data, self.config.data_offset + offset)?;
+            .write_at(sealed.data, self.config.data_offset + sealed.offset)?;
+        drop(_guard);
         self.finish(fua)
     }
 
