@@ -72,6 +72,37 @@ pub(super) struct Work {
     pub(super) split: bool,
 }
 
+/// [`execute`], with a panic turned into an `EIO` reply for this request alone: logged with the
+/// command, and everything else (the connection, the server, the workers' counters) carries
+/// on. One behaviour wherever the request runs: inline, on a crypto worker (where rayon would
+/// otherwise abort the process) or on the blocking pool.
+pub(super) fn execute_guarded(
+    volume: &EncryptedVolume,
+    resources: &Resources,
+    work: Work,
+) -> Reply {
+    let (structured, cookie, cmd) = (work.structured, work.cookie, work.cmd);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(volume, resources, work)
+    })) {
+        Ok(reply) => reply,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(cookie, command = ?cmd, panic = what, "request panicked: answered EIO; the server carries on");
+            error_reply(
+                structured,
+                cookie,
+                crate::protocol::consts::err::EIO,
+                "internal error",
+            )
+        }
+    }
+}
+
 /// Executes a validated command on the volume (blocking) and builds its reply.
 pub(super) fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> Reply {
     let Work {
@@ -83,6 +114,7 @@ pub(super) fn execute(volume: &EncryptedVolume, resources: &Resources, work: Wor
     } = work;
     let result = match cmd {
         Command::Read { offset, len } => {
+            crate::faults::panic_point(offset);
             let mut data = resources.buffers.take(len as usize);
             let done = if split {
                 resources.workers.read(volume, offset, &mut data)
@@ -106,11 +138,14 @@ pub(super) fn execute(volume: &EncryptedVolume, resources: &Resources, work: Wor
                 Err(e) => Err(e),
             }
         }
-        Command::Write { offset, fua, .. } => match payload {
-            Some(mut data) if split => resources.workers.write(volume, offset, &mut data, fua),
-            Some(mut data) => volume.write(offset, &mut data, fua),
-            None => volume.write(offset, &mut [], fua),
-        },
+        Command::Write { offset, fua, .. } => {
+            crate::faults::panic_point(offset);
+            match payload {
+                Some(mut data) if split => resources.workers.write(volume, offset, &mut data, fua),
+                Some(mut data) => volume.write(offset, &mut data, fua),
+                None => volume.write(offset, &mut [], fua),
+            }
+        }
         Command::Flush => volume.flush(),
         Command::Cache { offset, len } => volume.prefetch(offset, u64::from(len)),
         Command::Trim { offset, len, fua } => volume.trim(offset, u64::from(len), fua),

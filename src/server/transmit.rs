@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::buffers::BufferPool;
-use super::execute::{Permits, Reply, Work, error_reply, execute};
+use super::execute::{Permits, Reply, Work, error_reply, execute_guarded};
 use super::negotiate::Session;
 use super::validate::{Command, Limits, Verdict, validate};
 use super::workers::Workers;
@@ -313,11 +313,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             payload,
             split,
         };
-        let cookie = req.cookie;
         match place {
             Placement::Inline => {
                 stats.inline += 1;
-                let mut reply = execute(&volume, &resources, work);
+                let mut reply = execute_guarded(&volume, &resources, work);
                 reply.permits = Some(permits);
                 if tx.send(reply).await.is_err() {
                     break End::Error("reply writer stopped".into());
@@ -327,7 +326,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
                 stats.workers += 1;
                 let (tx, volume, res) = (tx.clone(), Arc::clone(&volume), resources.clone());
                 resources.workers.spawn(move || {
-                    let mut reply = execute(&volume, &res, work);
+                    let mut reply = execute_guarded(&volume, &res, work);
                     reply.permits = Some(permits);
                     // The writer may be gone if the client vanished; nothing else to do then.
                     let _ = tx.blocking_send(reply);
@@ -336,15 +335,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             Placement::Blocking => {
                 stats.blocking += 1;
                 let (tx, volume, res) = (tx.clone(), Arc::clone(&volume), resources.clone());
-                tokio::spawn(async move {
-                    let mut reply =
-                        tokio::task::spawn_blocking(move || execute(&volume, &res, work))
-                            .await
-                            .unwrap_or_else(|_| {
-                                error_reply(structured, cookie, err::EIO, "internal error")
-                            });
+                // The blocking thread sends its own reply: no task waits on it.
+                tokio::task::spawn_blocking(move || {
+                    let mut reply = execute_guarded(&volume, &res, work);
                     reply.permits = Some(permits);
-                    let _ = tx.send(reply).await;
+                    let _ = tx.blocking_send(reply);
                 });
             }
         }

@@ -116,6 +116,18 @@ impl Workers {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("nbdcrypt-worker-{i}"))
+            // Without a handler rayon aborts the process on a panic in a spawned job.
+            .panic_handler(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(
+                    panic = what,
+                    "a crypto worker job panicked; the worker carries on"
+                );
+            })
             .build()
             .map_err(|e| WorkersError {
                 threads,
@@ -144,14 +156,28 @@ impl Workers {
         len < self.split_bytes
     }
 
-    /// Runs `job` on a worker; it returns at once.
+    /// Runs `job` on a worker; it returns at once. The busy count goes back down however the
+    /// job ends (a panic included: callers catch their own, see `execute_guarded`, and the
+    /// pool's panic handler logs any other instead of aborting the process).
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
-        let busy = Arc::clone(&self.busy);
-        busy.fetch_add(1, Ordering::Relaxed);
+        /// Decrements the busy count when dropped: on return and on unwinding.
+        struct Done(Arc<AtomicUsize>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let done = Done(Arc::clone(&self.busy));
         self.pool.spawn(move || {
+            let _done = done;
             job();
-            busy.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+
+    /// Jobs queued or running.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
     }
 
     /// The runs to cut a request into. A request is split only while other workers are idle:
@@ -290,6 +316,28 @@ mod tests {
         let got = split(0, 1 << 20, 4096, 4, MIN_RUN_BYTES);
         assert_eq!(got.len(), 4);
         assert!(got.iter().all(|r| r.range.len() == 256 * 1024));
+    }
+
+    /// A panicking job neither aborts the process nor leaves the busy count raised.
+    #[test]
+    fn workers_survive_a_panicking_job_and_restore_their_count() {
+        let w = Workers::new(2, DEFAULT_SPLIT_BYTES).unwrap();
+        w.spawn(|| panic!("test panic in a worker job"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = std::time::Instant::now();
+        while w.busy() != 0 {
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "busy count stuck at {}",
+                w.busy()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        w.spawn(move || tx.send(42).unwrap());
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(),
+            42
+        );
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl Manager<'_> {
             if since_checkpoint >= CHECKPOINT_BYTES && done < size {
                 checkpoint(done)?;
                 since_checkpoint = 0;
-                super::lifecycle::crash_point("preallocate-checkpoint");
+                crate::faults::crash_point("preallocate-checkpoint");
             }
         }
         volume.flush().map_err(err)?;

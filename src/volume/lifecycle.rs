@@ -46,13 +46,7 @@ pub struct CreateOptions {
     pub force: bool,
 }
 
-/// Fault injection for the kill-at-any-point tests: aborts the process (no cleanup, like a
-/// kill -9) when `NBDCRYPT_CRASH_AT` names `point`. Unset in normal use.
-pub(super) fn crash_point(point: &str) {
-    if std::env::var_os("NBDCRYPT_CRASH_AT").is_some_and(|v| v == point) {
-        std::process::abort();
-    }
-}
+use crate::faults::crash_point;
 
 /// Whether two paths name one file (same device and inode), or the same path if neither
 /// exists.
