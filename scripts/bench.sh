@@ -199,6 +199,8 @@ fio_job() { # JOB -> fio arguments
 }
 
 TICKS="$(getconf CLK_TCK)"
+# fio runs RUNTIME seconds plus a 0.5 s ramp; anything far beyond that is a hang.
+JOB_LIMIT="${NBDCRYPT_BENCH_JOB_LIMIT:-$(awk -v r="$RUNTIME" 'BEGIN { printf "%d", r + 60 }')}"
 START=$(date +%s)
 for round in $(seq 1 "$ROUNDS"); do
     # Alternate the order: odd rounds forward, even rounds backward.
@@ -217,8 +219,16 @@ for round in $(seq 1 "$ROUNDS"); do
             --size="${SIZE_MIB}M" --output-format=terse >/dev/null
         for job in ${JOBS[$name]}; do
             before=$(cpu_ticks)
+            # A per-job time limit: a job that hangs (a connection that never finishes closing)
+            # becomes a failed cell in the table instead of losing the whole run.
             # shellcheck disable=SC2046
-            fio --name="$job" $(fio_job "$job") --output="$dir/$job.json" >/dev/null
+            if ! timeout -k 10 "$JOB_LIMIT" fio --name="$job" $(fio_job "$job") \
+                --output="$dir/$job.json" >"$dir/$job.fio-out" 2>&1; then
+                log "$name/$job failed or exceeded ${JOB_LIMIT}s; recorded as a failed cell"
+                { echo "fio exit or timeout after ${JOB_LIMIT}s"; tail -5 "$dir/$job.fio-out"; } >"$dir/$job.failed"
+                rm -f "$dir/$job.json"
+            fi
+            rm -f "$dir/$job.fio-out"
             after=$(cpu_ticks)
             echo "$(((after - before)))" >"$dir/$job.cpu"
         done

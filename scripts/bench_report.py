@@ -84,12 +84,16 @@ def main():
     values = {}  # (server, metric) -> [per round]
     by_round = {}  # (server, metric) -> {round: value}
     ratios = {}  # (server, metric) -> [per round ratio to REFERENCE]
+    failed = {}  # (server, metric) -> [rounds whose job failed or timed out]
     for r in rounds:
         per_round = {}
         for server in os.listdir(os.path.join(raw, r)):
             servers.add(server)
             d = os.path.join(raw, r, server)
             for metric, job, _, _ in METRICS:
+                if os.path.exists(os.path.join(d, f"{job}.failed")):
+                    failed.setdefault((server, metric), []).append(r)
+                    continue
                 if not os.path.exists(os.path.join(d, f"{job}.json")):
                     continue
                 v = figure(metric, d, job, a.ticks, wall_s)
@@ -121,6 +125,9 @@ def main():
         "quick": bool(a.quick),
         "reference": REFERENCE,
         "servers": {},
+        "failed": [
+            {"server": srv, "metric": m, "rounds": rs} for (srv, m), rs in sorted(failed.items())
+        ],
     }
     for s in order:
         results["servers"][s] = {}
@@ -202,13 +209,16 @@ def main():
         cells = []
         for s in order:
             e = results["servers"][s].get(metric)
+            lost = failed.get((s, metric), [])
             if not e:
-                cells.append("–")
+                cells.append(f"FAILED ({len(lost)}/{a.rounds} rounds)" if lost else "–")
                 continue
             fmt = "{:.2f}" if unit != "kIOPS" else "{:.1f}"
             cell = f"{fmt.format(e['median'])} ({fmt.format(e['min'])}–{fmt.format(e['max'])})"
             if e["ratio_to_reference"] is not None and s != REFERENCE:
                 cell += f" ×{e['ratio_to_reference']:.2f}"
+            if lost:
+                cell += f" FAILED in {len(lost)}/{a.rounds} rounds"
             cells.append(cell)
         lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
     lines.append("")

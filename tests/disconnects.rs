@@ -113,3 +113,103 @@ fn disconnects_mid_write_payload_and_mid_reply_change_nothing_and_leak_nothing()
         "{log}"
     );
 }
+
+/// Reads until the server closes (plaintext: EOF; TLS: its `close_notify`), counting bytes.
+/// `Err` if nothing closes within the read timeout, or a TLS stream ends without close_notify.
+fn drain_to_close<S: Read>(s: &mut S) -> std::io::Result<usize> {
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf)? {
+            0 => return Ok(total),
+            n => total += n,
+        }
+    }
+}
+
+/// Many clients, plaintext and TLS, disconnect at once, repeatedly, each with replies still in
+/// flight: `NBD_CMD_DISC` right behind four pipelined 256 KiB reads. Every connection must be
+/// closed by the server within 10 s after delivering all four replies (TLS: with a
+/// `close_notify`), and the server's descriptors return to where they were. A bench run once saw
+/// a TLS connection that never finished closing (issue 13).
+#[test]
+fn many_tls_and_plain_clients_disconnecting_at_once_are_all_closed() {
+    let dir = TempDir::new("disc-many");
+    let Some(pki) = common::tls::pki(&dir, "pki") else {
+        return;
+    };
+    let server = common::tls::start(&dir, &common::tls::tls_args(&pki, false, false));
+    let pid = server.child.id();
+    let baseline = fd_targets(pid).len();
+    let ca = pki.join("ca-cert.pem");
+    const EACH: usize = 8;
+    const READ: u32 = 256 << 10;
+    let requests = || {
+        let mut b = Vec::new();
+        for i in 0..4 {
+            b.extend(raw_request(
+                cmd::READ,
+                i,
+                u64::from(i as u32) * u64::from(READ),
+                READ,
+            ));
+        }
+        b.extend(raw_request(cmd::DISC, 99, 0, 0));
+        b
+    };
+    let expected = 4 * (16 + READ as usize);
+    for round in 0..10 {
+        let barrier = std::sync::Barrier::new(2 * EACH);
+        std::thread::scope(|scope| {
+            for i in 0..2 * EACH {
+                let (addr, ca, barrier) = (&server.addr, &ca, &barrier);
+                scope.spawn(move || {
+                    let tls = i % 2 == 1;
+                    let what = if tls { "TLS" } else { "plaintext" };
+                    let got = if tls {
+                        let mut s = common::tls::plaintext(addr);
+                        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                        let mut t =
+                            common::tls::starttls(s, &common::tls::ClientOpts::trusting(ca))
+                                .unwrap();
+                        assert_eq!(
+                            common::tls::go(&mut t, "d").unwrap(),
+                            nbdcrypt::protocol::consts::rep::ACK
+                        );
+                        barrier.wait();
+                        t.write_all(&requests()).unwrap();
+                        t.flush().unwrap();
+                        drain_to_close(&mut t)
+                    } else {
+                        let mut s = raw_connect(addr, "d");
+                        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                        barrier.wait();
+                        s.write_all(&requests()).unwrap();
+                        drain_to_close(&mut s)
+                    };
+                    match got {
+                        Ok(n) => {
+                            assert_eq!(n, expected, "round {round}, {what}: bytes before close")
+                        }
+                        Err(e) => {
+                            panic!("round {round}, {what} client {i}: not closed cleanly: {e}")
+                        }
+                    }
+                });
+            }
+        });
+    }
+    // Every connection is gone on the server's side too.
+    let start = std::time::Instant::now();
+    while fd_targets(pid).len() > baseline && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        fd_targets(pid).len(),
+        baseline,
+        "descriptors left: {:?}",
+        fd_targets(pid)
+    );
+    let mut s = raw_connect(&server.addr, "d");
+    raw_write(&mut s, 1, 0, &[3u8; 4096], 0);
+}

@@ -247,3 +247,45 @@ fn qemu_set_is_made_consistent_whatever_the_machine_has() {
     assert!(out.status.success());
     assert!(!calls.exists(), "apt-get ran for a consistent set");
 }
+
+/// scripts/bench.sh gives every fio job a time limit and records a job that fails or hangs as
+/// `JOB.failed`; the report then shows that cell as FAILED instead of losing the whole run.
+#[test]
+fn bench_report_shows_a_failed_job_as_a_failed_cell() {
+    let dir = TempDir::new("bench-report");
+    let round = dir.path("raw/round-1/nbdcrypt-tls");
+    std::fs::create_dir_all(&round).unwrap();
+    std::fs::write(round.join("mc4.failed"), "timeout after 64s").unwrap();
+    run_ok(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/bench_report.py"
+            ))
+            .arg(&dir.0)
+            .args([
+                "--ticks",
+                "100",
+                "--rounds",
+                "1",
+                "--cores",
+                "2",
+                "--elapsed",
+                "1",
+            ])
+            .args(["--size-mib", "64", "--runtime", "1"]),
+    );
+    let table = std::fs::read_to_string(dir.path("table.md")).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("4 conns") && l.contains("FAILED (1/1 rounds)")),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("results.json")).unwrap()).unwrap();
+    assert_eq!(json["failed"][0]["metric"], "mc4", "{json}");
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench.sh")).unwrap();
+    assert!(script.contains("timeout -k 10 \"$JOB_LIMIT\" fio"));
+}
