@@ -167,7 +167,7 @@ fn many_tls_and_plain_clients_disconnecting_at_once_are_all_closed() {
                     let tls = i % 2 == 1;
                     let what = if tls { "TLS" } else { "plaintext" };
                     let got = if tls {
-                        let mut s = common::tls::plaintext(addr);
+                        let s = common::tls::plaintext(addr);
                         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                         let mut t =
                             common::tls::starttls(s, &common::tls::ClientOpts::trusting(ca))
