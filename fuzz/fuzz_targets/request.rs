@@ -13,7 +13,8 @@ use nbdcrypt::protocol::Request;
 use nbdcrypt::server::Export;
 use nbdcrypt::server::buffers::BufferPool;
 use nbdcrypt::server::negotiate::Session;
-use nbdcrypt::server::transmit::{self, Resources};
+use nbdcrypt::server::pipeline::Resources;
+use nbdcrypt::server::transmit;
 use nbdcrypt::server::validate::{Limits, validate};
 use nbdcrypt::server::workers::Workers;
 

@@ -2,7 +2,7 @@
 //! flush; withdraw volumes deleted meanwhile.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::export::open_export;
@@ -11,48 +11,18 @@ use crate::volume::lease::{LeaseOptions, ServingLease};
 use crate::volume::manager::Manager;
 
 use crate::cli::ServeArgs;
-use crate::crypto::{self, CryptoError, SectorSize};
+use crate::crypto::{self, SectorSize};
 use crate::server::buffers::BufferPool;
-use crate::server::transmit::Resources;
+use crate::server::pipeline::Resources;
 use crate::server::workers::Workers;
 use crate::server::{self, Export, Exports, Listen, Listener, ServerConfig};
-use crate::volume::VolumeError;
 
 /// Errors of `serve` and `keygen`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The key file could not be used.
-    #[error("key file {path}: {reason}")]
-    KeyFile {
-        /// Path.
-        path: PathBuf,
-        /// Why (never key bytes).
-        reason: String,
-    },
-    /// The backing file could not be opened.
-    #[error("backing file {path}: {source}")]
-    Backing {
-        /// Path.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The crypto engine refused.
-    #[error("export {export}: {source}")]
-    Crypto {
-        /// Export.
-        export: String,
-        /// Why.
-        source: CryptoError,
-    },
-    /// The volume refused its configuration.
-    #[error("export {export}: {source}")]
-    Volume {
-        /// Export.
-        export: String,
-        /// Why.
-        source: VolumeError,
-    },
+    /// A raw `--export` could not be opened.
+    #[error(transparent)]
+    Export(#[from] super::export::ExportError),
     /// Two exports share a name.
     #[error("two exports are named {0:?}")]
     DuplicateName(String),
@@ -158,7 +128,7 @@ fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
         ) {
             let h = m.create(
                 QUICKSTART_VOLUME,
-                &crate::volume::manager::CreateOptions {
+                &crate::volume::lifecycle::CreateOptions {
                     size: QUICKSTART_SIZE,
                     volume_type: crate::volume::header::VolumeType::Scratch,
                     kms_key: None,

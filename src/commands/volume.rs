@@ -9,7 +9,8 @@ use crate::cli::{VolumeCommand, VolumeCreateArgs};
 use crate::human::{iec_bytes, utc_timestamp};
 use crate::kms::KeyService;
 use crate::volume::header::{DATA_OFFSET, Header, VolumeType};
-use crate::volume::manager::{CreateOptions, Entry, Manager, ManagerError, read_header};
+use crate::volume::lifecycle::CreateOptions;
+use crate::volume::manager::{Entry, Manager, ManagerError, read_header};
 
 /// No state directory could be chosen.
 #[derive(Debug, thiserror::Error)]

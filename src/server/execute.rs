@@ -1,86 +1,70 @@
-//! Running one validated request against the volume, and the replies it produces.
-//!
-//! `execute` is synchronous: the connection's task calls it inline for small requests, a crypto
-//! worker or tokio's blocking pool for the others (`transmit::placement` decides). A reply
-//! carries the request's permits, released when the writer has sent it.
+//! Running one validated request: [`dispatch`] sends it where [`placement`] said (inline, the
+//! crypto workers or the blocking pool) and the reply back to the connection's writer;
+//! [`execute`] runs it against the volume and builds the reply. Synchronous; it never reads
+//! the socket and never decides admission (that is `transmit`'s).
 
-use tokio::sync::OwnedSemaphorePermit;
+use std::sync::Arc;
 
-use super::buffers::Buffer;
+use tokio::sync::mpsc;
+
 use super::negotiate::ALLOCATION_CONTEXT_ID;
-use super::transmit::Resources;
+use super::pipeline::{
+    Permits, Placement, Reply, Resources, Work, errno_of, error_reply, ok_reply, placement,
+};
 use super::validate::Command;
 use crate::protocol::transmission;
 use crate::volume::EncryptedVolume;
 
-/// Permits held until a reply has been written.
-#[derive(Debug)]
-#[allow(dead_code)] // held for their Drop, never read
-pub(super) struct Permits {
-    pub(super) slot: OwnedSemaphorePermit,
-    pub(super) conn_bytes: Option<OwnedSemaphorePermit>,
-    pub(super) server_bytes: Option<OwnedSemaphorePermit>,
-}
-
-/// One reply: header bytes and optional data that follows them.
-pub(super) struct Reply {
-    pub(super) header: Vec<u8>,
-    pub(super) data: Option<Buffer>,
-    /// Released when the reply has left (or was dropped).
-    pub(super) permits: Option<Permits>,
-}
-
-pub(super) fn error_reply(structured: bool, cookie: u64, errno: u32, msg: &str) -> Reply {
-    let mut header = Vec::new();
-    if structured {
-        transmission::error_chunk(&mut header, cookie, errno, msg);
-    } else {
-        transmission::SimpleReply {
-            error: errno,
-            cookie,
+/// Runs `work` where [`placement`] puts it and sends its reply, with `permits` attached, to
+/// the connection's writer. Inline work is done before this returns; work placed on the
+/// workers or the blocking pool sends its own reply when done (no task waits for it). Returns
+/// where it ran. A vanished writer (the client left) simply drops the reply.
+pub async fn dispatch(
+    volume: &Arc<EncryptedVolume>,
+    resources: &Resources,
+    work: Work,
+    permits: Permits,
+    pipelined: bool,
+    tx: &mpsc::Sender<Reply>,
+) -> Result<Placement, mpsc::error::SendError<Reply>> {
+    let (place, split) = placement(
+        &work.cmd,
+        &resources.workers,
+        pipelined,
+        volume.serializes_writes(),
+    );
+    let work = Work { split, ..work };
+    match place {
+        Placement::Inline => {
+            let mut reply = execute_guarded(volume, resources, work);
+            reply.permits = Some(permits);
+            tx.send(reply).await?;
         }
-        .encode(&mut header);
+        Placement::Workers => {
+            let (tx, volume, res) = (tx.clone(), Arc::clone(volume), resources.clone());
+            resources.workers.spawn(move || {
+                let mut reply = execute_guarded(&volume, &res, work);
+                reply.permits = Some(permits);
+                let _ = tx.blocking_send(reply);
+            });
+        }
+        Placement::Blocking => {
+            let (tx, volume, res) = (tx.clone(), Arc::clone(volume), resources.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut reply = execute_guarded(&volume, &res, work);
+                reply.permits = Some(permits);
+                let _ = tx.blocking_send(reply);
+            });
+        }
     }
-    Reply {
-        header,
-        data: None,
-        permits: None,
-    }
-}
-
-fn ok_reply(structured: bool, cookie: u64) -> Reply {
-    let mut header = Vec::new();
-    if structured {
-        transmission::none_chunk(&mut header, cookie);
-    } else {
-        transmission::SimpleReply { error: 0, cookie }.encode(&mut header);
-    }
-    Reply {
-        header,
-        data: None,
-        permits: None,
-    }
-}
-
-/// A validated request ready to run; it owns its payload, so it can move to another thread.
-pub(super) struct Work {
-    pub(super) structured: bool,
-    pub(super) cookie: u64,
-    pub(super) cmd: Command,
-    pub(super) payload: Option<Buffer>,
-    /// Split across the workers.
-    pub(super) split: bool,
+    Ok(place)
 }
 
 /// [`execute`], with a panic turned into an `EIO` reply for this request alone: logged with the
 /// command, and everything else (the connection, the server, the workers' counters) carries
 /// on. One behaviour wherever the request runs: inline, on a crypto worker (where rayon would
 /// otherwise abort the process) or on the blocking pool.
-pub(super) fn execute_guarded(
-    volume: &EncryptedVolume,
-    resources: &Resources,
-    work: Work,
-) -> Reply {
+fn execute_guarded(volume: &EncryptedVolume, resources: &Resources, work: Work) -> Reply {
     let (structured, cookie, cmd) = (work.structured, work.cookie, work.cmd);
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         execute(volume, resources, work)
@@ -104,7 +88,7 @@ pub(super) fn execute_guarded(
 }
 
 /// Executes a validated command on the volume (blocking) and builds its reply.
-pub(super) fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> Reply {
+pub fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> Reply {
     let Work {
         structured,
         cookie,
@@ -195,7 +179,7 @@ pub(super) fn execute(volume: &EncryptedVolume, resources: &Resources, work: Wor
         Ok(()) => ok_reply(structured, cookie),
         Err(e) => {
             tracing::debug!(cookie, error = %e, "request failed");
-            error_reply(structured, cookie, e.nbd_errno(), &e.to_string())
+            error_reply(structured, cookie, errno_of(&e), &e.to_string())
         }
     }
 }

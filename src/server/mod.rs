@@ -9,6 +9,7 @@
 pub mod buffers;
 mod execute;
 pub mod negotiate;
+pub mod pipeline;
 pub mod tls;
 pub mod transmit;
 pub mod validate;
@@ -123,7 +124,7 @@ pub struct ServerConfig {
     /// Most simultaneous connections; more wait in the accept queue.
     pub max_connections: usize,
     /// Crypto workers and payload buffers, shared by every connection.
-    pub resources: transmit::Resources,
+    pub resources: pipeline::Resources,
     /// Time a client has to finish negotiation (TLS handshake included) before it is
     /// disconnected.
     pub handshake_timeout: std::time::Duration,
@@ -255,7 +256,7 @@ async fn connection(
     stream: Box<dyn Conn>,
     peer: String,
     exports: Exports,
-    resources: transmit::Resources,
+    resources: pipeline::Resources,
     handshake_timeout: std::time::Duration,
     tls: Option<Arc<tls::Tls>>,
     shutdown: watch::Receiver<bool>,

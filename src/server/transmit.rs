@@ -1,4 +1,6 @@
-//! The transmission phase of one connection: pipelined requests, replies by cookie.
+//! The transmission phase of one connection: pipelined requests, replies by cookie. This
+//! module reads, validates, admits (permits) and writes; running a request is
+//! [`super::execute`]'s, and where it runs is [`super::pipeline::placement`]'s.
 //!
 //! One task reads request headers (and write payloads) in order, through a read buffer so that
 //! a burst of small requests costs one `recv`. Each validated request then runs where it is
@@ -29,11 +31,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use super::buffers::BufferPool;
-use super::execute::{Permits, Reply, Work, error_reply, execute_guarded};
+use super::execute::dispatch;
 use super::negotiate::Session;
+use super::pipeline::{Permits, Placement, Reply, Resources, Work, error_reply};
 use super::validate::{Command, Limits, Verdict, validate};
-use super::workers::Workers;
 use crate::protocol::Request;
 use crate::protocol::consts::err;
 use crate::protocol::transmission::REQUEST_LEN;
@@ -47,69 +48,6 @@ pub const MAX_BUFFERED_BYTES: usize = 96 * 1024 * 1024;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Most replies sent in one vectored write.
 const MAX_BATCH: usize = 64;
-
-/// What every connection shares: the crypto workers and the payload buffers.
-#[derive(Debug, Clone)]
-pub struct Resources {
-    /// Crypto workers for large requests.
-    pub workers: Arc<Workers>,
-    /// Payload buffers and the server-wide payload budget.
-    pub buffers: Arc<BufferPool>,
-}
-
-/// Where a request runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
-    /// On the connection's task.
-    Inline,
-    /// Split across the crypto workers.
-    Workers,
-    /// On tokio's blocking pool (may wait for the disk).
-    Blocking,
-}
-
-/// Where `cmd` runs, and whether it is split across the workers.
-///
-/// The rule was measured (`scripts/split-sweep.sh`, `BENCHMARKING.md`), not guessed:
-/// - a request below the workers' split threshold runs inline: a hand-off costs more;
-/// - a large *read* goes to the workers only when the client is pipelining (`pipelined`: other
-///   requests of this connection are in flight). Then reads of different requests proceed in
-///   parallel, which beat inline by ~30 % at QD16. Alone (QD1), inline was faster than any split:
-///   on two cores the hand-offs cost more than a second core's cipher pass saved;
-/// - a large *write* to a store whose writes the kernel serializes anyway (a regular file: the
-///   inode lock) runs inline; in parallel it only contended for that lock (−20 % at QD16). To a
-///   block device it follows the read rule;
-/// - anything that may wait for the disk (`FLUSH`, FUA writes, `TRIM`, `WRITE_ZEROES`) runs on the
-///   blocking pool, splitting a large FUA write where the read rule would.
-pub fn placement(
-    cmd: &Command,
-    workers: &Workers,
-    pipelined: bool,
-    serial_writes: bool,
-) -> (Placement, bool) {
-    match *cmd {
-        Command::Read { len, .. } if !workers.inline(len as usize) && pipelined => {
-            (Placement::Workers, true)
-        }
-        Command::Read { .. } => (Placement::Inline, false),
-        Command::Write { len, fua, .. } => {
-            let large = !workers.inline(len as usize) && !serial_writes;
-            if fua {
-                (Placement::Blocking, large)
-            } else if large && pipelined {
-                (Placement::Workers, true)
-            } else {
-                (Placement::Inline, false)
-            }
-        }
-        Command::BlockStatus { .. } | Command::Disc | Command::Cache { .. } => {
-            (Placement::Inline, false)
-        }
-        Command::Flush | Command::Trim { .. } | Command::WriteZeroes { .. } => {
-            (Placement::Blocking, false)
-        }
-    }
-}
 
 /// How many requests of a connection ran where (logged when it closes).
 #[derive(Debug, Default, Clone, Copy)]
@@ -200,7 +138,6 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let volume = Arc::clone(&session.export.volume);
     let structured = session.structured;
     let cfg = volume.config().clone();
-    let serial_writes = volume.serializes_writes();
     let mut retired = session.export.retired.subscribe();
     let limits = Limits {
         size: volume.size(),
@@ -305,43 +242,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         } else {
             None
         };
-        let (place, split) = placement(&cmd, &resources.workers, pipelined, serial_writes);
         let work = Work {
             structured,
             cookie: req.cookie,
             cmd,
             payload,
-            split,
+            split: false,
         };
-        match place {
-            Placement::Inline => {
-                stats.inline += 1;
-                let mut reply = execute_guarded(&volume, &resources, work);
-                reply.permits = Some(permits);
-                if tx.send(reply).await.is_err() {
-                    break End::Error("reply writer stopped".into());
-                }
-            }
-            Placement::Workers => {
-                stats.workers += 1;
-                let (tx, volume, res) = (tx.clone(), Arc::clone(&volume), resources.clone());
-                resources.workers.spawn(move || {
-                    let mut reply = execute_guarded(&volume, &res, work);
-                    reply.permits = Some(permits);
-                    // The writer may be gone if the client vanished; nothing else to do then.
-                    let _ = tx.blocking_send(reply);
-                });
-            }
-            Placement::Blocking => {
-                stats.blocking += 1;
-                let (tx, volume, res) = (tx.clone(), Arc::clone(&volume), resources.clone());
-                // The blocking thread sends its own reply: no task waits on it.
-                tokio::task::spawn_blocking(move || {
-                    let mut reply = execute_guarded(&volume, &res, work);
-                    reply.permits = Some(permits);
-                    let _ = tx.blocking_send(reply);
-                });
-            }
+        match dispatch(&volume, &resources, work, permits, pipelined, &tx).await {
+            Ok(Placement::Inline) => stats.inline += 1,
+            Ok(Placement::Workers) => stats.workers += 1,
+            Ok(Placement::Blocking) => stats.blocking += 1,
+            Err(_) => break End::Error("reply writer stopped".into()),
         }
     };
     // Wait for every in-flight request to be answered: a slot comes back only when its reply

@@ -15,7 +15,6 @@ use crate::crypto::{BackendChoice, SectorSize, VolumeKey, XtsEngine};
 use crate::kms::{Caller, EncryptionContext, KeyService, KmsError, local::DEFAULT_ALIAS};
 use crate::storage::{FileStorage, Storage};
 
-pub use super::lifecycle::CreateOptions;
 pub use super::ondisk::{
     Copies, Entry, ManagerError, Pending, is_deleted, read_header, read_header_from, update_header,
 };

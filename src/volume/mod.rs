@@ -23,7 +23,7 @@
 mod fill;
 pub mod header;
 pub mod lease;
-mod lifecycle;
+pub mod lifecycle;
 mod locks;
 pub mod manager;
 mod ondisk;
@@ -51,7 +51,7 @@ pub struct VolumeConfig {
     pub data_offset: u64,
 }
 
-/// What went wrong in a volume operation, and the NBD error it becomes.
+/// What went wrong in a volume operation (the server maps each to an NBD error value).
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     /// The backing store failed.
@@ -82,26 +82,6 @@ pub enum VolumeError {
     /// The volume was withdrawn (deleted or its key revoked) and its key destroyed.
     #[error("the volume was withdrawn and its key destroyed")]
     Withdrawn,
-}
-
-impl VolumeError {
-    /// The NBD error value for this failure.
-    pub fn nbd_errno(&self) -> u32 {
-        use crate::protocol::consts::err;
-        match self {
-            VolumeError::Io(e) => match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
-                _ if e.kind() == io::ErrorKind::Unsupported => err::ENOTSUP,
-                _ => err::EIO,
-            },
-            VolumeError::Crypto(_) => err::EIO,
-            VolumeError::OutOfRange { .. } => err::EINVAL,
-            VolumeError::ReadOnly => err::EPERM,
-            VolumeError::Unsupported(_) => err::ENOTSUP,
-            VolumeError::Config(_) => err::EINVAL,
-            VolumeError::Withdrawn => err::ESHUTDOWN,
-        }
-    }
 }
 
 /// The most bytes zeroed (or encrypted as zeroes) per storage call.

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::export::ExportSpec;
+pub mod values;
+
 use crate::crypto::BackendChoice;
 use crate::volume::header::VolumeType;
+use values::ExportSpec;
 
 /// An NBD server whose every volume is encrypted with XTS-AES-256 (aes-xts-plain64).
 #[derive(Debug, Parser)]
@@ -303,7 +305,7 @@ pub struct VolumeCreateArgs {
     /// Volume name.
     pub name: String,
     /// Size (K/M/G/T suffixes, powers of 1024).
-    #[arg(long, value_parser = crate::commands::export::parse_size, required_unless_present = "resume")]
+    #[arg(long, value_parser = values::parse_size, required_unless_present = "resume")]
     pub size: Option<u64>,
     /// scratch (service-managed key, destroyed with the volume) or persistent.
     #[arg(long = "type", value_enum, default_value_t = VolumeType::Scratch)]
@@ -312,7 +314,7 @@ pub struct VolumeCreateArgs {
     #[arg(long)]
     pub kms_key: Option<String>,
     /// Encryption sector size.
-    #[arg(long, default_value = "4096", value_parser = crate::commands::export::parse_sector_size)]
+    #[arg(long, default_value = "4096", value_parser = values::parse_sector_size)]
     pub sector_size: crate::crypto::SectorSize,
     /// Backing file or block device (default: `<state-dir>/volumes/NAME.img`).
     #[arg(long)]
@@ -370,7 +372,7 @@ pub struct ServeArgs {
     pub workers: usize,
     /// Requests of at least this many bytes are split across the workers; smaller ones run
     /// inline on their connection (K/M suffixes). The default was measured (BENCHMARKING.md).
-    #[arg(long, default_value = "128K", value_parser = crate::commands::export::parse_size_usize)]
+    #[arg(long, default_value = "128K", value_parser = values::parse_size_usize)]
     pub split_bytes: usize,
     /// Server-wide bound on request payloads in flight, in MiB (each connection is also
     /// bounded to 96 MiB, or one largest request if that is more).
