@@ -148,21 +148,29 @@ pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool,
     Ok(cflags & client_flags::C_NO_ZEROES != 0)
 }
 
-/// One round of option haggling on `s`, until transmission, `ABORT` or `STARTTLS`.
-pub async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    exports: &Exports,
+/// What an option handler decided.
+enum Step {
+    /// Read the next option.
+    Next,
+    /// Haggling is over.
+    Done(Outcome),
+}
+
+/// One round of option haggling: the connection, what it may reach, and what it negotiated.
+/// One handler per option (after mini-redis' one `apply` per command).
+struct Haggle<'a, S> {
+    s: &'a mut S,
+    exports: &'a Exports,
     no_zeroes: bool,
     tls: TlsState,
-) -> Result<Outcome, NegotiateError> {
-    let mut st = State {
-        structured: false,
-        meta_for: None,
-        refused_plaintext: false,
-    };
-    loop {
+    st: State,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
+    /// The next option and its data; `None` when it was too large and has been answered.
+    async fn read_option(&mut self) -> Result<Option<(OptionHeader, Vec<u8>)>, NegotiateError> {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
-        s.read_exact(&mut hdr).await?;
+        self.s.read_exact(&mut hdr).await?;
         let h = OptionHeader::decode(&hdr).map_err(|e| NegotiateError::Protocol(e.to_string()))?;
         if h.len > MAX_OPTION_DATA {
             if h.len > MAX_OPTION_SKIP || h.code == opt::EXPORT_NAME {
@@ -171,202 +179,242 @@ pub async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
                     h.len
                 )));
             }
-            let mut skip = (&mut *s).take(u64::from(h.len));
+            let mut skip = (&mut *self.s).take(u64::from(h.len));
             tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
-            error(s, h.code, rep::ERR_TOO_BIG, "option data too large").await?;
-            continue;
+            error(self.s, h.code, rep::ERR_TOO_BIG, "option data too large").await?;
+            return Ok(None);
         }
         let mut data = vec![0u8; h.len as usize];
-        s.read_exact(&mut data).await?;
-        if tls.required && !tls.active && h.code != opt::STARTTLS && h.code != opt::ABORT {
-            if h.code == opt::EXPORT_NAME {
-                return Err(NegotiateError::TlsRequired);
-            }
-            if !st.refused_plaintext {
-                st.refused_plaintext = true;
-                tracing::warn!(
-                    option = crate::protocol::consts::option_name(h.code),
-                    "plaintext client refused: TLS is required (NBD_REP_ERR_TLS_REQD)"
-                );
-            }
+        self.s.read_exact(&mut data).await?;
+        Ok(Some((h, data)))
+    }
+
+    /// With `--tls-required` and no TLS yet, every option but `STARTTLS` and `ABORT` is
+    /// refused (`EXPORT_NAME` has no error reply: the connection ends). `true`: refused.
+    async fn refuse_plaintext(&mut self, code: u32) -> Result<bool, NegotiateError> {
+        if !self.tls.required || self.tls.active || code == opt::STARTTLS || code == opt::ABORT {
+            return Ok(false);
+        }
+        if code == opt::EXPORT_NAME {
+            return Err(NegotiateError::TlsRequired);
+        }
+        if !self.st.refused_plaintext {
+            self.st.refused_plaintext = true;
+            tracing::warn!(
+                option = crate::protocol::consts::option_name(code),
+                "plaintext client refused: TLS is required (NBD_REP_ERR_TLS_REQD)"
+            );
+        }
+        error(
+            self.s,
+            code,
+            rep::ERR_TLS_REQD,
+            "TLS is required: send NBD_OPT_STARTTLS first",
+        )
+        .await?;
+        Ok(true)
+    }
+
+    fn session(&self, export: Arc<Export>) -> Step {
+        let block_status = self.st.meta_for.as_deref() == Some(export.name.as_str());
+        Step::Done(Outcome::Session(Session {
+            export,
+            structured: self.st.structured,
+            block_status,
+        }))
+    }
+
+    async fn export_name(&mut self, data: &[u8]) -> Result<Step, NegotiateError> {
+        let name = String::from_utf8_lossy(data);
+        let Some(export) = self.exports.find(&name) else {
+            // No error path exists for EXPORT_NAME: the spec says to close.
+            return Err(NegotiateError::Protocol(format!("unknown export {name:?}")));
+        };
+        let mut out = Vec::new();
+        handshake::export_name_reply(
+            &mut out,
+            export.volume.size(),
+            transmission_flags(&export, self.st.structured),
+            self.no_zeroes,
+        );
+        self.s.write_all(&out).await?;
+        Ok(self.session(export))
+    }
+
+    async fn abort(&mut self, code: u32) -> Step {
+        // Best effort: the client may already have closed.
+        let _ = reply(self.s, code, rep::ACK, &[]).await;
+        Step::Done(Outcome::Aborted)
+    }
+
+    async fn list(&mut self, code: u32, data: &[u8]) -> Result<Step, NegotiateError> {
+        if !data.is_empty() {
+            error(self.s, code, rep::ERR_INVALID, "LIST takes no data").await?;
+            return Ok(Step::Next);
+        }
+        for e in self.exports.all() {
+            let entry = handshake::server_entry(&e.name, &e.description);
+            reply(self.s, code, rep::SERVER, &entry).await?;
+        }
+        reply(self.s, code, rep::ACK, &[]).await?;
+        Ok(Step::Next)
+    }
+
+    async fn info_or_go(&mut self, code: u32, data: &[u8]) -> Result<Step, NegotiateError> {
+        let Ok(req) = InfoRequest::decode(data) else {
+            error(self.s, code, rep::ERR_INVALID, "malformed INFO/GO request").await?;
+            return Ok(Step::Next);
+        };
+        let Some(export) = self.exports.find(&req.name) else {
+            error(self.s, code, rep::ERR_UNKNOWN, "no such export").await?;
+            return Ok(Step::Next);
+        };
+        let mut infos = vec![Info::Export {
+            size: export.volume.size(),
+            flags: transmission_flags(&export, self.st.structured),
+        }];
+        if req.requests.contains(&info::NAME) {
+            infos.push(Info::Name(export.name.clone()));
+        }
+        if req.requests.contains(&info::DESCRIPTION) {
+            infos.push(Info::Description(export.description.clone()));
+        }
+        // Block sizes say what the server accepts: any alignment (unaligned edges are
+        // read-modify-written, as the kernel client needs), the sector size as the preferred
+        // size (no read-modify-write then), and the largest request. A minimum above 1 would
+        // make libnbd refuse smaller I/O client-side, so that nbdfuse + a 512-byte loop device
+        // could not even read a superblock.
+        infos.push(Info::BlockSize {
+            min: 1,
+            preferred: u32::try_from(export.volume.config().sector_size.bytes()).unwrap_or(4096),
+            max: export.max_request,
+        });
+        for i in infos {
+            let mut d = Vec::new();
+            i.encode(&mut d);
+            reply(self.s, code, rep::INFO, &d).await?;
+        }
+        reply(self.s, code, rep::ACK, &[]).await?;
+        Ok(if code == opt::GO {
+            self.session(export)
+        } else {
+            Step::Next
+        })
+    }
+
+    async fn structured_reply(&mut self, code: u32, data: &[u8]) -> Result<Step, NegotiateError> {
+        if data.is_empty() {
+            self.st.structured = true;
+            reply(self.s, code, rep::ACK, &[]).await?;
+        } else {
             error(
-                s,
-                h.code,
-                rep::ERR_TLS_REQD,
-                "TLS is required: send NBD_OPT_STARTTLS first",
+                self.s,
+                code,
+                rep::ERR_INVALID,
+                "STRUCTURED_REPLY takes no data",
             )
             .await?;
+        }
+        Ok(Step::Next)
+    }
+
+    async fn meta_context(&mut self, code: u32, data: &[u8]) -> Result<Step, NegotiateError> {
+        let set = code == opt::SET_META_CONTEXT;
+        if set && !self.st.structured {
+            let msg = "structured replies are required first";
+            error(self.s, code, rep::ERR_INVALID, msg).await?;
+            return Ok(Step::Next);
+        }
+        let Ok(req) = MetaContextRequest::decode(data) else {
+            let msg = "malformed meta context request";
+            error(self.s, code, rep::ERR_INVALID, msg).await?;
+            return Ok(Step::Next);
+        };
+        let Some(export) = self.exports.find(&req.name) else {
+            error(self.s, code, rep::ERR_UNKNOWN, "no such export").await?;
+            return Ok(Step::Next);
+        };
+        let available = export.volume.config().discards;
+        let wants = |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+        let selected =
+            available && ((!set && req.queries.is_empty()) || req.queries.iter().any(|q| wants(q)));
+        if set {
+            self.st.meta_for = selected.then(|| export.name.clone());
+        }
+        if selected {
+            let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
+            let ctx = handshake::meta_context(id, BASE_ALLOCATION);
+            reply(self.s, code, rep::META_CONTEXT, &ctx).await?;
+        }
+        reply(self.s, code, rep::ACK, &[]).await?;
+        Ok(Step::Next)
+    }
+
+    async fn starttls(&mut self, code: u32, data: &[u8]) -> Result<Step, NegotiateError> {
+        let refusal = if !data.is_empty() {
+            Some((rep::ERR_INVALID, "STARTTLS takes no data"))
+        } else if !self.tls.offered {
+            Some((rep::ERR_UNSUP, "TLS is not configured on this server"))
+        } else if self.tls.active {
+            Some((rep::ERR_INVALID, "TLS is already active"))
+        } else {
+            None
+        };
+        match refusal {
+            Some((kind, msg)) => {
+                error(self.s, code, kind, msg).await?;
+                Ok(Step::Next)
+            }
+            None => {
+                reply(self.s, code, rep::ACK, &[]).await?;
+                Ok(Step::Done(Outcome::StartTls))
+            }
+        }
+    }
+}
+
+/// One round of option haggling on `s`, until transmission, `ABORT` or `STARTTLS`.
+pub async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &Exports,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Outcome, NegotiateError> {
+    let mut h = Haggle {
+        s,
+        exports,
+        no_zeroes,
+        tls,
+        st: State {
+            structured: false,
+            meta_for: None,
+            refused_plaintext: false,
+        },
+    };
+    loop {
+        let Some((hdr, data)) = h.read_option().await? else {
+            continue;
+        };
+        if h.refuse_plaintext(hdr.code).await? {
             continue;
         }
-        match h.code {
-            opt::EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
-                let Some(export) = exports.find(&name) else {
-                    // No error path exists for EXPORT_NAME: the spec says to close.
-                    return Err(NegotiateError::Protocol(format!("unknown export {name:?}")));
-                };
-                let mut out = Vec::new();
-                handshake::export_name_reply(
-                    &mut out,
-                    export.volume.size(),
-                    transmission_flags(&export, st.structured),
-                    no_zeroes,
-                );
-                s.write_all(&out).await?;
-                let block_status = st.meta_for.as_deref() == Some(export.name.as_str());
-                return Ok(Outcome::Session(Session {
-                    export,
-                    structured: st.structured,
-                    block_status,
-                }));
-            }
-            opt::ABORT => {
-                // Best effort: the client may already have closed.
-                let _ = reply(s, h.code, rep::ACK, &[]).await;
-                return Ok(Outcome::Aborted);
-            }
-            opt::LIST => {
-                if !data.is_empty() {
-                    error(s, h.code, rep::ERR_INVALID, "LIST takes no data").await?;
-                    continue;
-                }
-                for e in exports.all() {
-                    reply(
-                        s,
-                        h.code,
-                        rep::SERVER,
-                        &handshake::server_entry(&e.name, &e.description),
-                    )
-                    .await?;
-                }
-                reply(s, h.code, rep::ACK, &[]).await?;
-            }
-            opt::INFO | opt::GO => {
-                let Ok(req) = InfoRequest::decode(&data) else {
-                    error(s, h.code, rep::ERR_INVALID, "malformed INFO/GO request").await?;
-                    continue;
-                };
-                let Some(export) = exports.find(&req.name) else {
-                    error(s, h.code, rep::ERR_UNKNOWN, "no such export").await?;
-                    continue;
-                };
-                let mut infos = vec![Info::Export {
-                    size: export.volume.size(),
-                    flags: transmission_flags(&export, st.structured),
-                }];
-                if req.requests.contains(&info::NAME) {
-                    infos.push(Info::Name(export.name.clone()));
-                }
-                if req.requests.contains(&info::DESCRIPTION) {
-                    infos.push(Info::Description(export.description.clone()));
-                }
-                // Block sizes say what the server accepts: any alignment (unaligned edges are
-                // read-modify-written, as the kernel client needs), the sector size as the
-                // preferred size (no read-modify-write then), and the largest request. A
-                // minimum above 1 would make libnbd refuse smaller I/O client-side, so that
-                // nbdfuse + a 512-byte loop device could not even read a superblock.
-                infos.push(Info::BlockSize {
-                    min: 1,
-                    preferred: u32::try_from(export.volume.config().sector_size.bytes())
-                        .unwrap_or(4096),
-                    max: export.max_request,
-                });
-                for i in infos {
-                    let mut d = Vec::new();
-                    i.encode(&mut d);
-                    reply(s, h.code, rep::INFO, &d).await?;
-                }
-                reply(s, h.code, rep::ACK, &[]).await?;
-                if h.code == opt::GO {
-                    let block_status = st.meta_for.as_deref() == Some(export.name.as_str());
-                    return Ok(Outcome::Session(Session {
-                        export,
-                        structured: st.structured,
-                        block_status,
-                    }));
-                }
-            }
-            opt::STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    error(
-                        s,
-                        h.code,
-                        rep::ERR_INVALID,
-                        "STRUCTURED_REPLY takes no data",
-                    )
-                    .await?;
-                } else {
-                    st.structured = true;
-                    reply(s, h.code, rep::ACK, &[]).await?;
-                }
-            }
+        let step = match hdr.code {
+            opt::EXPORT_NAME => h.export_name(&data).await?,
+            opt::ABORT => h.abort(hdr.code).await,
+            opt::LIST => h.list(hdr.code, &data).await?,
+            opt::INFO | opt::GO => h.info_or_go(hdr.code, &data).await?,
+            opt::STRUCTURED_REPLY => h.structured_reply(hdr.code, &data).await?,
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                let set = h.code == opt::SET_META_CONTEXT;
-                if set && !st.structured {
-                    error(
-                        s,
-                        h.code,
-                        rep::ERR_INVALID,
-                        "structured replies are required first",
-                    )
-                    .await?;
-                    continue;
-                }
-                let Ok(req) = MetaContextRequest::decode(&data) else {
-                    error(
-                        s,
-                        h.code,
-                        rep::ERR_INVALID,
-                        "malformed meta context request",
-                    )
-                    .await?;
-                    continue;
-                };
-                let Some(export) = exports.find(&req.name) else {
-                    error(s, h.code, rep::ERR_UNKNOWN, "no such export").await?;
-                    continue;
-                };
-                let available = export.volume.config().discards;
-                let wants =
-                    |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
-                let selected = available
-                    && ((!set && req.queries.is_empty()) || req.queries.iter().any(|q| wants(q)));
-                if set {
-                    st.meta_for = selected.then(|| export.name.clone());
-                }
-                if selected {
-                    let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
-                    reply(
-                        s,
-                        h.code,
-                        rep::META_CONTEXT,
-                        &handshake::meta_context(id, BASE_ALLOCATION),
-                    )
-                    .await?;
-                }
-                reply(s, h.code, rep::ACK, &[]).await?;
+                h.meta_context(hdr.code, &data).await?
             }
-            opt::STARTTLS => {
-                if !data.is_empty() {
-                    error(s, h.code, rep::ERR_INVALID, "STARTTLS takes no data").await?;
-                } else if !tls.offered {
-                    error(
-                        s,
-                        h.code,
-                        rep::ERR_UNSUP,
-                        "TLS is not configured on this server",
-                    )
-                    .await?;
-                } else if tls.active {
-                    error(s, h.code, rep::ERR_INVALID, "TLS is already active").await?;
-                } else {
-                    reply(s, h.code, rep::ACK, &[]).await?;
-                    return Ok(Outcome::StartTls);
-                }
-            }
+            opt::STARTTLS => h.starttls(hdr.code, &data).await?,
             _ => {
-                error(s, h.code, rep::ERR_UNSUP, "option not supported").await?;
+                error(h.s, hdr.code, rep::ERR_UNSUP, "option not supported").await?;
+                Step::Next
             }
+        };
+        if let Step::Done(outcome) = step {
+            return Ok(outcome);
         }
     }
 }
