@@ -56,7 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let key_service = || {
         nbdcrypt::commands::key_service(
-            &kms,
+            kms,
             kms_endpoint.as_deref(),
             region.as_deref(),
             kms_attempts,

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod values;
 
 use crate::crypto::BackendChoice;
+use crate::kms::{KmsKind, Origin};
 use crate::volume::header::VolumeType;
 use values::ExportSpec;
 
@@ -24,8 +25,8 @@ pub struct Cli {
     pub state_dir: Option<PathBuf>,
     /// Key service for volumes: the embedded local KMS, or AWS KMS (standard credential and
     /// region chain). `nbdcrypt kms …` always administers the local KMS.
-    #[arg(long, global = true, env = "NBDCRYPT_KMS", default_value = "local", value_parser = ["local", "aws"])]
-    pub kms: String,
+    #[arg(long, global = true, env = "NBDCRYPT_KMS", value_enum, default_value_t = KmsKind::Local)]
+    pub kms: KmsKind,
     /// AWS KMS endpoint override (with `--kms aws`).
     #[arg(long, global = true, env = "NBDCRYPT_KMS_ENDPOINT")]
     pub kms_endpoint: Option<String>,
@@ -84,8 +85,8 @@ pub enum KmsCommand {
         #[arg(long, default_value = "SYMMETRIC_DEFAULT")]
         key_spec: String,
         /// AWS_KMS (generated) or EXTERNAL (import material later).
-        #[arg(long, default_value = "AWS_KMS", value_parser = ["AWS_KMS", "EXTERNAL"])]
-        origin: String,
+        #[arg(long, value_enum, default_value_t = Origin::AwsKms)]
+        origin: Origin,
         /// JSON output.
         #[arg(long)]
         json: bool,

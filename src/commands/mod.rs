@@ -50,13 +50,13 @@ pub fn check_state_dir(state: &Path) -> Result<(), StateDirError> {
 
 /// The key service the global options select, and its name for volume headers.
 pub fn key_service(
-    cli_kms: &str,
+    kind: crate::kms::KmsKind,
     endpoint: Option<&str>,
     region: Option<&str>,
     attempts: u32,
     state: &Path,
 ) -> Result<(Box<dyn KeyService>, &'static str), KmsError> {
-    if cli_kms == "aws" {
+    if kind == crate::kms::KmsKind::Aws {
         let settings = crate::kms::aws::AwsSettings {
             endpoint: endpoint.map(str::to_owned),
             region: region.map(str::to_owned),
@@ -65,9 +65,12 @@ pub fn key_service(
         };
         Ok((
             Box::new(crate::kms::aws::AwsKms::connect(state, settings)?),
-            "aws",
+            kind.name(),
         ))
     } else {
-        Ok((Box::new(crate::kms::local::LocalKms::open(state)), "local"))
+        Ok((
+            Box::new(crate::kms::local::LocalKms::open(state)),
+            kind.name(),
+        ))
     }
 }
