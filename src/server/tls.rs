@@ -34,25 +34,42 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read or parsed as PEM.
-    #[error("TLS {what} {path}: {reason}")]
+    #[error("TLS {what} {path}: {source}")]
     File {
         /// Which file ("certificate", "private key", "client CA").
         what: &'static str,
         /// Its path.
         path: PathBuf,
         /// Why.
-        reason: String,
+        source: TlsCause,
     },
     /// rustls refused the combination (e.g. the key does not match the certificate).
-    #[error("TLS configuration from {cert} and {key}: {reason}")]
+    #[error("TLS configuration from {cert} and {key}: {source}")]
     Config {
         /// Certificate path.
         cert: PathBuf,
         /// Key path.
         key: PathBuf,
         /// Why.
-        reason: String,
+        source: TlsCause,
     },
+}
+
+/// The cause of a [`TlsError`], kept with its source.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsCause {
+    /// The PEM file (structure: missing section, bad base64; never its contents).
+    #[error(transparent)]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// rustls refused.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built.
+    #[error(transparent)]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The file parsed but holds nothing usable.
+    #[error("{0}")]
+    Missing(&'static str),
 }
 
 /// The server's TLS state: the mode and the current rustls configuration.
@@ -68,17 +85,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::File {
+    let err = |source: TlsCause| TlsError::File {
         what,
         path: path.to_owned(),
-        reason,
+        source,
     };
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.into()))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     if certs.is_empty() {
-        return Err(err("no PEM CERTIFICATE block in the file".into()));
+        return Err(err(TlsCause::Missing(
+            "no PEM CERTIFICATE block in the file",
+        )));
     }
     Ok(certs)
 }
@@ -89,11 +108,11 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         what: "private key",
         path: path.to_owned(),
         // pem errors describe structure (missing section, bad base64), never the contents.
-        reason: match e {
+        source: match e {
             rustls::pki_types::pem::Error::NoItemsFound => {
-                "no PEM PRIVATE KEY block in the file".into()
+                TlsCause::Missing("no PEM PRIVATE KEY block in the file")
             }
-            other => other.to_string(),
+            other => other.into(),
         },
     })
 }
@@ -114,15 +133,15 @@ fn warn_if_readable_by_others(path: &Path) {
 fn build(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
     let chain = read_certs("certificate", &files.cert)?;
     let key = read_key(&files.key)?;
-    let config_err = |reason: String| TlsError::Config {
+    let config_err = |source: rustls::Error| TlsError::Config {
         cert: files.cert.clone(),
         key: files.key.clone(),
-        reason,
+        source: source.into(),
     };
     let provider = provider();
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| config_err(e.to_string()))?;
+        .map_err(config_err)?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
@@ -131,7 +150,7 @@ fn build(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
                 roots.add(c).map_err(|e| TlsError::File {
                     what: "client CA",
                     path: ca.clone(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -139,14 +158,12 @@ fn build(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
                 .map_err(|e| TlsError::File {
                     what: "client CA",
                     path: ca.clone(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| config_err(e.to_string()))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(config_err)?;
     // Session tickets/resumption would keep ticket keys around; NBD sessions are long-lived
     // and reconnect rarely, so a full handshake costs nothing that matters.
     config.send_tls13_tickets = 0;

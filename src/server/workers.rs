@@ -38,10 +38,10 @@ pub const MIN_RUN_BYTES: usize = 64 * 1024;
 
 /// Errors building the pool.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start {threads} crypto workers: {reason}")]
+#[error("cannot start {threads} crypto workers: {source}")]
 pub struct WorkersError {
     threads: usize,
-    reason: String,
+    source: rayon::ThreadPoolBuildError,
 }
 
 /// The worker pool.
@@ -129,10 +129,7 @@ impl Workers {
                 );
             })
             .build()
-            .map_err(|e| WorkersError {
-                threads,
-                reason: e.to_string(),
-            })?;
+            .map_err(|source| WorkersError { threads, source })?;
         Ok(Workers {
             pool,
             threads,
