@@ -10,7 +10,7 @@
 //! | [`commands`] | what each subcommand does (`info`, `benchmark`, `serve`, `volume`, `kms`, raw-key exports and `keygen`) | hold key material beyond one call |
 //! | [`codec`] | big-endian byte reading/writing shared by the wire format and the volume header | panic on short input |
 //! | [`faults`] | fault-injection hooks for the crash and panic tests (inert unless their variable is set) | act without its environment variable |
-//! | [`fsutil`] | creating private (0700) state directories | create anything others can write |
+//! | [`fsutil`] | creating private (0700) state directories; [`fsutil::StateLayout`], the one place that names where state lives | create anything others can write |
 //! | [`human`] | UTC timestamps and IEC sizes for people (JSON keeps raw numbers) | be used for `--json` output |
 //! | [`protocol`] | the NBD wire format, pure (no I/O) | panic on any input |
 //! | [`server`] | tokio edge: listener, negotiation, pipelined transmission, request validation, crypto workers, payload buffers | touch key bytes |

@@ -34,7 +34,10 @@ pub struct StateDirError {
 /// Checks `state` and, within it, the local KMS directory for group or world write access.
 pub fn check_state_dir(state: &Path) -> Result<(), StateDirError> {
     use std::os::unix::fs::PermissionsExt;
-    for dir in [state.to_path_buf(), state.join("kms")] {
+    for dir in [
+        state.to_path_buf(),
+        crate::fsutil::StateLayout::new(state).kms_dir(),
+    ] {
         if let Ok(meta) = std::fs::metadata(&dir) {
             let mode = meta.permissions().mode() & 0o7777;
             if mode & 0o022 != 0 {

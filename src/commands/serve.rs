@@ -303,7 +303,7 @@ fn serve_until_signal(
                 gid = user.gid.as_raw(),
                 "privileges dropped"
             );
-            if std::fs::read_dir(state_dir.join("volumes")).is_err() && !volumes.is_empty() {
+            if std::fs::read_dir(crate::fsutil::StateLayout::new(state_dir).registry()).is_err() && !volumes.is_empty() {
                 tracing::warn!(
                     user = name,
                     state_dir = %state_dir.display(),

@@ -38,8 +38,10 @@ struct Ctx {
     pages: PageLock,
 }
 
-// SAFETY: an EVP_CIPHER_CTX has no thread affinity; it is only ever used by one thread at a
-// time because `Ctx` is owned (moved in and out of the pool under a mutex), never shared.
+// SAFETY: an EVP_CIPHER_CTX has no thread affinity, so moving one to another thread is sound.
+// It is used by one thread at a time: a slot's context only by the thread whose atomic claim
+// set the slot's `busy` flag (see `Pool`), the template only under its `Mutex`, and a
+// temporary copy only by the thread that made it.
 unsafe impl Send for Ctx {}
 
 impl Ctx {

@@ -341,8 +341,7 @@ impl Drop for PageLock {
 /// Makes the whole process undumpable where asked: no core file, no ptrace by unprivileged
 /// peers. Used by the server as a second line behind per-page `MADV_DONTDUMP`.
 pub fn disable_core_dumps() -> bool {
-    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 }
+    nix::sys::prctl::set_dumpable(false).is_ok()
 }
 
 #[cfg(test)]

@@ -156,7 +156,7 @@ impl AwsKms {
         Ok(AwsKms {
             client: aws_sdk_kms::Client::new(&conf),
             rt,
-            audit: AuditLog::new(&state_dir.join("audit.log")),
+            audit: AuditLog::new(&crate::fsutil::StateLayout::new(state_dir).audit_log()),
             clock: Clock::from_env(),
             settings,
         })

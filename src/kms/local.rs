@@ -68,7 +68,7 @@ impl LocalKms {
     pub fn with_clock(state_dir: &Path, clock: Clock) -> Self {
         LocalKms {
             store: Store::new(state_dir),
-            audit: AuditLog::new(&state_dir.join("audit.log")),
+            audit: AuditLog::new(&crate::fsutil::StateLayout::new(state_dir).audit_log()),
             clock,
             lock: Mutex::new(()),
             state_dir: state_dir.to_owned(),

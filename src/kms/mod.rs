@@ -2,8 +2,8 @@
 //!
 //! One trait, [`KeyService`], in the shape of the AWS KMS operations nbdcrypt needs
 //! (`GenerateDataKey`, `Decrypt`, `ReEncrypt`, `DescribeKey`). Implementations: [`local`] (the
-//! embedded local KMS, the default, state under the state directory) and, later, AWS KMS through
-//! `aws-sdk-kms`. Every call is written to the [`audit`] log by the implementation.
+//! embedded local KMS, the default, state under the state directory) and [`aws`] (AWS KMS
+//! through `aws-sdk-kms`, with its own bounded retry). Every call is written to the [`audit`] log by the implementation.
 //!
 //! Errors ([`KmsError`]) carry the AWS exception name, the key, the operation and the reason,
 //! and never key material or blobs. Plaintext data keys leave this module only as

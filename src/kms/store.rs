@@ -113,6 +113,7 @@ pub struct State {
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    file: PathBuf,
 }
 
 fn unavailable(op: &'static str, what: String) -> KmsError {
@@ -125,13 +126,15 @@ fn unavailable(op: &'static str, what: String) -> KmsError {
 impl Store {
     /// The store under `<state_dir>/kms`.
     pub fn new(state_dir: &Path) -> Store {
+        let layout = crate::fsutil::StateLayout::new(state_dir);
         Store {
-            dir: state_dir.join("kms"),
+            dir: layout.kms_dir(),
+            file: layout.kms_store(),
         }
     }
 
     fn file(&self) -> PathBuf {
-        self.dir.join("keys.json")
+        self.file.clone()
     }
 
     /// Loads the state (empty if none exists yet).

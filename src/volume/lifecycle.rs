@@ -164,10 +164,9 @@ impl Manager<'_> {
                 "scratch volumes always use the service-managed default key; --kms-key is for persistent volumes".into(),
             ));
         }
-        let backing = opts
-            .backing
-            .clone()
-            .unwrap_or_else(|| self.registry().join(format!("{name}.img")));
+        let backing = opts.backing.clone().unwrap_or_else(|| {
+            crate::fsutil::StateLayout::new(self.state_dir()).default_backing(name)
+        });
         let exists = self.check_backing(name, &backing, opts.force)?;
         let pending = Pending {
             size: opts.size,

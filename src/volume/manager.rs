@@ -80,11 +80,11 @@ impl<'k> Manager<'k> {
     }
 
     pub(super) fn registry(&self) -> PathBuf {
-        self.state_dir.join("volumes")
+        crate::fsutil::StateLayout::new(&self.state_dir).registry()
     }
 
     fn entry_path(&self, name: &str) -> PathBuf {
-        self.registry().join(format!("{name}.json"))
+        crate::fsutil::StateLayout::new(&self.state_dir).entry(name)
     }
 
     /// The registry entry of `name`.

@@ -210,7 +210,7 @@ pub(super) fn check_name(name: &str) -> Result<(), ManagerError> {
 
 /// Whether the registry has a tombstone for `name` (cheap; for a running server to poll).
 pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
-    std::fs::read_to_string(state_dir.join("volumes").join(format!("{name}.json")))
+    std::fs::read_to_string(crate::fsutil::StateLayout::new(state_dir).entry(name))
         .ok()
         .and_then(|t| serde_json::from_str::<Entry>(&t).ok())
         .is_some_and(|e| e.deleted)
