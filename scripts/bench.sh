@@ -15,6 +15,7 @@
 # The server's CPU time per job comes from /proc/PID/stat (utime+stime).
 #
 # Usage: scripts/bench.sh [--quick] [--rounds N] [--runtime SECONDS] [--out DIR] [--bin PATH]
+#                         [--base-bin PATH]   (another build, served as nbdcrypt-base)
 #                         [--servers "NAME ..."]   (a subset, e.g. "nbdcrypt nbdkit-memory")
 #   --quick   one round, 1 s jobs, 64 MiB volumes, debug binary: a smoke run for CI.
 # Output: a table on stdout, and in OUT (default target/bench): results.json, table.md,
@@ -29,6 +30,9 @@ ROUNDS=3
 RUNTIME=4
 OUT="$ROOT/target/bench"
 BIN=""
+# --base-bin: another nbdcrypt build (e.g. the previous commit) served as `nbdcrypt-base` in the
+# same run, for before/after ratios.
+BASE_BIN="${NBDCRYPT_BENCH_BASE_BIN:-}"
 ONLY=""
 while (($#)); do
     case "$1" in
@@ -37,6 +41,7 @@ while (($#)); do
         --runtime) RUNTIME="$2"; shift ;;
         --out) OUT="$2"; shift ;;
         --bin) BIN="$2"; shift ;;
+        --base-bin) BASE_BIN="$2"; shift ;;
         --servers) ONLY="$2"; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -118,6 +123,11 @@ done
     nbdcrypt-tls nbdkit-memory-tls) &&
     JOBS[nbdcrypt-w1]="seqwrite randread" && JOBS[nbdcrypt-tls]="seqwrite randread" &&
     JOBS[nbdkit-memory-tls]="seqwrite randread"
+if [[ -n "$BASE_BIN" ]]; then
+    [[ -x "$BASE_BIN" ]] || die "no nbdcrypt binary at $BASE_BIN (--base-bin)"
+    SERVERS+=(nbdcrypt-base)
+    JOBS[nbdcrypt-base]="$FULL"
+fi
 if [[ -n "$ONLY" ]]; then
     read -ra SERVERS <<<"$ONLY"
     for s in "${SERVERS[@]}"; do [[ -n "${JOBS[$s]:-}" ]] || JOBS[$s]="$SWEEP"; done
@@ -132,7 +142,9 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
             [[ "$name" == *-tls ]] && tls=(--tls-cert "$WORK/pki/server-cert.pem"
                 --tls-key "$WORK/pki/server-key.pem" --tls-required)
             rm -f "$WORK/volume.img"
-            "$BIN" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" "${tls[@]}" \
+            local bin="$BIN"
+            [[ "$name" == nbdcrypt-base ]] && bin="$BASE_BIN"
+            "$bin" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" "${tls[@]}" \
                 --export "name=bench,file=$WORK/volume.img,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;
