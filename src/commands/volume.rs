@@ -241,7 +241,7 @@ fn preallocate(m: &Manager<'_>, h: &Header) -> Result<(), ManagerError> {
     })
 }
 
-/// Runs a `volume` subcommand.
+/// Runs a `volume` subcommand: one handler per command.
 pub fn run(
     state: &Path,
     kms: &dyn KeyService,
@@ -251,67 +251,24 @@ pub fn run(
 ) -> Result<(), VolumeCommandError> {
     let m = Manager::new(state, kms, kms_name);
     match cmd {
-        VolumeCommand::Create(args) => {
-            let (h, prealloc) = if args.resume {
-                m.resume(&args.name)?
-            } else {
-                let h = create(&m, &args)?;
-                let p = h.incomplete;
-                (h, p)
-            };
-            if prealloc {
-                preallocate(&m, &h)?;
-            }
-            writeln!(
-                out,
-                "{} {} volume {} ({}, {}-byte sectors)",
-                if args.resume { "finished" } else { "created" },
-                h.volume_type,
-                h.name,
-                iec_bytes(h.size),
-                h.sector_size
-            )?;
-        }
+        VolumeCommand::Create(args) => run_create(&m, &args, out),
         VolumeCommand::Import { name, backing } => {
             let h = m.import(&name, &backing)?;
+            let called = if h.name == name {
+                String::new()
+            } else {
+                format!("; its header calls it {:?}", h.name)
+            };
             writeln!(
                 out,
-                "imported {} volume {name} ({}, created {}){}",
+                "imported {} volume {name} ({}, created {}){called}",
                 h.volume_type,
                 iec_bytes(h.size),
                 utc_timestamp(h.created),
-                if h.name == name {
-                    String::new()
-                } else {
-                    format!("; its header calls it {:?}", h.name)
-                }
             )?;
+            Ok(())
         }
-        VolumeCommand::List { json } => {
-            if !state.exists() {
-                if json {
-                    writeln!(out, "[]")?;
-                } else {
-                    writeln!(
-                        out,
-                        "no volumes: the state directory {} does not exist (the first `nbdcrypt volume create` or `nbdcrypt serve` creates it; --state-dir picks another)",
-                        state.display()
-                    )?;
-                }
-                return Ok(());
-            }
-            let mut all = Vec::new();
-            for e in m.list()? {
-                all.push(describe_json(&m, &e.name).unwrap_or_else(|err| {
-                    serde_json::json!({ "name": e.name, "state": "unreadable", "problem": err.to_string() })
-                }));
-            }
-            if json {
-                writeln!(out, "{}", json_text(&all)?)?;
-            } else {
-                print_list(out, &all)?;
-            }
-        }
+        VolumeCommand::List { json } => run_list(&m, state, json, out),
         VolumeCommand::Describe { name, json } => {
             let v = describe_json(&m, &name)?;
             if json {
@@ -321,10 +278,12 @@ pub fn run(
                     writeln!(out, "{k:<12} {}", human_value(k, val))?;
                 }
             }
+            Ok(())
         }
         VolumeCommand::Rewrap { name, kms_key } => {
             let h = m.rewrap(&name, &kms_key)?;
             writeln!(out, "volume {name} is now wrapped by {}", h.key_id)?;
+            Ok(())
         }
         VolumeCommand::ExportKey { name, confirm } => {
             if !confirm {
@@ -335,29 +294,98 @@ pub fn run(
             }
             let key = m.export_key(&name)?;
             writeln!(out, "{}", key.as_str())?;
+            Ok(())
         }
         VolumeCommand::Delete {
             name,
             keep_ciphertext,
             wipe,
             force,
-        } => {
-            if wipe {
-                let bar = super::progress::bytes(m.data_bytes(&name)?, "wiping");
-                m.wipe_data(&name, force, |n| bar.inc(n))?;
-                bar.finish_and_clear();
-            }
-            m.delete(&name, keep_ciphertext, force)?;
+        } => run_delete(&m, &name, keep_ciphertext, wipe, force, out),
+    }
+}
+
+fn run_create(
+    m: &Manager<'_>,
+    args: &VolumeCreateArgs,
+    out: &mut impl Write,
+) -> Result<(), VolumeCommandError> {
+    let (h, prealloc) = if args.resume {
+        m.resume(&args.name)?
+    } else {
+        let h = create(m, args)?;
+        let p = h.incomplete;
+        (h, p)
+    };
+    if prealloc {
+        preallocate(m, &h)?;
+    }
+    writeln!(
+        out,
+        "{} {} volume {} ({}, {}-byte sectors)",
+        if args.resume { "finished" } else { "created" },
+        h.volume_type,
+        h.name,
+        iec_bytes(h.size),
+        h.sector_size
+    )?;
+    Ok(())
+}
+
+fn run_list(
+    m: &Manager<'_>,
+    state: &Path,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), VolumeCommandError> {
+    if !state.exists() {
+        if json {
+            writeln!(out, "[]")?;
+        } else {
             writeln!(
                 out,
-                "deleted volume {name}: its key is destroyed{}",
-                if keep_ciphertext {
-                    "; the ciphertext was kept"
-                } else {
-                    " and its backing file removed"
-                }
+                "no volumes: the state directory {} does not exist (the first `nbdcrypt volume create` or `nbdcrypt serve` creates it; --state-dir picks another)",
+                state.display()
             )?;
         }
+        return Ok(());
     }
+    let mut all = Vec::new();
+    for e in m.list()? {
+        all.push(describe_json(m, &e.name).unwrap_or_else(|err| {
+            serde_json::json!({ "name": e.name, "state": "unreadable", "problem": err.to_string() })
+        }));
+    }
+    if json {
+        writeln!(out, "{}", json_text(&all)?)?;
+    } else {
+        print_list(out, &all)?;
+    }
+    Ok(())
+}
+
+fn run_delete(
+    m: &Manager<'_>,
+    name: &str,
+    keep_ciphertext: bool,
+    wipe: bool,
+    force: bool,
+    out: &mut impl Write,
+) -> Result<(), VolumeCommandError> {
+    if wipe {
+        let bar = super::progress::bytes(m.data_bytes(name)?, "wiping");
+        m.wipe_data(name, force, |n| bar.inc(n))?;
+        bar.finish_and_clear();
+    }
+    m.delete(name, keep_ciphertext, force)?;
+    writeln!(
+        out,
+        "deleted volume {name}: its key is destroyed{}",
+        if keep_ciphertext {
+            "; the ciphertext was kept"
+        } else {
+            " and its backing file removed"
+        }
+    )?;
     Ok(())
 }
