@@ -187,18 +187,21 @@ fn qemu_set_is_made_consistent_whatever_the_machine_has() {
         std::fs::write(&p, text.replace("CALLS", &calls.display().to_string())).unwrap();
         run_ok(Command::new("chmod").arg("755").arg(&p));
     }
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            ". {root}/scripts/lib/deb.sh; . {root}/scripts/lib/qemu.sh; qemu_consistent",
-            root = env!("CARGO_MANIFEST_DIR")
-        ))
-        .env(
-            "PATH",
-            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
-        )
-        .output()
-        .unwrap();
+    let qemu_consistent = || {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                ". {root}/scripts/lib/deb.sh; . {root}/scripts/lib/qemu.sh; qemu_consistent",
+                root = env!("CARGO_MANIFEST_DIR")
+            ))
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .output()
+            .unwrap()
+    };
+    let out = qemu_consistent();
     assert!(
         out.status.success(),
         "{}",
@@ -232,19 +235,7 @@ fn qemu_set_is_made_consistent_whatever_the_machine_has() {
     let consistent = "#!/bin/bash\nfor p in qemu-system-x86 qemu-utils qemu-block-extra qemu-system-data; do \
                       echo \"$p install ok installed qemu 1:7.2+dfsg-7\"; done\n";
     std::fs::write(bin.join("dpkg-query"), consistent).unwrap();
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            ". {root}/scripts/lib/deb.sh; . {root}/scripts/lib/qemu.sh; qemu_consistent",
-            root = env!("CARGO_MANIFEST_DIR")
-        ))
-        .env(
-            "PATH",
-            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
-        )
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    assert!(qemu_consistent().status.success());
     assert!(!calls.exists(), "apt-get ran for a consistent set");
 }
 
