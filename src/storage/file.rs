@@ -13,7 +13,9 @@ use super::{Extent, Storage, StoreLock};
 pub struct FileStorage {
     file: File,
     /// The same file opened `O_DSYNC`: a write through it is durable when it returns, without
-    /// an `fdatasync` of the whole file (header updates while the data area is busy).
+    /// an `fdatasync` of the whole file (header updates while the data area is busy). Opened
+    /// with `file`, not lazily: the path may later be unlinked or replaced, and header writes
+    /// must reach this inode.
     dsync: Option<File>,
     path: PathBuf,
     block_device: bool,

@@ -79,14 +79,12 @@ pub fn lock_exclusive(store: &dyn Storage, name: &str, hint: &str) -> Result<(),
     })
 }
 
-/// A fresh lease held by another process, as seen now (`None`: free, stale, or ours).
-pub fn live_holder(h: &Header, store_has_locks: bool, lock_free: bool) -> Option<&Lease> {
+/// With this node's serving lock held: the live lease of a server on *another* node, if any
+/// (a lease of this node behind a free lock belongs to a process that died; a stale one to a
+/// node that stopped renewing).
+pub fn foreign_live_lease(h: &Header) -> Option<&Lease> {
     let lease = h.lease.as_ref()?;
-    if store_has_locks && lock_free && lease.node == node_name() {
-        // Its holder would hold the lock: it died.
-        return None;
-    }
-    (!lease.is_stale(now_ms())).then_some(lease)
+    (lease.node != node_name() && !lease.is_stale(now_ms())).then_some(lease)
 }
 
 /// A lease this process holds.
