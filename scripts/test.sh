@@ -27,7 +27,7 @@ if [[ "${1:-}" == "--quick" ]]; then
     cargo test --locked --lib
     cargo test --locked --test xts_kat --test xts_properties --test xts_concurrency \
         --test split_identity --test memory_bound --test concurrent_writes --test hostile \
-        --test disconnects --test crash --test panics --test mistakes --test flood
+        --test disconnects --test crash --test panics --test mistakes --test mistakes_serving --test flood
     if [[ -s "$SKIPPED" ]]; then
         log "skipped for missing peers (scripts/test.sh runs them all):"
         cat "$SKIPPED"

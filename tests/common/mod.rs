@@ -8,6 +8,7 @@ mod artifacts;
 mod raw;
 mod sys;
 pub mod tls;
+pub mod volumes;
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
