@@ -102,8 +102,10 @@ export NBDCRYPT_TEST_ARTIFACTS="$ROOT/target/test-artifacts"
 rm -rf "$NBDCRYPT_TEST_ARTIFACTS"
 mkdir -p "$NBDCRYPT_TEST_ARTIFACTS"
 
-log "cargo test (debug profile)"
-cargo test --locked --all-targets
+# A hung test must fail the run, not eat CI's time limit: `timeout` signals its whole process
+# group, so the test binaries and whatever they started (servers, nbdfuse) go with it.
+log "cargo test (debug profile; at most ${NBDCRYPT_TEST_MINUTES:-45} minutes)"
+timeout -k 60 "${NBDCRYPT_TEST_MINUTES:-45}m" cargo test --locked --all-targets
 
 log "doc tests"
 cargo test --locked --doc

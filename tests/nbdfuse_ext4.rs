@@ -9,81 +9,20 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
+use common::kernel::{Fuse, LoopDev, Mount};
 use common::{Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
 
-struct Fuse {
-    child: Child,
-    dir: std::path::PathBuf,
-}
+/// Each test's mounts come down within this, or the watchdog fails them.
+const LIMIT: Duration = Duration::from_secs(300);
 
-impl Fuse {
-    fn mount(dir: &Path, uri: &str) -> Fuse {
-        std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg(dir.join("disk"))
-            .arg(uri)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nbdfuse");
-        let start = std::time::Instant::now();
-        while !dir.join("disk").exists() {
-            assert!(start.elapsed().as_secs() < 20, "nbdfuse did not come up");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Fuse {
-            child,
-            dir: dir.to_owned(),
-        }
-    }
-}
-
-impl Drop for Fuse {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.dir)
-            .status();
-        let _ = Command::new("umount")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        Self::attach_with(file, &["-b", "4096"])
-    }
-
-    fn attach_with(file: &Path, opts: &[&str]) -> Loop {
-        let out = run_ok(
-            Command::new("losetup")
-                .args(["-f", "--show"])
-                .args(opts)
-                .arg(file),
-        );
-        Loop(out.trim().to_owned())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
+/// Unmounts in order and insists that it went cleanly: a mount that stays busy is a finding.
+fn tear_down(m: Mount, lo: LoopDev, fuse: Fuse) {
+    assert!(m.unmount(), "the file system stayed busy");
+    assert!(lo.detach(), "{} did not detach", lo.0);
+    fuse.unmount().expect("nbdfuse unmounts cleanly");
 }
 
 fn prerequisites() -> Result<(), String> {
@@ -119,11 +58,10 @@ fn ext4_on_nbdfuse_survives_a_server_restart() {
     let mut sums = Vec::new();
     {
         let server = Server::start(&dir, std::slice::from_ref(&spec));
-        let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"));
-        let lo = Loop::attach(&fuse.dir.join("disk"));
+        let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), LIMIT);
+        let lo = LoopDev::attach_with(&fuse.dir.join("disk"), &["-b", "4096"]);
         run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.0));
-        run_ok(Command::new("mount").arg(&lo.0).arg(&mnt));
-        let m = Mount(mnt.clone());
+        let m = Mount::new(&lo.0, &mnt);
         for (i, size) in [1usize, 4095, 4096, 100_000, 3 << 20, 17 << 20]
             .iter()
             .enumerate()
@@ -136,19 +74,16 @@ fn ext4_on_nbdfuse_survives_a_server_restart() {
             ));
         }
         run_ok(&mut Command::new("sync"));
-        drop(m);
-        drop(lo);
-        drop(fuse);
+        tear_down(m, lo, fuse);
         let log = server.stop();
         assert!(log.contains("flushed"), "{log}");
     }
     let server = Server::start(&dir, &[spec]);
-    let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"));
-    let lo = Loop::attach(&fuse.dir.join("disk"));
+    let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), LIMIT);
+    let lo = LoopDev::attach_with(&fuse.dir.join("disk"), &["-b", "4096"]);
     let fsck = run_ok(Command::new("e2fsck").arg("-fn").arg(&lo.0));
     assert!(fsck.contains("files"), "{fsck}");
-    run_ok(Command::new("mount").arg(&lo.0).arg(&mnt));
-    let m = Mount(mnt.clone());
+    let m = Mount::new(&lo.0, &mnt);
     for (name, sum) in &sums {
         assert_eq!(
             &run_ok(Command::new("sha256sum").arg(mnt.join(name))),
@@ -156,9 +91,7 @@ fn ext4_on_nbdfuse_survives_a_server_restart() {
             "{name}"
         );
     }
-    drop(m);
-    drop(lo);
-    drop(fuse);
+    tear_down(m, lo, fuse);
 }
 
 /// `losetup` with its defaults (512-byte logical blocks) over a 4 KiB-sector volume: mkfs,
@@ -181,8 +114,8 @@ fn ext4_on_nbdfuse_with_default_512_byte_loop_blocks() {
     let mnt = dir.path("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let server = Server::start(&dir, &[spec]);
-    let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"));
-    let lo = Loop::attach_with(&fuse.dir.join("disk"), &[]);
+    let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), LIMIT);
+    let lo = LoopDev::attach(&fuse.dir.join("disk"));
     let bs = run_ok(Command::new("blockdev").arg("--getss").arg(&lo.0));
     assert_eq!(
         bs.trim(),
@@ -195,18 +128,14 @@ fn ext4_on_nbdfuse_with_default_512_byte_loop_blocks() {
             .args(["-q", "-F", "-b", "1024"])
             .arg(&lo.0),
     );
-    run_ok(Command::new("mount").arg(&lo.0).arg(&mnt));
-    let m = Mount(mnt.clone());
+    let m = Mount::new(&lo.0, &mnt);
     let data = rng.bytes(3_000_001);
     std::fs::write(mnt.join("odd"), &data).unwrap();
     run_ok(&mut Command::new("sync"));
-    drop(m);
+    assert!(m.unmount(), "the file system stayed busy");
     let fsck = run_ok(Command::new("e2fsck").arg("-fn").arg(&lo.0));
     assert!(fsck.contains("files"), "{fsck}");
-    run_ok(Command::new("mount").arg(&lo.0).arg(&mnt));
-    let m = Mount(mnt.clone());
+    let m = Mount::new(&lo.0, &mnt);
     assert!(std::fs::read(mnt.join("odd")).unwrap() == data);
-    drop(m);
-    drop(lo);
-    drop(fuse);
+    tear_down(m, lo, fuse);
 }

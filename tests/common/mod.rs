@@ -5,12 +5,15 @@
 use nbdcrypt::crypto::VolumeKey;
 
 mod artifacts;
+pub mod kernel;
 mod raw;
 mod sys;
 pub mod tls;
 pub mod volumes;
 
 // Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use kernel::LoopDev;
 #[allow(unused_imports)]
 pub use raw::*;
 #[allow(unused_imports)]
@@ -341,33 +344,6 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
-}
-
-/// A loop device over a file (root only), detached on drop.
-pub struct LoopDev(pub String);
-
-impl LoopDev {
-    /// Attaches `file` to the first free loop device.
-    pub fn attach(file: &std::path::Path) -> LoopDev {
-        LoopDev(
-            run_ok(
-                std::process::Command::new("losetup")
-                    .args(["-f", "--show"])
-                    .arg(file),
-            )
-            .trim()
-            .to_owned(),
-        )
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// An encrypted volume over `storage` with a fixed test key (not a secret: both sides of a
