@@ -267,6 +267,10 @@ cmd_down() {
             local loop
             for loop in $(losetup -j "$RUN/fuse/disk" -O NAME -n 2>/dev/null) $dev; do
                 if losetup "$loop" >/dev/null 2>&1; then losetup -d "$loop" && say "detach: $loop"; fi
+                # A device still open elsewhere (udev probing it) detaches on its last close:
+                # wait for that, or the FUSE file below stays busy.
+                local i
+                for i in $(seq 1 100); do losetup "$loop" >/dev/null 2>&1 || break; sleep 0.1; done
             done
             if is_mounted "$RUN/fuse"; then
                 fusermount3 -u "$RUN/fuse" 2>/dev/null || umount -l "$RUN/fuse" 2>/dev/null || true

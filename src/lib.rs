@@ -26,6 +26,7 @@ pub mod cli;
 pub mod codec;
 pub mod commands;
 pub mod crypto;
+pub mod error;
 pub mod faults;
 pub mod fsutil;
 pub mod human;

@@ -70,7 +70,7 @@ impl XtsEngine {
             BackendKind::Vaes => {
                 return Err(CryptoError::Unavailable {
                     backend: "vaes",
-                    reason: "needs x86_64".into(),
+                    reason: "needs x86_64",
                 });
             }
         };

@@ -27,6 +27,7 @@ use aws_lc_sys as lc;
 
 use super::locked::{PageLock, Protection};
 use super::{CryptoError, SectorRun, gf};
+use crate::error::Cause;
 
 /// Size of AWS-LC's `EVP_AES_XTS_CTX` (two 248-byte aligned `AES_KEY`s, an `XTS128_CONTEXT` of
 /// four pointers and an `int`), rounded up. It only decides which heap pages get locked.
@@ -64,7 +65,7 @@ impl Ctx {
         let ptr = NonNull::new(raw).ok_or(CryptoError::Backend {
             backend: "hw",
             operation: "EVP_CIPHER_CTX_new",
-            reason: "out of memory".into(),
+            cause: Cause::msg("out of memory"),
         })?;
         // SAFETY: ptr is a fresh context; key points to 64 readable bytes, which is the key
         // length of EVP_aes_256_xts; a null IV is allowed at key-setting time.
@@ -79,13 +80,13 @@ impl Ctx {
             )
         };
         if ok != 1 {
-            let reason = last_error();
+            let cause = last_error();
             // SAFETY: ptr came from EVP_CIPHER_CTX_new and is not used after this.
             unsafe { lc::EVP_CIPHER_CTX_free(ptr.as_ptr()) };
             return Err(CryptoError::Backend {
                 backend: "hw",
                 operation: "EVP_CipherInit_ex",
-                reason,
+                cause,
             });
         }
         // SAFETY: ptr is valid and key-initialised, and owned only by us.
@@ -98,19 +99,19 @@ impl Ctx {
         let ptr = NonNull::new(raw).ok_or(CryptoError::Backend {
             backend: "hw",
             operation: "EVP_CIPHER_CTX_new",
-            reason: "out of memory".into(),
+            cause: Cause::msg("out of memory"),
         })?;
         // SAFETY: both contexts are valid; the template is only ever reached under its pool's
         // mutex, so nothing else uses it during the copy.
         let ok = unsafe { lc::EVP_CIPHER_CTX_copy(ptr.as_ptr(), self.ptr.as_ptr()) };
         if ok != 1 {
-            let reason = last_error();
+            let cause = last_error();
             // SAFETY: ptr is ours and unused after this.
             unsafe { lc::EVP_CIPHER_CTX_free(ptr.as_ptr()) };
             return Err(CryptoError::Backend {
                 backend: "hw",
                 operation: "EVP_CIPHER_CTX_copy",
-                reason,
+                cause,
             });
         }
         // SAFETY: the copy holds the template's key schedules (EVP_CTRL_COPY re-points them).
@@ -157,17 +158,34 @@ impl Drop for Ctx {
 
 /// The text of AWS-LC's most recent error on this thread (never key material: AWS-LC's error
 /// strings are static reason codes).
-fn last_error() -> String {
+/// An error from AWS-LC's error queue: its packed code and its text.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct LibraryError {
+    /// AWS-LC's packed error code (library, reason); 0 when the queue was empty.
+    pub code: u64,
+    /// `ERR_error_string_n`'s text.
+    pub text: String,
+}
+
+/// The oldest error on this thread's AWS-LC error queue.
+fn last_error() -> Cause {
     // SAFETY: ERR_get_error reads this thread's error queue; no pointers.
     let code = unsafe { lc::ERR_get_error() };
     if code == 0 {
-        return "unknown AWS-LC failure".into();
+        return Cause::new(LibraryError {
+            code: 0,
+            text: "unknown AWS-LC failure (empty error queue)".into(),
+        });
     }
     let mut buf = [0u8; 256];
     // SAFETY: buf is writable for its length; AWS-LC NUL-terminates within it.
     unsafe { lc::ERR_error_string_n(code, buf.as_mut_ptr().cast(), buf.len()) };
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    Cause::new(LibraryError {
+        code: u64::from(code),
+        text: String::from_utf8_lossy(&buf[..end]).into_owned(),
+    })
 }
 
 /// One reusable context, claimed by a single atomic compare-exchange.
@@ -315,7 +333,7 @@ impl HwXts {
                 return Err(CryptoError::Backend {
                     backend: "hw",
                     operation: "EVP_CipherUpdate",
-                    reason: last_error(),
+                    cause: last_error(),
                 });
             }
             iv_sector = iv_sector.wrapping_add(iv_step);

@@ -90,18 +90,19 @@ pub enum CryptoError {
     Unavailable {
         /// The backend.
         backend: &'static str,
-        /// Why.
-        reason: String,
+        /// What it needs that this machine or build lacks.
+        reason: &'static str,
     },
     /// The backend library reported a failure.
-    #[error("XTS backend `{backend}` failed in {operation}: {reason}")]
+    #[error("XTS backend `{backend}` failed in {operation}: {cause}")]
     Backend {
         /// The backend.
         backend: &'static str,
         /// The library call that failed.
         operation: &'static str,
-        /// The library's reason.
-        reason: String,
+        /// The library's error.
+        #[source]
+        cause: crate::error::Cause,
     },
     /// An unknown backend name.
     #[error("unknown XTS backend `{0}`: use auto, hw, portable or vaes")]

@@ -62,7 +62,7 @@ impl VaesXts {
         if !present {
             return Err(CryptoError::Unavailable {
                 backend: "vaes",
-                reason: "needs AES-NI, AVX-512F, AVX-512BW, VAES and VPCLMULQDQ".into(),
+                reason: "needs AES-NI, AVX-512F, AVX-512BW, VAES and VPCLMULQDQ",
             });
         }
         let keys = LockedBox::new_with(|slot| {

@@ -113,7 +113,10 @@ impl AuditLog {
         if let Err(e) = self.append(&record) {
             return Err(super::KmsError::Unavailable {
                 operation,
-                reason: format!("cannot write the audit log {}: {e}", self.path.display()),
+                cause: super::Cause::context(
+                    format!("cannot write the audit log {}", self.path.display()),
+                    e,
+                ),
             });
         }
         result

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
     GrantConstraints, GrantOperation, KeyManagerType, KeyState as AwsKeyState, OriginType,
@@ -25,8 +25,8 @@ mod retry;
 use super::audit::AuditLog;
 use super::clock::Clock;
 use super::{
-    Caller, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState, KmsError,
-    Origin,
+    Caller, Cause, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState,
+    KmsError, Origin,
 };
 
 /// Settings for the AWS client.
@@ -66,7 +66,7 @@ pub const AWS_DEFAULT_ALIAS: &str = "alias/nbdcrypt/default";
 
 fn map_err<E>(operation: &'static str, key: &str, e: aws_sdk_kms::error::SdkError<E>) -> KmsError
 where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let code = e.code().map(str::to_owned);
     let message = e.message().unwrap_or_default().to_owned();
@@ -98,7 +98,7 @@ where
         Some("MalformedPolicyDocumentException") => KmsError::MalformedPolicy {
             operation,
             key,
-            reason: message,
+            cause: Cause::msg(message),
         },
         Some(other) => KmsError::Validation {
             operation,
@@ -106,10 +106,7 @@ where
         },
         None => KmsError::Unavailable {
             operation,
-            reason: format!(
-                "key {key}: cannot reach AWS KMS: {}",
-                DisplayErrorContext(&e)
-            ),
+            cause: Cause::context(format!("key {key}: cannot reach AWS KMS"), e),
         },
     }
 }
@@ -126,7 +123,7 @@ impl AwsKms {
             .build()
             .map_err(|e| KmsError::Unavailable {
                 operation: "Connect",
-                reason: e.to_string(),
+                cause: Cause::context("cannot start the KMS client's runtime", e),
             })?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(r) = &settings.region {
@@ -150,7 +147,7 @@ impl AwsKms {
         if conf.region().is_none() {
             return Err(KmsError::Unavailable {
                 operation: "Connect",
-                reason: "no AWS region: set --region or AWS_REGION".into(),
+                cause: Cause::msg("no AWS region: set --region or AWS_REGION"),
             });
         }
         Ok(AwsKms {

@@ -22,8 +22,8 @@ use super::audit::AuditLog;
 use super::clock::{Clock, DAY};
 use super::store::{KeyRecord, Material, State, Store};
 use super::{
-    Caller, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState, KmsError,
-    Origin,
+    Caller, Cause, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState,
+    KmsError, Origin,
 };
 
 /// The local account id.
@@ -306,7 +306,7 @@ impl KeyService for LocalKms {
             let mut plaintext = Zeroizing::new(vec![0u8; bytes]);
             getrandom::fill(&mut plaintext).map_err(|e| KmsError::Unavailable {
                 operation: OP,
-                reason: e.to_string(),
+                cause: Cause::new(e),
             })?;
             let blob = Self::seal(k, context, &plaintext)?;
             let key_arn = arn(&id);

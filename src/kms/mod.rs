@@ -21,6 +21,7 @@ pub use store::Grant;
 
 use std::collections::BTreeMap;
 
+pub use crate::error::Cause;
 use zeroize::Zeroizing;
 
 /// Context key binding a wrapped key to its volume.
@@ -284,14 +285,15 @@ pub enum KmsError {
         reason: String,
     },
     /// A key policy that cannot be parsed or uses unsupported elements.
-    #[error("MalformedPolicyDocumentException: {operation} on key {key} failed: {reason}")]
+    #[error("MalformedPolicyDocumentException: {operation} on key {key} failed: {cause}")]
     MalformedPolicy {
         /// Operation.
         operation: &'static str,
         /// Key.
         key: String,
-        /// Why.
-        reason: String,
+        /// What is wrong with the document (the JSON parser's error, or the element).
+        #[source]
+        cause: Cause,
     },
     /// The key service answered without a field the operation must return (a wrapped key, a
     /// key id): nothing is written with such an answer.
@@ -305,12 +307,13 @@ pub enum KmsError {
         field: &'static str,
     },
     /// The key service could not be reached or its state could not be read.
-    #[error("KMS unavailable for {operation}: {reason}")]
+    #[error("KMS unavailable for {operation}: {cause}")]
     Unavailable {
         /// Operation.
         operation: &'static str,
-        /// Why.
-        reason: String,
+        /// The failure underneath (an I/O error, the SDK's error, a random-number failure).
+        #[source]
+        cause: Cause,
     },
 }
 

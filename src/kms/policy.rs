@@ -90,9 +90,25 @@ fn strings(v: &Value, what: &str) -> Result<Vec<String>, String> {
     }
 }
 
+/// Why a policy document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Not JSON at all.
+    #[error("not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// JSON, but not a policy this KMS can enforce.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Parses and validates a policy document.
-pub fn parse(text: &str) -> Result<Policy, String> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+    let doc: Value = serde_json::from_str(text)?;
+    statements(&doc).map_err(PolicyError::Invalid)
+}
+
+/// The statements of a parsed document, validated.
+fn statements(doc: &Value) -> Result<Policy, String> {
     let stmts = match doc.get("Statement") {
         Some(Value::Array(a)) => a.clone(),
         Some(o @ Value::Object(_)) => vec![o.clone()],

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use super::{KeyManager, KeyState, KmsError, Origin};
+use super::{Cause, KeyManager, KeyState, KmsError, Origin};
 
 /// One version of a key's material.
 #[derive(Clone, Serialize, Deserialize)]
@@ -116,10 +116,10 @@ pub struct Store {
     file: PathBuf,
 }
 
-fn unavailable(op: &'static str, what: String) -> KmsError {
+fn unavailable(op: &'static str, cause: Cause) -> KmsError {
     KmsError::Unavailable {
         operation: op,
-        reason: what,
+        cause,
     }
 }
 
@@ -151,37 +151,47 @@ impl Store {
             Err(e) => {
                 return Err(unavailable(
                     op,
-                    format!("cannot read {}: {e}", path.display()),
+                    Cause::context(format!("cannot read {}", path.display()), e),
                 ));
             }
         };
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(unavailable(
                 op,
-                format!(
+                Cause::msg(format!(
                     "refusing the local KMS store {}: mode {:o} lets others read key material (chmod 600)",
                     path.display(),
                     meta.permissions().mode() & 0o777
-                ),
+                )),
             ));
         }
-        let mut text = std::fs::read_to_string(&path)
-            .map_err(|e| unavailable(op, format!("cannot read {}: {e}", path.display())))?;
+        let mut text = std::fs::read_to_string(&path).map_err(|e| {
+            unavailable(
+                op,
+                Cause::context(format!("cannot read {}", path.display()), e),
+            )
+        })?;
         let parsed = serde_json::from_str::<State>(&text);
         text.zeroize();
         let state = parsed.map_err(|e| {
             unavailable(
                 op,
-                format!(
-                    "the local KMS store {} is corrupt ({e}); restore it from a backup",
-                    path.display()
+                Cause::context(
+                    format!(
+                        "the local KMS store {} is corrupt (restore it from a backup)",
+                        path.display()
+                    ),
+                    e,
                 ),
             )
         })?;
         if state.version != 1 {
             return Err(unavailable(
                 op,
-                format!("unsupported local KMS store version {}", state.version),
+                Cause::msg(format!(
+                    "unsupported local KMS store version {}",
+                    state.version
+                )),
             ));
         }
         Ok(state)
@@ -190,7 +200,10 @@ impl Store {
     /// Saves the state atomically.
     pub fn save(&self, op: &'static str, state: &State) -> Result<(), KmsError> {
         let fail = |e: std::io::Error| {
-            unavailable(op, format!("cannot write {}: {e}", self.dir.display()))
+            unavailable(
+                op,
+                Cause::context(format!("cannot write {}", self.dir.display()), e),
+            )
         };
         crate::fsutil::create_private_dir(&self.dir).map_err(fail)?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))

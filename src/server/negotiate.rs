@@ -32,6 +32,9 @@ pub enum NegotiateError {
     /// The client broke the protocol so that the session cannot continue.
     #[error("client protocol error: {0}")]
     Protocol(String),
+    /// An option header that does not decode.
+    #[error("client protocol error: {0}")]
+    Decode(#[from] crate::protocol::DecodeError),
     /// The client sent `ABORT`.
     #[error("client aborted negotiation")]
     Aborted,
@@ -171,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
     async fn read_option(&mut self) -> Result<Option<(OptionHeader, Vec<u8>)>, NegotiateError> {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         self.s.read_exact(&mut hdr).await?;
-        let h = OptionHeader::decode(&hdr).map_err(|e| NegotiateError::Protocol(e.to_string()))?;
+        let h = OptionHeader::decode(&hdr)?;
         if h.len > MAX_OPTION_DATA {
             if h.len > MAX_OPTION_SKIP || h.code == opt::EXPORT_NAME {
                 return Err(NegotiateError::Protocol(format!(

@@ -180,15 +180,12 @@ pub enum HeaderError {
     /// A field is malformed.
     #[error("malformed header: {0}")]
     Malformed(String),
+    /// The bytes end early or a length field lies.
+    #[error("malformed header: {0}")]
+    Decode(#[from] DecodeError),
     /// The header does not fit its 4 KiB slot.
     #[error("header of {0} bytes does not fit in {HEADER_COPY_BYTES}")]
     TooLarge(usize),
-}
-
-impl From<DecodeError> for HeaderError {
-    fn from(e: DecodeError) -> Self {
-        HeaderError::Malformed(e.to_string())
-    }
 }
 
 fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) -> Result<(), HeaderError> {

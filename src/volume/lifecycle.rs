@@ -230,7 +230,10 @@ impl Manager<'_> {
             _ => DEFAULT_ALIAS.to_owned(),
         };
         let mut uuid = [0u8; 16];
-        getrandom::fill(&mut uuid).map_err(|e| ManagerError::Refused(e.to_string()))?;
+        getrandom::fill(&mut uuid).map_err(|source| ManagerError::Entropy {
+            what: "the volume id",
+            source,
+        })?;
         let context = Self::context(&uuid, &name);
         let kms_err = |source| ManagerError::Kms {
             volume: name.clone(),

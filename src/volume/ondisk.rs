@@ -170,6 +170,22 @@ pub enum ManagerError {
         /// What the header needs.
         needed: u64,
     },
+    /// A header that cannot be encoded (a field too long for its slot).
+    #[error("volume {volume}: cannot encode its header: {source}")]
+    Encode {
+        /// Volume.
+        volume: String,
+        /// Why.
+        source: header::HeaderError,
+    },
+    /// The system's random-number generator failed.
+    #[error("cannot draw random bytes for {what}: {source}")]
+    Entropy {
+        /// What they were for.
+        what: &'static str,
+        /// Why.
+        source: getrandom::Error,
+    },
     /// Something the request cannot do (e.g. export-key on a scratch volume).
     #[error("{0}")]
     Refused(String),
@@ -244,9 +260,10 @@ pub fn write_slot(
     h: &Header,
     slot: usize,
 ) -> Result<(), ManagerError> {
-    let bytes = h
-        .encode()
-        .map_err(|e| ManagerError::Refused(e.to_string()))?;
+    let bytes = h.encode().map_err(|source| ManagerError::Encode {
+        volume: name.to_owned(),
+        source,
+    })?;
     store
         .write_durable_at(&bytes, (slot * HEADER_COPY_BYTES) as u64)
         .map_err(store_io(name, "cannot write the header"))

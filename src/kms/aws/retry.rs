@@ -5,7 +5,7 @@
 use aws_sdk_kms::error::ProvideErrorMetadata;
 
 use super::{AwsKms, map_err};
-use crate::kms::KmsError;
+use crate::kms::{Cause, KmsError};
 
 /// The wait before attempt `attempt + 1`: 0.25 s doubling to 4 s, "equal jitter" (half fixed,
 /// half random) so that many servers restarting after an outage do not retry in lockstep.
@@ -49,7 +49,7 @@ impl AwsKms {
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, aws_sdk_kms::error::SdkError<E>>>,
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let attempts = self.settings.attempts.max(1);
         let started = std::time::Instant::now();
@@ -63,12 +63,15 @@ impl AwsKms {
             let mut err = map_err(operation, key, e);
             if !retry {
                 if attempt > 1
-                    && let KmsError::Unavailable { reason, .. } = &mut err
+                    && let KmsError::Unavailable { cause, .. } = &mut err
                 {
-                    reason.push_str(&format!(
-                        " (gave up after {attempt} attempts over {:.1} s; --kms-attempts)",
-                        started.elapsed().as_secs_f64()
-                    ));
+                    *cause = Cause::context(
+                        format!(
+                            "gave up after {attempt} attempts over {:.1} s (--kms-attempts)",
+                            started.elapsed().as_secs_f64()
+                        ),
+                        cause.clone(),
+                    );
                 }
                 return Err(err);
             }

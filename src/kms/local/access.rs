@@ -2,7 +2,7 @@
 //! grants, and the operations that manage them.
 
 use super::super::store::{KeyRecord, State};
-use super::super::{Caller, EncryptionContext, KeyManager, KeyState, KmsError};
+use super::super::{Caller, Cause, EncryptionContext, KeyManager, KeyState, KmsError};
 use super::{ACCOUNT, ADMIN_PRINCIPAL, LocalKms, VIA_SERVICE, arn, new_uuid};
 
 /// The policy in force for a key: its own, or the default for its manager.
@@ -31,12 +31,11 @@ impl LocalKms {
             key: arn(id),
         })?;
         let text = effective_policy(k);
-        let policy =
-            super::super::policy::parse(&text).map_err(|reason| KmsError::MalformedPolicy {
-                operation,
-                key: arn(id),
-                reason,
-            })?;
+        let policy = super::super::policy::parse(&text).map_err(|e| KmsError::MalformedPolicy {
+            operation,
+            key: arn(id),
+            cause: Cause::new(e),
+        })?;
         let key_arn = arn(id);
         let facts = super::super::policy::RequestFacts {
             principal: &caller.principal,
@@ -201,10 +200,10 @@ impl LocalKms {
         self.transact(OP, key, caller, None, |state, me| {
             let (id, _) = me.resolve(state, OP, key)?;
             Self::authorize(state, OP, OP, &id, caller, &EncryptionContext::default())?;
-            super::super::policy::parse(policy).map_err(|reason| KmsError::MalformedPolicy {
+            super::super::policy::parse(policy).map_err(|e| KmsError::MalformedPolicy {
                 operation: OP,
                 key: arn(&id),
-                reason,
+                cause: Cause::new(e),
             })?;
             let k = state.keys.get_mut(&id).ok_or_else(|| KmsError::NotFound {
                 operation: OP,

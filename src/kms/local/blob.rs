@@ -6,7 +6,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
 use super::super::store::{KeyRecord, Material, State};
-use super::super::{EncryptionContext, KmsError};
+use super::super::{Cause, EncryptionContext, KmsError};
 use super::{AAD_LABEL, BLOB_MAGIC, LocalKms, arn};
 use crate::codec::{hex_into, to_hex};
 
@@ -48,7 +48,7 @@ pub(super) fn random_material() -> Result<Zeroizing<[u8; 32]>, KmsError> {
     let mut m = Zeroizing::new([0u8; 32]);
     getrandom::fill(&mut m[..]).map_err(|e| KmsError::Unavailable {
         operation: "GenerateRandom",
-        reason: e.to_string(),
+        cause: Cause::new(e),
     })?;
     Ok(m)
 }
@@ -61,7 +61,7 @@ fn material_bytes(m: &Material, operation: &'static str) -> Result<Zeroizing<[u8
     } else {
         Err(KmsError::Unavailable {
             operation,
-            reason: "stored key material is malformed".into(),
+            cause: Cause::msg("stored key material is malformed"),
         })
     }
 }
@@ -112,12 +112,12 @@ impl LocalKms {
         let cipher =
             Aes256Gcm::new_from_slice(&material[..]).map_err(|_| KmsError::Unavailable {
                 operation: "Encrypt",
-                reason: "stored key material has the wrong length".into(),
+                cause: Cause::msg("stored key material has the wrong length"),
             })?;
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce).map_err(|e| KmsError::Unavailable {
             operation: "Encrypt",
-            reason: e.to_string(),
+            cause: Cause::new(e),
         })?;
         let mut sealed = plaintext.to_vec();
         let tag = cipher
@@ -128,7 +128,7 @@ impl LocalKms {
             )
             .map_err(|_| KmsError::Unavailable {
                 operation: "Encrypt",
-                reason: "AES-GCM refused the input".into(),
+                cause: Cause::msg("AES-GCM refused the input"),
             })?;
         let mut blob = BLOB_MAGIC.to_vec();
         blob.extend_from_slice(&uuid_bytes(&k.id));
@@ -173,7 +173,7 @@ impl LocalKms {
         let cipher =
             Aes256Gcm::new_from_slice(&material[..]).map_err(|_| KmsError::Unavailable {
                 operation,
-                reason: "stored key material has the wrong length".into(),
+                cause: Cause::msg("stored key material has the wrong length"),
             })?;
         if b.sealed.len() < 16 {
             return Err(KmsError::InvalidCiphertext {
