@@ -385,5 +385,24 @@ fn store_with_loose_permissions_or_corruption_is_refused() {
     std::fs::write(&file, "{ not json").unwrap();
     let e = k.describe_key(DEFAULT_ALIAS, &me()).unwrap_err();
     assert!(e.to_string().contains("corrupt"), "{e}");
+    // The parser's error is kept as the source, not flattened into text.
+    let KmsError::Unavailable { cause, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(cause.find::<serde_json::Error>().is_some(), "{e:?}");
+    assert!(std::error::Error::source(&e).is_some());
+    // So is an I/O error, with its kind: the store is a directory.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let e = k.describe_key(DEFAULT_ALIAS, &me()).unwrap_err();
+    let KmsError::Unavailable { cause, .. } = &e else {
+        panic!("{e:?}")
+    };
+    let io = cause
+        .find::<std::io::Error>()
+        .expect("an io::Error in the chain");
+    assert_eq!(io.raw_os_error(), Some(libc::EISDIR), "{e}");
+    assert!(e.to_string().contains("cannot read"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
