@@ -71,7 +71,6 @@ fn second_raw_export_of_a_file_is_refused() {
     assert!(log.contains("one writer per store"), "{log}");
 }
 
-/// Waits until `f` holds or `limit` passes; returns the time taken.
 #[test]
 fn delete_of_a_served_volume_is_refused_and_forced_cuts_clients_within_a_second() {
     let dir = TempDir::new("mist-delete");

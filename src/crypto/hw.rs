@@ -156,9 +156,8 @@ impl Drop for Ctx {
     }
 }
 
-/// The text of AWS-LC's most recent error on this thread (never key material: AWS-LC's error
-/// strings are static reason codes).
-/// An error from AWS-LC's error queue: its packed code and its text.
+/// An error from AWS-LC's error queue: its packed code and its text (never key material:
+/// AWS-LC's error strings are static reason codes).
 #[derive(Debug, thiserror::Error)]
 #[error("{text}")]
 pub struct LibraryError {

@@ -19,9 +19,10 @@ mod store;
 
 pub use store::Grant;
 
+pub use crate::error::Cause;
+
 use std::collections::BTreeMap;
 
-pub use crate::error::Cause;
 use zeroize::Zeroizing;
 
 /// Context key binding a wrapped key to its volume.

@@ -11,22 +11,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::run_ok;
+use super::volumes::within;
 
-/// Polls `done` every 50 ms until it holds or `limit` passes; returns whether it held.
-pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if done() {
-            return true;
-        }
-        if start.elapsed() >= limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Whether `done` holds within `limit` (polled).
+fn wait_until(limit: Duration, done: impl FnMut() -> bool) -> bool {
+    within(limit, done).is_some()
 }
 
 /// A loop device over a file (root only), detached on drop and waited for.

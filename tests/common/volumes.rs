@@ -90,6 +90,7 @@ pub fn read_through(server: &Server, export: &str, len: u32) -> Vec<u8> {
     raw_read(&mut s, 1, 0, len)
 }
 
+/// Waits until `f` holds or `limit` passes; returns the time taken.
 pub fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
