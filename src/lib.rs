@@ -34,6 +34,7 @@ pub mod kms;
 pub mod protocol;
 pub mod server;
 pub mod storage;
+pub mod upstream;
 pub mod volume;
 
 // Buffer lengths are converted between u64 and usize freely in the data path.

@@ -1,0 +1,639 @@
+//! An NBD client connection: fixed-newstyle negotiation with `OPT_GO` and structured replies,
+//! then many requests in flight at once.
+//!
+//! Any number of threads call [`Client::request`] concurrently. Each request gets a cookie
+//! and a waiter; its header (and payload) go out under the socket's write lock; one reader
+//! thread reads replies in whatever order the server sends them and completes the waiter
+//! whose cookie each names. So a caller blocks only on its own round trip, and the server sees
+//! as many requests in flight as there are callers (the crypto workers, the blocking pool).
+//! These are plain threads and blocking sockets: no tokio worker ever waits on the upstream.
+//!
+//! A connection that fails (EOF, a socket error, a reply the client cannot parse) is dead:
+//! every waiting and later request fails with an error naming the upstream and the reason.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use super::UpstreamError;
+use super::target::{Address, Target};
+use crate::protocol::consts::{
+    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk, client_flags, cmd, handshake_flags, info,
+    opt, rep,
+};
+use crate::protocol::handshake::{GREETING_LEN, OPTION_REPLY_HEADER_LEN};
+use crate::protocol::transmission::{CHUNK_HEADER_LEN, SIMPLE_REPLY_LEN};
+use crate::protocol::{
+    ChunkHeader, Greeting, Info, InfoRequest, OptionHeader, OptionReplyHeader, Reader, Request,
+    SimpleReply,
+};
+
+/// The largest request payload when the server does not say (the spec's default).
+pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Most bytes of option reply data read during negotiation.
+const MAX_OPTION_REPLY: u32 = 64 * 1024;
+
+/// How long connecting and negotiating may take.
+const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A blocking stream of either kind.
+#[derive(Debug)]
+enum Sock {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Sock {
+    fn connect(address: &Address) -> std::io::Result<Sock> {
+        Ok(match address {
+            Address::Tcp { host, port } => {
+                let s = std::net::TcpStream::connect((host.as_str(), *port))?;
+                s.set_nodelay(true)?;
+                Sock::Tcp(s)
+            }
+            Address::Unix(path) => Sock::Unix(std::os::unix::net::UnixStream::connect(path)?),
+        })
+    }
+
+    fn try_clone(&self) -> std::io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Sock::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(bufs),
+            Sock::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the server said about the export in `OPT_GO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`).
+    pub flags: u16,
+    /// Minimum block size (requests are aligned to it).
+    pub min_block: u32,
+    /// Preferred block size.
+    pub preferred_block: u32,
+    /// Largest payload of one request.
+    pub max_payload: u32,
+}
+
+impl ExportInfo {
+    /// Whether the server advertised `flag`.
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// The outcome of one request: its data (reads) or the server's error value.
+type Outcome = Result<Vec<u8>, Failed>;
+
+/// Why a request did not succeed.
+#[derive(Debug, Clone)]
+enum Failed {
+    /// The server answered with an NBD error value (and maybe a message).
+    Errno(u32, String),
+    /// The connection is dead.
+    Dead(String),
+}
+
+/// One request waiting for its reply.
+struct Waiter {
+    /// Volume offset of the request (reads: where `data` starts).
+    offset: u64,
+    /// A read's destination, filled chunk by chunk.
+    data: Vec<u8>,
+    /// An error chunk seen before the last one.
+    error: Option<(u32, String)>,
+    done: mpsc::SyncSender<Outcome>,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, Waiter>,
+    /// Set once the connection has failed; no new request is accepted.
+    dead: Option<String>,
+}
+
+/// One negotiated connection.
+pub struct Client {
+    target: String,
+    info: ExportInfo,
+    structured: bool,
+    writer: Mutex<Sock>,
+    pending: Arc<Mutex<Pending>>,
+    next_cookie: AtomicU64,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("target", &self.target)
+            .field("info", &self.info)
+            .field("structured", &self.structured)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Client {
+    /// Connects to `target`, negotiates, and starts the reply reader.
+    pub fn connect(target: &Target) -> Result<Client, UpstreamError> {
+        let io = |what: &'static str| {
+            let uri = target.uri.clone();
+            move |source| UpstreamError::Io {
+                upstream: uri,
+                what,
+                source,
+            }
+        };
+        let mut sock = Sock::connect(&target.address).map_err(io("cannot connect"))?;
+        sock.set_timeouts(Some(NEGOTIATE_TIMEOUT))
+            .map_err(io("cannot set a timeout"))?;
+        let (info, structured) = negotiate(&mut sock, target)?;
+        sock.set_timeouts(None)
+            .map_err(io("cannot set a timeout"))?;
+        let read_half = sock.try_clone().map_err(io("cannot clone the socket"))?;
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let reader = {
+            let pending = Arc::clone(&pending);
+            let uri = target.uri.clone();
+            std::thread::Builder::new()
+                .name("nbdcrypt-upstream".into())
+                .spawn(move || read_replies(read_half, &pending, &uri))
+                .map_err(io("cannot start the reply reader"))?
+        };
+        Ok(Client {
+            target: target.uri.clone(),
+            info,
+            structured,
+            writer: Mutex::new(sock),
+            pending,
+            next_cookie: AtomicU64::new(1),
+            reader: Some(reader),
+        })
+    }
+
+    /// The export as the server described it.
+    pub fn info(&self) -> ExportInfo {
+        self.info
+    }
+
+    /// Whether structured replies were negotiated.
+    pub fn structured(&self) -> bool {
+        self.structured
+    }
+
+    /// Sends one request and waits for its reply; returns a read's data. `payload` is a
+    /// write's data (`length` is then its length).
+    pub fn request(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<&[u8]>,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (done, outcome) = mpsc::sync_channel(1);
+        {
+            let mut p = lock(&self.pending);
+            if let Some(why) = &p.dead {
+                return Err(self.dead(why));
+            }
+            let data = if kind == cmd::READ {
+                vec![0u8; length as usize]
+            } else {
+                Vec::new()
+            };
+            p.waiters.insert(
+                cookie,
+                Waiter {
+                    offset,
+                    data,
+                    error: None,
+                    done,
+                },
+            );
+        }
+        let mut header = Vec::with_capacity(28);
+        Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut header);
+        let sent = {
+            let mut w = lock(&self.writer);
+            w.write_all(&header)
+                .and_then(|()| payload.map_or(Ok(()), |p| w.write_all(p)))
+        };
+        if let Err(e) = sent {
+            // The reader sees the broken socket too; make sure this waiter does not linger.
+            lock(&self.pending).waiters.remove(&cookie);
+            return Err(UpstreamError::Io {
+                upstream: self.target.clone(),
+                what: "cannot send a request",
+                source: e,
+            });
+        }
+        match outcome.recv() {
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(Failed::Errno(errno, message))) => Err(UpstreamError::Errno {
+                upstream: self.target.clone(),
+                command: cmd_name(kind),
+                offset,
+                length,
+                errno,
+                message,
+            }),
+            Ok(Err(Failed::Dead(why))) => Err(self.dead(&why)),
+            Err(_) => Err(self.dead("the reply reader stopped")),
+        }
+    }
+
+    fn dead(&self, why: &str) -> UpstreamError {
+        UpstreamError::Lost {
+            upstream: self.target.clone(),
+            why: why.to_owned(),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut disc = Vec::with_capacity(28);
+        Request {
+            flags: 0,
+            kind: cmd::DISC,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .encode(&mut disc);
+        {
+            let mut w = lock(&self.writer);
+            let _ = w.write_all(&disc);
+            // Wakes the reader, which then ends.
+            w.shutdown();
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// The command's name, for errors.
+fn cmd_name(kind: u16) -> &'static str {
+    match kind {
+        cmd::READ => "READ",
+        cmd::WRITE => "WRITE",
+        cmd::FLUSH => "FLUSH",
+        cmd::TRIM => "TRIM",
+        cmd::CACHE => "CACHE",
+        cmd::WRITE_ZEROES => "WRITE_ZEROES",
+        _ => "a command",
+    }
+}
+
+/// Fixed newstyle: greeting, client flags, `STRUCTURED_REPLY`, then `GO` with the export
+/// name, asking for the block sizes.
+fn negotiate(sock: &mut Sock, target: &Target) -> Result<(ExportInfo, bool), UpstreamError> {
+    let uri = &target.uri;
+    let io = |what: &'static str| {
+        move |source| UpstreamError::Io {
+            upstream: uri.clone(),
+            what,
+            source,
+        }
+    };
+    let protocol = |what: String| UpstreamError::Protocol {
+        upstream: uri.clone(),
+        what,
+    };
+    let mut g = [0u8; GREETING_LEN];
+    sock.read_exact(&mut g)
+        .map_err(io("no greeting (is it an NBD server?)"))?;
+    let greeting =
+        Greeting::decode(&g).map_err(|e| protocol(format!("not a newstyle NBD greeting: {e}")))?;
+    if greeting.flags & handshake_flags::FIXED_NEWSTYLE == 0 {
+        return Err(protocol("the server does not speak fixed newstyle".into()));
+    }
+    let no_zeroes = greeting.flags & handshake_flags::NO_ZEROES != 0;
+    let mut flags = client_flags::C_FIXED_NEWSTYLE;
+    if no_zeroes {
+        flags |= client_flags::C_NO_ZEROES;
+    }
+    sock.write_all(&flags.to_be_bytes())
+        .map_err(io("cannot send the client flags"))?;
+
+    send_option(sock, opt::STRUCTURED_REPLY, &[]).map_err(io("cannot send an option"))?;
+    let (reply, data) = option_reply(sock, opt::STRUCTURED_REPLY, uri)?;
+    let structured = match reply {
+        rep::ACK => true,
+        r if crate::protocol::handshake::is_error(r) => false,
+        r => {
+            return Err(protocol(format!(
+                "unexpected reply {r:#x} ({} bytes) to STRUCTURED_REPLY",
+                data.len()
+            )));
+        }
+    };
+
+    let mut go = Vec::new();
+    InfoRequest {
+        name: target.export.clone(),
+        requests: vec![info::BLOCK_SIZE],
+    }
+    .encode(&mut go);
+    send_option(sock, opt::GO, &go).map_err(io("cannot send an option"))?;
+    let mut export = None;
+    let mut block = None;
+    loop {
+        let (reply, data) = option_reply(sock, opt::GO, uri)?;
+        match reply {
+            rep::ACK => break,
+            rep::INFO => match Info::decode(&data) {
+                Ok(Info::Export { size, flags }) => export = Some((size, flags)),
+                Ok(Info::BlockSize {
+                    min,
+                    preferred,
+                    max,
+                }) => block = Some((min, preferred, max)),
+                Ok(_) => {}
+                Err(e) => return Err(protocol(format!("a malformed INFO reply: {e}"))),
+            },
+            r if crate::protocol::handshake::is_error(r) => {
+                let message = error_text(&data);
+                return Err(UpstreamError::Refused {
+                    upstream: uri.clone(),
+                    export: target.export.clone(),
+                    reply: r,
+                    message,
+                });
+            }
+            r => return Err(protocol(format!("unexpected reply {r:#x} to GO"))),
+        }
+    }
+    let (size, flags) =
+        export.ok_or_else(|| protocol("GO succeeded without NBD_INFO_EXPORT".into()))?;
+    let (min, preferred, max) = block.unwrap_or((1, 4096, DEFAULT_MAX_PAYLOAD));
+    if min == 0 || !min.is_power_of_two() || max < min {
+        return Err(protocol(format!(
+            "impossible block sizes: min {min}, preferred {preferred}, max {max}"
+        )));
+    }
+    Ok((
+        ExportInfo {
+            size,
+            flags,
+            min_block: min,
+            preferred_block: preferred,
+            max_payload: max,
+        },
+        structured,
+    ))
+}
+
+fn send_option(sock: &mut Sock, code: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    OptionHeader {
+        code,
+        len: u32::try_from(data.len()).unwrap_or(u32::MAX),
+    }
+    .encode(&mut out);
+    out.extend_from_slice(data);
+    sock.write_all(&out)
+}
+
+fn option_reply(sock: &mut Sock, option: u32, uri: &str) -> Result<(u32, Vec<u8>), UpstreamError> {
+    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+    sock.read_exact(&mut h)
+        .map_err(|source| UpstreamError::Io {
+            upstream: uri.to_owned(),
+            what: "no reply to an option",
+            source,
+        })?;
+    let protocol = |what: String| UpstreamError::Protocol {
+        upstream: uri.to_owned(),
+        what,
+    };
+    let reply = OptionReplyHeader::decode(&h)
+        .map_err(|e| protocol(format!("a malformed option reply: {e}")))?;
+    if reply.option != option {
+        return Err(protocol(format!(
+            "a reply to option {} while waiting for {option}",
+            reply.option
+        )));
+    }
+    if reply.len > MAX_OPTION_REPLY {
+        return Err(protocol(format!("an option reply of {} bytes", reply.len)));
+    }
+    let mut data = vec![0u8; reply.len as usize];
+    sock.read_exact(&mut data)
+        .map_err(|source| UpstreamError::Io {
+            upstream: uri.to_owned(),
+            what: "a truncated option reply",
+            source,
+        })?;
+    Ok((reply.reply_type, data))
+}
+
+/// An option error's message, if it carries readable text.
+fn error_text(data: &[u8]) -> String {
+    String::from_utf8_lossy(data).trim().to_owned()
+}
+
+/// The reader thread: completes waiters until the connection ends, then fails the rest.
+fn read_replies(mut sock: Sock, pending: &Mutex<Pending>, uri: &str) {
+    let why = loop {
+        match read_one(&mut sock, pending) {
+            Ok(()) => {}
+            Err(e) => break e,
+        }
+    };
+    let waiters = {
+        let mut p = lock(pending);
+        p.dead = Some(why.clone());
+        std::mem::take(&mut p.waiters)
+    };
+    if !waiters.is_empty() {
+        tracing::warn!(
+            upstream = uri,
+            reason = why,
+            failed = waiters.len(),
+            "upstream connection lost with requests in flight"
+        );
+    }
+    for (_, w) in waiters {
+        let _ = w.done.try_send(Err(Failed::Dead(why.clone())));
+    }
+}
+
+/// Reads one simple reply or one structured chunk; completes its waiter when it is the last.
+fn read_one(sock: &mut Sock, pending: &Mutex<Pending>) -> Result<(), String> {
+    let mut head = [0u8; CHUNK_HEADER_LEN];
+    sock.read_exact(&mut head[..4])
+        .map_err(|e| format!("reading a reply: {e}"))?;
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let take = |cookie: u64| -> Result<Waiter, String> {
+        lock(pending)
+            .waiters
+            .remove(&cookie)
+            .ok_or_else(|| format!("a reply for unknown cookie {cookie}"))
+    };
+    match magic {
+        SIMPLE_REPLY_MAGIC => {
+            sock.read_exact(&mut head[4..SIMPLE_REPLY_LEN])
+                .map_err(|e| format!("reading a reply: {e}"))?;
+            let r = SimpleReply::decode(&head[..SIMPLE_REPLY_LEN]).map_err(|e| e.to_string())?;
+            let mut w = take(r.cookie)?;
+            if r.error != 0 {
+                let _ = w.done.try_send(Err(Failed::Errno(r.error, String::new())));
+                return Ok(());
+            }
+            // A read's data follows (the request said how long); other commands have none.
+            sock.read_exact(&mut w.data)
+                .map_err(|e| format!("reading read data: {e}"))?;
+            let _ = w.done.try_send(Ok(w.data));
+            Ok(())
+        }
+        STRUCTURED_REPLY_MAGIC => {
+            sock.read_exact(&mut head[4..])
+                .map_err(|e| format!("reading a reply chunk: {e}"))?;
+            let h = ChunkHeader::decode(&head).map_err(|e| e.to_string())?;
+            let mut w = take(h.cookie)?;
+            read_chunk(sock, &h, &mut w)?;
+            if h.flags & chunk::FLAG_DONE != 0 {
+                let outcome = match w.error.take() {
+                    Some((errno, msg)) => Err(Failed::Errno(errno, msg)),
+                    None => Ok(std::mem::take(&mut w.data)),
+                };
+                let _ = w.done.try_send(outcome);
+            } else {
+                lock(pending).waiters.insert(h.cookie, w);
+            }
+            Ok(())
+        }
+        m => Err(format!("a reply with bad magic {m:#010x}")),
+    }
+}
+
+/// Reads one chunk's payload into its waiter.
+fn read_chunk(sock: &mut Sock, h: &ChunkHeader, w: &mut Waiter) -> Result<(), String> {
+    let len = h.length as usize;
+    match h.kind {
+        chunk::NONE if len == 0 => Ok(()),
+        chunk::OFFSET_DATA if len >= 8 => {
+            let mut off = [0u8; 8];
+            sock.read_exact(&mut off)
+                .map_err(|e| format!("reading a data chunk: {e}"))?;
+            let at = u64::from_be_bytes(off);
+            let range = slot(w, at, len - 8)?;
+            sock.read_exact(&mut w.data[range])
+                .map_err(|e| format!("reading a data chunk: {e}"))
+        }
+        chunk::OFFSET_HOLE if len == 12 => {
+            let mut p = [0u8; 12];
+            sock.read_exact(&mut p)
+                .map_err(|e| format!("reading a hole chunk: {e}"))?;
+            let mut r = Reader::new(&p);
+            let (at, n) = (
+                r.u64().map_err(|e| e.to_string())?,
+                r.u32().map_err(|e| e.to_string())?,
+            );
+            let range = slot(w, at, n as usize)?;
+            w.data[range].fill(0);
+            Ok(())
+        }
+        k if k & (1 << 15) != 0 && (6..=MAX_OPTION_REPLY as usize).contains(&len) => {
+            let mut p = vec![0u8; len];
+            sock.read_exact(&mut p)
+                .map_err(|e| format!("reading an error chunk: {e}"))?;
+            let mut r = Reader::new(&p);
+            let errno = r.u32().map_err(|e| e.to_string())?;
+            let n = r.u16().map_err(|e| e.to_string())?;
+            let msg = r
+                .take(usize::from(n).min(r.remaining()))
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .unwrap_or_default();
+            // EIO when the server sends 0 in an error chunk (a server bug).
+            w.error = Some((if errno == 0 { 5 } else { errno }, msg));
+            Ok(())
+        }
+        k => Err(format!("an unexpected reply chunk: type {k}, {len} bytes")),
+    }
+}
+
+/// Where `n` bytes at volume offset `at` go in the waiter's buffer; a chunk outside the
+/// request is a protocol violation.
+fn slot(w: &Waiter, at: u64, n: usize) -> Result<std::ops::Range<usize>, String> {
+    let start = at
+        .checked_sub(w.offset)
+        .and_then(|s| usize::try_from(s).ok())
+        .filter(|s| s.checked_add(n).is_some_and(|e| e <= w.data.len()))
+        .ok_or_else(|| {
+            format!(
+                "a chunk at {at}+{n} outside its request {}+{}",
+                w.offset,
+                w.data.len()
+            )
+        })?;
+    Ok(start..start + n)
+}

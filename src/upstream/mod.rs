@@ -1,0 +1,281 @@
+//! An upstream NBD export as a volume's backing store: nbdcrypt in front of `qemu-nbd` (Ceph
+//! RBD, GlusterFS, iSCSI images), `nbdkit` (S3, HTTP, memory, …) or another NBD server, as
+//! dm-crypt sits on an RBD device. Only ciphertext (and the volume header, which holds no key
+//! in the clear) ever reaches the upstream.
+//!
+//! [`NbdStore`] implements [`Storage`] over one negotiated [`client::Client`] connection: the
+//! calls are synchronous round trips, made from the crypto workers and the blocking pool, and
+//! many of them are in flight on the connection at once. Requests larger than the upstream's
+//! maximum payload are split; offsets and lengths must be multiples of its minimum block size
+//! (the volume layer only does sector-aligned I/O, and sectors are at least 512 bytes).
+//!
+//! Not yet: TLS to the upstream, several connections (`CAN_MULTI_CONN`), reconnecting, and
+//! serving volumes with such a backing (issue 14 goes on from here).
+
+pub mod client;
+pub mod target;
+
+use std::io;
+
+pub use client::{Client, ExportInfo};
+pub use target::{Address, BadUri, Target, is_uri};
+
+use crate::protocol::consts::{cmd, cmd_flag, flag};
+use crate::storage::{Extent, Storage};
+
+/// What went wrong with an upstream; every variant names it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The URI cannot be used.
+    #[error(transparent)]
+    BadUri(#[from] BadUri),
+    /// The socket failed.
+    #[error("upstream {upstream}: {what}: {source}")]
+    Io {
+        /// The upstream's URI.
+        upstream: String,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// The server broke the protocol.
+    #[error("upstream {upstream}: protocol error: {what}")]
+    Protocol {
+        /// The upstream's URI.
+        upstream: String,
+        /// What it did.
+        what: String,
+    },
+    /// The server refused the export.
+    #[error("upstream {upstream} refused export {export:?} (option reply {reply:#x}){}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Refused {
+        /// The upstream's URI.
+        upstream: String,
+        /// The export asked for.
+        export: String,
+        /// The `NBD_REP_ERR_*` value.
+        reply: u32,
+        /// The server's message.
+        message: String,
+    },
+    /// The server answered a request with an error value.
+    #[error("upstream {upstream}: {command} at {offset}+{length} failed with NBD error {errno}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Errno {
+        /// The upstream's URI.
+        upstream: String,
+        /// The command.
+        command: &'static str,
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        length: u32,
+        /// The NBD error value (errno numbering).
+        errno: u32,
+        /// The server's message (structured replies only).
+        message: String,
+    },
+    /// The connection is gone.
+    #[error("upstream {upstream}: connection lost ({why})")]
+    Lost {
+        /// The upstream's URI.
+        upstream: String,
+        /// Why.
+        why: String,
+    },
+    /// A request the upstream's block-size constraints rule out.
+    #[error(
+        "upstream {upstream}: {offset}+{length} is not aligned to its minimum block size {min}"
+    )]
+    Unaligned {
+        /// The upstream's URI.
+        upstream: String,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+        /// The minimum block size.
+        min: u32,
+    },
+}
+
+impl From<UpstreamError> for io::Error {
+    /// An I/O error whose kind says what a caller can act on, with the upstream error (and
+    /// so the upstream's name) as its source.
+    fn from(e: UpstreamError) -> io::Error {
+        let kind = match &e {
+            UpstreamError::Io { source, .. } => source.kind(),
+            UpstreamError::Errno { errno, .. } => {
+                io::Error::from_raw_os_error(i32::try_from(*errno).unwrap_or(libc::EIO)).kind()
+            }
+            UpstreamError::Unaligned { .. } | UpstreamError::BadUri(_) => {
+                io::ErrorKind::InvalidInput
+            }
+            UpstreamError::Lost { .. } => io::ErrorKind::NotConnected,
+            UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } => {
+                io::ErrorKind::InvalidData
+            }
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// An upstream export as a store of ciphertext.
+#[derive(Debug)]
+pub struct NbdStore {
+    client: Client,
+    target: Target,
+}
+
+impl NbdStore {
+    /// Connects to the export at `uri` and negotiates.
+    pub fn open(uri: &str) -> Result<NbdStore, UpstreamError> {
+        let target = Target::parse(uri)?;
+        let client = Client::connect(&target)?;
+        Ok(NbdStore { client, target })
+    }
+
+    /// The export as the server described it.
+    pub fn info(&self) -> ExportInfo {
+        self.client.info()
+    }
+
+    /// The upstream's URI.
+    pub fn uri(&self) -> &str {
+        &self.target.uri
+    }
+
+    fn aligned(&self, offset: u64, length: u64) -> Result<(), UpstreamError> {
+        let min = u64::from(self.info().min_block);
+        if offset.is_multiple_of(min) && length.is_multiple_of(min) {
+            Ok(())
+        } else {
+            Err(UpstreamError::Unaligned {
+                upstream: self.target.uri.clone(),
+                offset,
+                length,
+                min: self.info().min_block,
+            })
+        }
+    }
+
+    /// The largest piece a request is cut into: the upstream's maximum payload, rounded down
+    /// to its minimum block size.
+    fn piece(&self) -> usize {
+        let i = self.info();
+        let max = i.max_payload - i.max_payload % i.min_block;
+        max.max(i.min_block) as usize
+    }
+
+    /// Runs `each(offset, range)` over `offset..offset+len` in pieces of at most
+    /// [`piece`](Self::piece) bytes.
+    fn pieces(
+        &self,
+        offset: u64,
+        len: usize,
+        mut each: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), UpstreamError>,
+    ) -> Result<(), UpstreamError> {
+        self.aligned(offset, len as u64)?;
+        let piece = self.piece();
+        let mut at = 0;
+        while at < len {
+            let n = piece.min(len - at);
+            each(offset + at as u64, at..at + n)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn write_flags(&self, buf: &[u8], offset: u64, flags: u16) -> Result<(), UpstreamError> {
+        self.pieces(offset, buf.len(), |at, r| {
+            let n = u32::try_from(r.len()).unwrap_or(u32::MAX);
+            self.client
+                .request(cmd::WRITE, flags, at, n, Some(&buf[r]))
+                .map(drop)
+        })
+    }
+}
+
+impl Storage for NbdStore {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Past the end reads as zeroes, as a shorter file does.
+        let size = self.info().size;
+        let inside = usize::try_from(size.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        buf[inside..].fill(0);
+        let (head, _) = buf.split_at_mut(inside);
+        self.pieces(offset, head.len(), |at, r| {
+            let n = u32::try_from(r.len()).unwrap_or(u32::MAX);
+            let data = self.client.request(cmd::READ, 0, at, n, None)?;
+            head[r].copy_from_slice(&data);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        Ok(self.write_flags(buf, offset, 0)?)
+    }
+
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.info().has(flag::SEND_FUA) {
+            Ok(self.write_flags(buf, offset, cmd_flag::FUA)?)
+        } else {
+            self.write_at(buf, offset)?;
+            self.sync()
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if self.info().has(flag::SEND_FLUSH) {
+            self.client.request(cmd::FLUSH, 0, 0, 0, None)?;
+        }
+        Ok(())
+    }
+
+    /// The range must read back as zeroes: `WRITE_ZEROES` (which may deallocate) where the
+    /// upstream has it, else zero bytes written.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.aligned(offset, len)?;
+        if self.info().has(flag::SEND_WRITE_ZEROES) {
+            let piece = self.piece() as u64;
+            let mut at = 0;
+            while at < len {
+                let n = piece.min(len - at);
+                let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+                self.client
+                    .request(cmd::WRITE_ZEROES, 0, offset + at, n32, None)?;
+                at += n;
+            }
+            return Ok(());
+        }
+        let zeroes = vec![0u8; self.piece().min(usize::try_from(len).unwrap_or(usize::MAX))];
+        let mut at = 0;
+        while at < len {
+            let n = usize::try_from(len - at).map_or(zeroes.len(), |rest| rest.min(zeroes.len()));
+            self.write_at(&zeroes[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Everything is data: block status is not asked of the upstream yet.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent { len, hole: false }])
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.info().size)
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.info().has(flag::SEND_CACHE) || self.aligned(offset, len).is_err() {
+            return Ok(());
+        }
+        let n = u32::try_from(len.min(self.piece() as u64)).unwrap_or(u32::MAX);
+        self.client.request(cmd::CACHE, 0, offset, n, None)?;
+        Ok(())
+    }
+}

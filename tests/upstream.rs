@@ -1,0 +1,254 @@
+//! The upstream NBD client (`nbdcrypt::upstream`) against nbdkit, a server this project did
+//! not write: negotiation (structured and simple replies), the upstream's block-size limits
+//! (nbdkit's blocksize-policy filter advertises them and refuses violations), many requests in
+//! flight from many threads on one connection, an encrypted volume whose only store is the
+//! upstream, and failures that name the upstream instead of hanging.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::volumes::within;
+use common::{Rng, TempDir, have, peer_available, seed, test_volume};
+use nbdcrypt::storage::Storage;
+use nbdcrypt::upstream::{NbdStore, UpstreamError};
+
+/// nbdkit serving on a Unix socket in the test's directory; killed on drop.
+struct Nbdkit {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Nbdkit {
+    fn start(dir: &TempDir, name: &str, args: &[&str]) -> Nbdkit {
+        let socket = dir.path(&format!("{name}.sock"));
+        let child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&socket)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nbdkit");
+        assert!(
+            within(Duration::from_secs(20), || socket.exists()).is_some(),
+            "nbdkit did not come up"
+        );
+        Nbdkit { child, socket }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn available() -> bool {
+    peer_available("nbdkit", have("nbdkit"))
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within `limit`.
+fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("the call hung")
+}
+
+#[test]
+fn store_round_trips_through_nbdkit_in_pieces_within_its_block_sizes() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-sizes");
+    let kit = Nbdkit::start(
+        &dir,
+        "kit",
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "8M",
+            "blocksize-minimum=512",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let store = NbdStore::open(&kit.uri("")).unwrap();
+    let info = store.info();
+    assert_eq!(info.size, 8 << 20);
+    assert_eq!(
+        (info.min_block, info.preferred_block, info.max_payload),
+        (512, 4096, 65536)
+    );
+    let mut rng = Rng::new(seed("upstream sizes"));
+    // 1 MiB + 512 at an odd sector: 17 pieces, each within the 64 KiB maximum (nbdkit refuses
+    // anything larger with this policy).
+    let data = rng.bytes((1 << 20) + 512);
+    store.write_at(&data, 3 * 512).unwrap();
+    let mut back = vec![0u8; data.len()];
+    store.read_at(&mut back, 3 * 512).unwrap();
+    assert!(back == data, "read back differs");
+    // WRITE_ZEROES (nbdkit memory has it): the range reads as zeroes, the rest stays.
+    store.punch_hole(4096, 65536 * 2).unwrap();
+    let mut z = vec![1u8; 65536 * 2];
+    store.read_at(&mut z, 4096).unwrap();
+    assert!(z.iter().all(|&b| b == 0));
+    let mut first = vec![0u8; 512];
+    store.read_at(&mut first, 3 * 512).unwrap();
+    assert_eq!(first, data[..512]);
+    // Past the end reads as zeroes, as a short file does.
+    let mut tail = vec![7u8; 8192];
+    store.read_at(&mut tail, (8 << 20) - 4096).unwrap();
+    assert!(tail[4096..].iter().all(|&b| b == 0));
+    store.sync().unwrap();
+    store.write_durable_at(&data[..4096], 0).unwrap();
+    // Below the upstream's minimum: refused here, naming the upstream, before it is sent.
+    let e = store.write_at(&[1u8; 100], 512).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("minimum block size 512"), "{e}");
+    assert!(e.to_string().contains(&kit.uri("")), "{e}");
+}
+
+#[test]
+fn many_threads_keep_requests_in_flight_on_one_connection() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-threads");
+    // nbdkit's delay filter holds every read 10 ms: 8 threads × 20 reads take about 1.6 s
+    // one at a time and about 0.2 s when they are in flight together.
+    let kit = Nbdkit::start(
+        &dir,
+        "kit",
+        &["--filter=delay", "memory", "16M", "rdelay=10ms"],
+    );
+    let store = Arc::new(NbdStore::open(&kit.uri("")).unwrap());
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed("upstream threads") ^ t);
+                for i in 0..20u64 {
+                    let off = (t * 20 + i) * 65536;
+                    let data = rng.bytes(65536);
+                    store.write_at(&data, off).unwrap();
+                    let mut back = vec![0u8; data.len()];
+                    store.read_at(&mut back, off).unwrap();
+                    assert!(back == data, "thread {t} op {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(1200),
+        "8 threads' reads did not overlap: {took:?} (one at a time is 1.6 s)"
+    );
+}
+
+#[test]
+fn simple_replies_work_when_the_server_offers_no_structured_replies() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-simple");
+    let kit = Nbdkit::start(&dir, "kit", &["--no-sr", "memory", "1M"]);
+    let store = NbdStore::open(&kit.uri("")).unwrap();
+    let data = Rng::new(seed("upstream simple")).bytes(65536);
+    store.write_at(&data, 4096).unwrap();
+    let mut back = vec![0u8; data.len()];
+    store.read_at(&mut back, 4096).unwrap();
+    assert!(back == data);
+}
+
+#[test]
+fn an_encrypted_volume_keeps_only_ciphertext_upstream() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-volume");
+    let kit = Nbdkit::start(&dir, "kit", &["memory", "4M"]);
+    let store = NbdStore::open(&kit.uri("")).unwrap();
+    let volume = test_volume(Box::new(store), 4 << 20, 4096);
+    let pattern = b"plaintext that must never reach the storage cluster. ".repeat(2000);
+    volume.write(12_345, &mut pattern.clone(), false).unwrap();
+    volume.flush().unwrap();
+    let mut back = vec![0u8; pattern.len()];
+    volume.read(12_345, &mut back).unwrap();
+    assert!(back == pattern);
+    // What the upstream holds: a second connection reads it raw.
+    let raw = NbdStore::open(&kit.uri("")).unwrap();
+    let mut all = vec![0u8; 4 << 20];
+    raw.read_at(&mut all, 0).unwrap();
+    assert!(
+        !all.windows(32).any(|w| w == &pattern[..32]),
+        "plaintext reached the upstream"
+    );
+    assert!(all.iter().any(|&b| b != 0), "nothing was written upstream");
+}
+
+#[test]
+fn failures_name_the_upstream_and_never_hang() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-fail");
+    // Nothing listens on this socket.
+    let missing = format!("nbd+unix:///?socket={}", dir.path("nobody.sock").display());
+    let e = NbdStore::open(&missing).unwrap_err();
+    assert!(matches!(e, UpstreamError::Io { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("cannot connect") && e.to_string().contains(&missing),
+        "{e}"
+    );
+    // An export the server does not have.
+    let strict = Nbdkit::start(
+        &dir,
+        "strict",
+        &[
+            "--filter=exportname",
+            "memory",
+            "1M",
+            "exportname=good",
+            "exportname-strict=true",
+        ],
+    );
+    let e = NbdStore::open(&strict.uri("bad")).unwrap_err();
+    assert!(matches!(e, UpstreamError::Refused { .. }), "{e:?}");
+    assert!(e.to_string().contains("\"bad\""), "{e}");
+    NbdStore::open(&strict.uri("good")).unwrap();
+    // The server goes away under a connected store: requests fail, naming it, at once.
+    let mut kit = Nbdkit::start(&dir, "kit", &["memory", "1M"]);
+    let uri = kit.uri("");
+    let store = Arc::new(NbdStore::open(&uri).unwrap());
+    store.write_at(&[5u8; 4096], 0).unwrap();
+    kit.child.kill().unwrap();
+    kit.child.wait().unwrap();
+    let s = Arc::clone(&store);
+    let e = bounded(Duration::from_secs(20), move || {
+        let mut buf = vec![0u8; 4096];
+        s.read_at(&mut buf, 0).unwrap_err()
+    });
+    assert!(e.to_string().contains(&uri), "{e}");
+    // And go on failing quickly, not hanging.
+    let s = Arc::clone(&store);
+    bounded(Duration::from_secs(20), move || {
+        s.write_at(&[1u8; 4096], 0).unwrap_err()
+    });
+}
