@@ -10,7 +10,8 @@ use zeroize::Zeroizing;
 pub use crate::cli::values::ExportSpec;
 use crate::crypto::{self, BackendChoice, CryptoError, VolumeKey, XtsEngine};
 use crate::server::Export;
-use crate::storage::FileStorage;
+use crate::storage::{FileStorage, Storage};
+use crate::upstream::{NbdStore, UpstreamError};
 use crate::volume::VolumeError;
 use crate::volume::{EncryptedVolume, VolumeConfig};
 
@@ -32,6 +33,24 @@ pub enum ExportError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The upstream NBD export could not be used.
+    #[error("export {export}: {source}")]
+    Upstream {
+        /// Export.
+        export: String,
+        /// Why (names the upstream).
+        source: UpstreamError,
+    },
+    /// The upstream cannot hold what the export asks for.
+    #[error("export {export}: upstream {upstream} {problem}")]
+    UpstreamUnfit {
+        /// Export.
+        export: String,
+        /// The upstream's URI.
+        upstream: String,
+        /// What does not fit.
+        problem: String,
     },
     /// The crypto engine refused.
     #[error("export {export}: {source}")]
@@ -97,30 +116,13 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
             source,
         })?;
     drop(key);
-    let backing = |source| ExportError::Backing {
-        path: spec.file.clone(),
-        source,
+    let (storage, size) = match spec.file.to_str().filter(|f| crate::upstream::is_uri(f)) {
+        Some(uri) => open_upstream(spec, uri)?,
+        None => open_file(spec)?,
     };
-    let storage =
-        FileStorage::open(&spec.file, spec.size.unwrap_or(0), spec.read_only).map_err(backing)?;
-    // One writer: a second server of the same file is refused (the lock goes with the
-    // process). Read-only exports take no lock.
-    if !spec.read_only
-        && !crate::storage::Storage::lock(&storage, crate::storage::StoreLock::Serving, false)
-            .map_err(backing)?
-    {
-        return Err(backing(std::io::Error::new(
-            std::io::ErrorKind::ResourceBusy,
-            "another nbdcrypt process serves this file (or a volume command is using it); one writer per store",
-        )));
-    }
-    warn_if_managed(spec, &storage);
-    let size = match spec.size {
-        Some(s) => s,
-        None => storage.len().map_err(backing)?,
-    };
+    warn_if_managed(spec, storage.as_ref());
     let volume = EncryptedVolume::new(
-        Box::new(storage),
+        storage,
         engine,
         VolumeConfig {
             size,
@@ -145,11 +147,82 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
     ))
 }
 
+/// The backing file or device of an export, locked for one writer, and the export's size.
+fn open_file(spec: &ExportSpec) -> Result<(Box<dyn Storage>, u64), ExportError> {
+    let backing = |source| ExportError::Backing {
+        path: spec.file.clone(),
+        source,
+    };
+    let storage =
+        FileStorage::open(&spec.file, spec.size.unwrap_or(0), spec.read_only).map_err(backing)?;
+    // One writer: a second server of the same file is refused (the lock goes with the
+    // process). Read-only exports take no lock.
+    if !spec.read_only
+        && !storage
+            .lock(crate::storage::StoreLock::Serving, false)
+            .map_err(backing)?
+    {
+        return Err(backing(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            "another nbdcrypt process serves this file (or a volume command is using it); one writer per store",
+        )));
+    }
+    let size = match spec.size {
+        Some(s) => s,
+        None => storage.len().map_err(backing)?,
+    };
+    Ok((Box::new(storage), size))
+}
+
+/// An upstream NBD export (`file=nbd://…` or `file=nbd+unix://…`) as the backing store: the
+/// export's size is the upstream's unless `size=` asks for less. Nothing can lock an NBD
+/// export, so one writer per store is the operator's to keep (managed volumes keep it with
+/// their header lease).
+fn open_upstream(spec: &ExportSpec, uri: &str) -> Result<(Box<dyn Storage>, u64), ExportError> {
+    let store = NbdStore::open(uri).map_err(|source| ExportError::Upstream {
+        export: spec.name.clone(),
+        source,
+    })?;
+    let info = store.info();
+    let unfit = |problem: String| ExportError::UpstreamUnfit {
+        export: spec.name.clone(),
+        upstream: uri.to_owned(),
+        problem,
+    };
+    let size = spec.size.unwrap_or(info.size);
+    if size > info.size {
+        return Err(unfit(format!(
+            "holds {} bytes; size= asks for {size}",
+            info.size
+        )));
+    }
+    if info.has(crate::protocol::consts::flag::READ_ONLY) && !spec.read_only {
+        return Err(unfit(
+            "is read-only; add read-only to the export to serve it so".into(),
+        ));
+    }
+    if u64::from(info.min_block) > spec.sector_size.bytes() as u64 {
+        return Err(unfit(format!(
+            "needs requests aligned to {} bytes, more than the {}-byte sectors",
+            info.min_block,
+            spec.sector_size.bytes()
+        )));
+    }
+    tracing::info!(
+        export = spec.name,
+        upstream = uri,
+        size,
+        max_payload = info.max_payload,
+        "backing store is an upstream NBD export"
+    );
+    Ok((Box::new(store), size))
+}
+
 /// A raw `--export` over a managed volume's backing file would serve its header as data (and
 /// let writes destroy it): say so.
-fn warn_if_managed(spec: &ExportSpec, storage: &FileStorage) {
+fn warn_if_managed(spec: &ExportSpec, storage: &dyn Storage) {
     let mut head = vec![0u8; 2 * crate::volume::header::HEADER_COPY_BYTES];
-    if crate::storage::Storage::read_at(storage, &mut head, 0).is_err() {
+    if storage.read_at(&mut head, 0).is_err() {
         return;
     }
     if let crate::volume::probe::Found::Nbdcrypt { name, .. } =

@@ -32,6 +32,7 @@ pub async fn dispatch(
         &resources.workers,
         pipelined,
         volume.serializes_writes(),
+        volume.store_is_remote(),
     );
     let work = Work { split, ..work };
     match place {

@@ -52,8 +52,26 @@ pub enum Placement {
 ///   inode lock) runs inline; in parallel it only contended for that lock (−20 % at QD16). To a
 ///   block device it follows the read rule;
 /// - anything that may wait for the disk (`FLUSH`, FUA writes, `TRIM`, `WRITE_ZEROES`) runs on the
-///   blocking pool, splitting a large FUA write where the read rule would.
+///   blocking pool, splitting a large FUA write where the read rule would;
+/// - on a `remote` store (an upstream NBD export) every store call is a network round trip, so
+///   nothing that touches the store runs inline: what would have, goes to the blocking pool.
 pub fn placement(
+    cmd: &Command,
+    workers: &Workers,
+    pipelined: bool,
+    serial_writes: bool,
+    remote: bool,
+) -> (Placement, bool) {
+    let (place, split) = local_placement(cmd, workers, pipelined, serial_writes);
+    if remote && place == Placement::Inline && !matches!(cmd, Command::Disc) {
+        (Placement::Blocking, false)
+    } else {
+        (place, split)
+    }
+}
+
+/// [`placement`] for a store on this machine.
+fn local_placement(
     cmd: &Command,
     workers: &Workers,
     pipelined: bool,
@@ -173,6 +191,44 @@ pub fn errno_of(e: &VolumeError) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_touching_a_remote_store_runs_inline() {
+        let workers = Workers::new(2, 128 * 1024).unwrap();
+        let small_read = Command::Read {
+            offset: 0,
+            len: 4096,
+        };
+        let status = Command::BlockStatus {
+            offset: 0,
+            len: 4096,
+            req_one: false,
+        };
+        for cmd in [small_read, status] {
+            assert_eq!(
+                placement(&cmd, &workers, true, false, false).0,
+                Placement::Inline
+            );
+            assert_eq!(
+                placement(&cmd, &workers, true, false, true).0,
+                Placement::Blocking,
+                "{cmd:?}"
+            );
+        }
+        // A large pipelined read still goes to the workers (threads of their own), split.
+        let big = Command::Read {
+            offset: 0,
+            len: 1 << 20,
+        };
+        assert_eq!(
+            placement(&big, &workers, true, false, true),
+            (Placement::Workers, true)
+        );
+        assert_eq!(
+            placement(&Command::Disc, &workers, true, false, true).0,
+            Placement::Inline
+        );
+    }
 
     #[test]
     fn errno_of_maps_each_volume_failure() {

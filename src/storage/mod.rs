@@ -63,6 +63,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn serializes_writes(&self) -> bool {
         false
     }
+    /// Whether every call is a network round trip (an upstream NBD export): such a store is
+    /// never called from a tokio worker, however small the request.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// The store's length in bytes.
     fn size(&self) -> std::io::Result<u64>;
     /// Starts reading `offset..offset+len` ahead of use (advisory; the default does nothing).
@@ -112,6 +117,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn serializes_writes(&self) -> bool {
         (**self).serializes_writes()
+    }
+    fn is_remote(&self) -> bool {
+        (**self).is_remote()
     }
     fn size(&self) -> std::io::Result<u64> {
         (**self).size()

@@ -270,6 +270,10 @@ impl Storage for NbdStore {
         Ok(self.info().size)
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
         if !self.info().has(flag::SEND_CACHE) || self.aligned(offset, len).is_err() {
             return Ok(());

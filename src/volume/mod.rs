@@ -191,6 +191,11 @@ impl EncryptedVolume {
         self.config.size
     }
 
+    /// Whether every store call is a network round trip (see [`Storage::is_remote`]).
+    pub fn store_is_remote(&self) -> bool {
+        self.storage.is_remote()
+    }
+
     /// Whether the backing store serializes writes anyway (see [`Storage::serializes_writes`]).
     pub fn serializes_writes(&self) -> bool {
         self.storage.serializes_writes()
