@@ -70,7 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Before the KMS client or anything else starts a thread: every thread inherits it.
             nbdcrypt::commands::privileges::no_new_privs();
             let (service, name) = key_service()?;
-            nbdcrypt::commands::serve::run(args, &state, service.as_ref(), name)?
+            nbdcrypt::commands::serve::run(*args, &state, service.as_ref(), name)?
         }
         Command::Keygen(args) => nbdcrypt::commands::export::keygen(&args.path)?,
         Command::Kms(cmd) => nbdcrypt::commands::kms::run(&state, cmd, &mut out)?,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::volumes::within;
-use common::{Rng, TempDir, have, peer_available, seed, test_volume};
+use common::{Rng, TempDir, have, peer_available, run_ok, seed, test_volume};
 use nbdcrypt::storage::Storage;
 use nbdcrypt::upstream::{NbdStore, UpstreamError};
 
@@ -26,6 +26,8 @@ struct Nbdkit {
 impl Nbdkit {
     fn start(dir: &TempDir, name: &str, args: &[&str]) -> Nbdkit {
         let socket = dir.path(&format!("{name}.sock"));
+        // A killed nbdkit leaves its socket behind; a restart on the same path replaces it.
+        let _ = std::fs::remove_file(&socket);
         let child = Command::new("nbdkit")
             .args(["-f", "--exit-with-parent", "-U"])
             .arg(&socket)
@@ -233,10 +235,11 @@ fn failures_name_the_upstream_and_never_hang() {
     assert!(matches!(e, UpstreamError::Refused { .. }), "{e:?}");
     assert!(e.to_string().contains("\"bad\""), "{e}");
     NbdStore::open(&strict.uri("good")).unwrap();
-    // The server goes away under a connected store: requests fail, naming it, at once.
+    // The server goes away under a connected store and stays away: requests are retried on
+    // new connections for the upstream timeout (1 s here), then fail, naming it.
     let mut kit = Nbdkit::start(&dir, "kit", &["memory", "1M"]);
     let uri = kit.uri("");
-    let store = Arc::new(NbdStore::open(&uri).unwrap());
+    let store = Arc::new(NbdStore::open_with(&uri, Duration::from_secs(1)).unwrap());
     store.write_at(&[5u8; 4096], 0).unwrap();
     kit.child.kill().unwrap();
     kit.child.wait().unwrap();
@@ -246,7 +249,9 @@ fn failures_name_the_upstream_and_never_hang() {
         s.read_at(&mut buf, 0).unwrap_err()
     });
     assert!(e.to_string().contains(&uri), "{e}");
-    // And go on failing quickly, not hanging.
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(e.to_string().contains("unreachable for 1 s"), "{e}");
+    // And go on failing within the timeout, not hanging.
     let s = Arc::clone(&store);
     bounded(Duration::from_secs(20), move || {
         s.write_at(&[1u8; 4096], 0).unwrap_err()
@@ -331,4 +336,105 @@ fn served_over_an_upstream_fio_verifies_and_only_ciphertext_goes_up() {
         !all.windows(36).any(|w| w == &pattern[..36]),
         "plaintext reached the upstream"
     );
+}
+
+/// The upstream restarts (nbdkit's file plugin keeps the bytes): a write issued while it is down
+/// completes once it is back, on a new connection; what was written and flushed before reads
+/// back; and a flush after a reconnect that followed unflushed writes fails once (they may
+/// have been lost with the upstream) instead of vouching for them.
+#[test]
+fn the_store_reconnects_to_a_restarted_upstream_and_flushes_honestly() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-restart");
+    let img = dir.path("disk.img");
+    run_ok(Command::new("truncate").arg("-s").arg("4M").arg(&img));
+    let file_arg = format!("file={}", img.display());
+    let mut kit = Nbdkit::start(&dir, "kit", &["file", &file_arg]);
+    let store = Arc::new(NbdStore::open_with(&kit.uri(""), Duration::from_secs(20)).unwrap());
+    let mut rng = Rng::new(seed("upstream restart"));
+    let a = rng.bytes(65536);
+    store.write_at(&a, 0).unwrap();
+    store.sync().unwrap();
+
+    // Down; a write waits for it to come back.
+    kit.child.kill().unwrap();
+    kit.child.wait().unwrap();
+    let b = rng.bytes(65536);
+    let writer = {
+        let (store, b) = (Arc::clone(&store), b.clone());
+        std::thread::spawn(move || store.write_at(&b, 65536))
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        !writer.is_finished(),
+        "the write did not wait for the upstream"
+    );
+    let kit = Nbdkit::start(&dir, "kit", &["file", &file_arg]);
+    writer.join().unwrap().unwrap();
+    assert_eq!(store.reconnects(), 1);
+    // A was flushed before the loss and B was acknowledged after it: the flush is honest.
+    store.sync().unwrap();
+    let mut back = vec![0u8; 2 * 65536];
+    store.read_at(&mut back, 0).unwrap();
+    assert!(back[..65536] == a[..] && back[65536..] == b[..]);
+
+    // An acknowledged write that no flush covered, then the upstream restarts: the next flush
+    // fails once, then flushes succeed again.
+    store.write_at(&rng.bytes(4096), 2 << 20).unwrap();
+    let mut kit = kit;
+    kit.child.kill().unwrap();
+    kit.child.wait().unwrap();
+    let _kit = Nbdkit::start(&dir, "kit", &["file", &file_arg]);
+    let mut first = vec![0u8; 4096];
+    store.read_at(&mut first, 0).unwrap();
+    assert_eq!(first, a[..4096]);
+    assert_eq!(store.reconnects(), 2);
+    let e = store.sync().unwrap_err();
+    assert!(e.to_string().contains("may not be durable"), "{e}");
+    store.sync().unwrap();
+}
+
+/// Served over an upstream that dies: with `--upstream-timeout 1`, a client's read is answered
+/// with EIO after about a second, not left hanging.
+#[test]
+fn a_served_export_answers_eio_when_its_upstream_stays_away() {
+    if !available() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = TempDir::new("upstream-eio");
+    let mut kit = Nbdkit::start(&dir, "kit", &["memory", "8M"]);
+    let mut rng = Rng::new(seed("upstream eio"));
+    let (key, _) = common::key_file(&dir, "k", &mut rng);
+    let spec = format!("name=up,file={},key-file={}", kit.uri(""), key.display());
+    let server = common::Server::start_with(&dir, &[spec], &["--upstream-timeout", "1"]);
+    let mut s = common::raw_connect(&server.addr, "up");
+    assert_eq!(common::raw_read(&mut s, 1, 0, 4096), vec![0u8; 4096]);
+    kit.child.kill().unwrap();
+    kit.child.wait().unwrap();
+    let start = std::time::Instant::now();
+    s.write_all(&common::raw_request(
+        nbdcrypt::protocol::consts::cmd::READ,
+        2,
+        0,
+        4096,
+    ))
+    .unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[8..16], &2u64.to_be_bytes());
+    assert_eq!(
+        u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+        nbdcrypt::protocol::consts::err::EIO
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(s);
+    let log = server.stop();
+    assert!(log.contains("upstream still unreachable"), "{log}");
 }

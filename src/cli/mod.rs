@@ -53,7 +53,7 @@ pub enum Command {
     /// `cryptsetup benchmark`).
     Benchmark(BenchmarkArgs),
     /// Serve encrypted exports over NBD.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a fresh random 512-bit volume key to a file (mode 0600), for `serve --export`.
     Keygen(KeygenArgs),
     /// Create, list, describe and delete named volumes (keys from the local KMS).
@@ -422,6 +422,10 @@ pub struct ServeArgs {
     /// node always keeps its volume.
     #[arg(long)]
     pub take_over: bool,
+    /// For exports on an upstream NBD server (`file=nbd://…`): how long a request waits for a
+    /// lost upstream to come back (reconnecting meanwhile) before it fails with EIO.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub upstream_timeout: f64,
 }
 
 /// `nbdcrypt keygen`.

@@ -107,8 +107,13 @@ pub fn read_key_file(path: &Path) -> Result<VolumeKey, ExportError> {
     VolumeKey::take_from(&mut key).map_err(|e| fail(e.into()))
 }
 
-/// Opens one export: backing file, key, engine, volume.
-pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, ExportError> {
+/// Opens one export: backing file (or upstream, waited for up to `upstream_timeout` when it is
+/// lost), key, engine, volume.
+pub fn open_export(
+    spec: &ExportSpec,
+    backend: BackendChoice,
+    upstream_timeout: std::time::Duration,
+) -> Result<Export, ExportError> {
     let key = read_key_file(&spec.key_file)?;
     let engine =
         XtsEngine::new(&key, spec.sector_size, backend).map_err(|source| ExportError::Crypto {
@@ -117,7 +122,7 @@ pub fn open_export(spec: &ExportSpec, backend: BackendChoice) -> Result<Export, 
         })?;
     drop(key);
     let (storage, size) = match spec.file.to_str().filter(|f| crate::upstream::is_uri(f)) {
-        Some(uri) => open_upstream(spec, uri)?,
+        Some(uri) => open_upstream(spec, uri, upstream_timeout)?,
         None => open_file(spec)?,
     };
     warn_if_managed(spec, storage.as_ref());
@@ -178,8 +183,12 @@ fn open_file(spec: &ExportSpec) -> Result<(Box<dyn Storage>, u64), ExportError> 
 /// export's size is the upstream's unless `size=` asks for less. Nothing can lock an NBD
 /// export, so one writer per store is the operator's to keep (managed volumes keep it with
 /// their header lease).
-fn open_upstream(spec: &ExportSpec, uri: &str) -> Result<(Box<dyn Storage>, u64), ExportError> {
-    let store = NbdStore::open(uri).map_err(|source| ExportError::Upstream {
+fn open_upstream(
+    spec: &ExportSpec,
+    uri: &str,
+    timeout: std::time::Duration,
+) -> Result<(Box<dyn Storage>, u64), ExportError> {
+    let store = NbdStore::open_with(uri, timeout).map_err(|source| ExportError::Upstream {
         export: spec.name.clone(),
         source,
     })?;

@@ -173,8 +173,12 @@ fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
             if list.iter().any(|e| e.name == spec.name) {
                 return Err(ServeError::DuplicateName(spec.name.clone()));
             }
-            let export =
-                open_export(spec, args.backend)?.with_max_request(args.max_request_mib << 20);
+            let export = open_export(
+                spec,
+                args.backend,
+                std::time::Duration::from_secs_f64(args.upstream_timeout.max(0.0)),
+            )?
+            .with_max_request(args.max_request_mib << 20);
             tracing::info!(
                 export = export.name,
                 size = export.volume.size(),

@@ -3,21 +3,24 @@
 //! dm-crypt sits on an RBD device. Only ciphertext (and the volume header, which holds no key
 //! in the clear) ever reaches the upstream.
 //!
-//! [`NbdStore`] implements [`Storage`] over one negotiated [`client::Client`] connection: the
-//! calls are synchronous round trips, made from the crypto workers and the blocking pool, and
-//! many of them are in flight on the connection at once. Requests larger than the upstream's
+//! [`NbdStore`] implements [`Storage`] over one negotiated [`client::Client`] connection, kept
+//! up by a [`session::Session`] (reconnects, the upstream timeout, flush honesty): the calls
+//! are synchronous round trips, made from the crypto workers and the blocking pool, and many of
+//! them are in flight on the connection at once. Requests larger than the upstream's
 //! maximum payload are split; offsets and lengths must be multiples of its minimum block size
 //! (the volume layer only does sector-aligned I/O, and sectors are at least 512 bytes).
 //!
-//! Not yet: TLS to the upstream, several connections (`CAN_MULTI_CONN`), reconnecting, and
-//! serving volumes with such a backing (issue 14 goes on from here).
+//! Not yet: TLS to the upstream, several connections (`CAN_MULTI_CONN`), and managed volumes
+//! (`volume create --backing nbd://…`) on such a backing (issue 14 goes on from here).
 
 pub mod client;
+pub mod session;
 pub mod target;
 
 use std::io;
 
 pub use client::{Client, ExportInfo};
+pub use session::{DEFAULT_TIMEOUT, Session};
 pub use target::{Address, BadUri, Target, is_uri};
 
 use crate::protocol::consts::{cmd, cmd_flag, flag};
@@ -83,6 +86,27 @@ pub enum UpstreamError {
         /// Why.
         why: String,
     },
+    /// The upstream stayed unreachable for the whole upstream timeout.
+    #[error(
+        "upstream {upstream}: unreachable for {seconds:.0} s (--upstream-timeout); last attempt: {last}"
+    )]
+    GaveUp {
+        /// The upstream's URI.
+        upstream: String,
+        /// The timeout.
+        seconds: f64,
+        /// The last reconnection error.
+        #[source]
+        last: Box<UpstreamError>,
+    },
+    /// A FLUSH after a reconnect that may have lost acknowledged, unflushed writes.
+    #[error(
+        "upstream {upstream}: the connection was lost after writes that no flush covered; they may not be durable, so this flush fails"
+    )]
+    Unflushed {
+        /// The upstream's URI.
+        upstream: String,
+    },
     /// A request the upstream's block-size constraints rule out.
     #[error(
         "upstream {upstream}: {offset}+{length} is not aligned to its minimum block size {min}"
@@ -99,6 +123,17 @@ pub enum UpstreamError {
     },
 }
 
+impl UpstreamError {
+    /// Whether the connection itself failed (a new one may succeed), as opposed to the server
+    /// answering with an error.
+    pub fn connection_failed(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Io { .. } | UpstreamError::Lost { .. } | UpstreamError::Protocol { .. }
+        )
+    }
+}
+
 impl From<UpstreamError> for io::Error {
     /// An I/O error whose kind says what a caller can act on, with the upstream error (and
     /// so the upstream's name) as its source.
@@ -112,6 +147,8 @@ impl From<UpstreamError> for io::Error {
                 io::ErrorKind::InvalidInput
             }
             UpstreamError::Lost { .. } => io::ErrorKind::NotConnected,
+            UpstreamError::GaveUp { .. } => io::ErrorKind::TimedOut,
+            UpstreamError::Unflushed { .. } => io::ErrorKind::Other,
             UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } => {
                 io::ErrorKind::InvalidData
             }
@@ -123,15 +160,21 @@ impl From<UpstreamError> for io::Error {
 /// An upstream export as a store of ciphertext.
 #[derive(Debug)]
 pub struct NbdStore {
-    client: Client,
+    client: Session,
     target: Target,
 }
 
 impl NbdStore {
-    /// Connects to the export at `uri` and negotiates.
+    /// Connects to the export at `uri` and negotiates; a lost upstream is waited for up to
+    /// [`DEFAULT_TIMEOUT`].
     pub fn open(uri: &str) -> Result<NbdStore, UpstreamError> {
+        Self::open_with(uri, DEFAULT_TIMEOUT)
+    }
+
+    /// [`open`](Self::open) with another upstream timeout.
+    pub fn open_with(uri: &str, timeout: std::time::Duration) -> Result<NbdStore, UpstreamError> {
         let target = Target::parse(uri)?;
-        let client = Client::connect(&target)?;
+        let client = Session::connect(target.clone(), timeout)?;
         Ok(NbdStore { client, target })
     }
 
@@ -143,6 +186,11 @@ impl NbdStore {
     /// The upstream's URI.
     pub fn uri(&self) -> &str {
         &self.target.uri
+    }
+
+    /// How many times the connection to the upstream was re-established.
+    pub fn reconnects(&self) -> u64 {
+        self.client.reconnects()
     }
 
     fn aligned(&self, offset: u64, length: u64) -> Result<(), UpstreamError> {
