@@ -11,21 +11,6 @@ use std::process::Command;
 
 use common::*;
 
-/// Requests that ran on the workers, summed over the log's `connection closed` lines.
-fn worker_requests(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("connection closed"))
-        .filter_map(|l| {
-            let at = l.find(" workers=")? + " workers=".len();
-            l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 fn fio_verify(dir: &TempDir, uri: &str, bs_min: &str) {
     // fio writes its verify state into the current directory: keep it in the test's own.
     let out = run_ok(
@@ -77,7 +62,7 @@ fn fio_verify_multi_conn_large_requests_run_on_workers() {
     fio_verify(&dir, &server.uri("s512"), "512");
     let log = server.stop();
     assert!(
-        worker_requests(&log) > 0,
+        placed(&log, "workers") > 0,
         "no request ran on the workers:\n{log}"
     );
 }
@@ -117,7 +102,7 @@ fn fio_verify_block_device_parallel_writes() {
     fio_verify(&dir, &server.uri("dev"), "512");
     let log = server.stop();
     assert!(
-        worker_requests(&log) > 0,
+        placed(&log, "workers") > 0,
         "no request ran on the workers:\n{log}"
     );
 }

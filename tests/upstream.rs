@@ -258,23 +258,6 @@ fn failures_name_the_upstream_and_never_hang() {
     });
 }
 
-/// Requests counted in the server's "connection closed" lines for one placement (`inline`,
-/// `workers`, `blocking`).
-fn placed(log: &str, place: &str) -> u64 {
-    let key = format!(" {place}=");
-    log.lines()
-        .filter(|l| l.contains("connection closed"))
-        .filter_map(|l| {
-            let at = l.find(&key)? + key.len();
-            l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// `serve --export …,file=nbd+unix://…`: fio's verified random reads and writes (4 KiB to
 /// 1 MiB, 4 jobs × QD16) through nbdcrypt into nbdkit come back intact, no request touched the
 /// upstream from a tokio worker (nothing ran inline), and the upstream holds no plaintext.
@@ -327,8 +310,8 @@ fn served_over_an_upstream_fio_verifies_and_only_ciphertext_goes_up() {
         log.contains("backing store is an upstream NBD export"),
         "{log}"
     );
-    assert_eq!(placed(&log, "inline"), 0, "{log}");
-    assert!(placed(&log, "blocking") > 0, "{log}");
+    assert_eq!(common::placed(&log, "inline"), 0, "{log}");
+    assert!(common::placed(&log, "blocking") > 0, "{log}");
     let raw = NbdStore::open(&kit.uri("")).unwrap();
     let mut all = vec![0u8; 64 << 20];
     raw.read_at(&mut all, 0).unwrap();

@@ -346,6 +346,23 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
     stdout
 }
 
+/// Requests counted in the server's "connection closed" lines for one placement (`inline`,
+/// `workers`, `blocking`).
+pub fn placed(log: &str, place: &str) -> u64 {
+    let key = format!(" {place}=");
+    log.lines()
+        .filter(|l| l.contains("connection closed"))
+        .filter_map(|l| {
+            let at = l.find(&key)? + key.len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// An encrypted volume over `storage` with a fixed test key (not a secret: both sides of a
 /// comparison, or a fuzz-like test, need the same key).
 pub fn test_volume(
