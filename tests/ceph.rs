@@ -457,3 +457,22 @@ fn fs_prerequisites() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A persistent volume on an RBD image moves between two nodes sharing a KMS (moto): written on
+/// A, imported and refused on B while A serves it, taken over by B after A stops (see
+/// `common::nodes`).
+#[test]
+fn a_persistent_volume_on_rbd_moves_between_nodes() {
+    if !available() {
+        return;
+    }
+    let Some(moto) = common::moto::moto() else {
+        return;
+    };
+    let _one = lock();
+    let dir = TempDir::new("ceph-nodes");
+    let ceph = Ceph::start(&dir);
+    ceph.image("pv", 64);
+    let q = QemuNbd::start(&ceph, &dir, "pv");
+    common::nodes::volume_moves_between_nodes(&q.uri(), &moto);
+}

@@ -7,53 +7,14 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::volumes::within;
+use common::nbdkit::Nbdkit;
 use common::{Rng, TempDir, have, peer_available, run_ok, seed, test_volume};
 use nbdcrypt::storage::Storage;
 use nbdcrypt::upstream::{NbdStore, UpstreamError};
-
-/// nbdkit serving on a Unix socket in the test's directory; killed on drop.
-struct Nbdkit {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Nbdkit {
-    fn start(dir: &TempDir, name: &str, args: &[&str]) -> Nbdkit {
-        let socket = dir.path(&format!("{name}.sock"));
-        // A killed nbdkit leaves its socket behind; a restart on the same path replaces it.
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U"])
-            .arg(&socket)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        assert!(
-            within(Duration::from_secs(20), || socket.exists()).is_some(),
-            "nbdkit did not come up"
-        );
-        Nbdkit { child, socket }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn available() -> bool {
     peer_available("nbdkit", have("nbdkit"))

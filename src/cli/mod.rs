@@ -276,7 +276,8 @@ pub enum VolumeCommand {
     Import {
         /// Name to register it under.
         name: String,
-        /// Its backing file or block device.
+        /// Its backing file or block device, or the upstream NBD export that holds it
+        /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
         #[arg(long)]
         backing: PathBuf,
     },
@@ -305,8 +306,9 @@ pub enum VolumeCommand {
 pub struct VolumeCreateArgs {
     /// Volume name.
     pub name: String,
-    /// Size (K/M/G/T suffixes, powers of 1024).
-    #[arg(long, value_parser = values::parse_size, required_unless_present = "resume")]
+    /// Size (K/M/G/T suffixes, powers of 1024). On an upstream `--backing` it may be left out:
+    /// the export's size less the 1 MiB header area.
+    #[arg(long, value_parser = values::parse_size, required_unless_present_any = ["resume", "backing"])]
     pub size: Option<u64>,
     /// scratch (service-managed key, destroyed with the volume) or persistent.
     #[arg(long = "type", value_enum, default_value_t = VolumeType::Scratch)]
@@ -317,7 +319,10 @@ pub struct VolumeCreateArgs {
     /// Encryption sector size.
     #[arg(long, default_value = "4096", value_parser = values::parse_sector_size)]
     pub sector_size: crate::crypto::SectorSize,
-    /// Backing file or block device (default: `<state-dir>/volumes/NAME.img`).
+    /// Backing file or block device (default: `<state-dir>/volumes/NAME.img`), or an upstream
+    /// NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an RBD image
+    /// exported by qemu-nbd, an nbdkit plugin…). The header is written into the export, so the
+    /// volume is self-describing wherever its bytes are.
     #[arg(long)]
     pub backing: Option<PathBuf>,
     /// Allow TRIM and BLOCK_STATUS (reveals unused sectors; see docs/threat-model.md).

@@ -244,7 +244,9 @@ pub fn run(
         handshake_timeout: seconds("--handshake-timeout", args.handshake_timeout)?,
         tls: tls.clone(),
     };
-    let m = Manager::new(state_dir, kms, kms_name);
+    let m = Manager::new(state_dir, kms, kms_name).with_upstream_timeout(
+        std::time::Duration::from_secs_f64(args.upstream_timeout.max(0.0)),
+    );
     let Opened {
         exports,
         leases,

@@ -55,13 +55,36 @@ pub enum VolumeCommandError {
     Io(#[from] std::io::Error),
 }
 
+/// Without `--size` on an upstream backing: the export less the header area, in whole sectors.
+fn upstream_volume_size(backing: &Path, args: &VolumeCreateArgs) -> Result<u64, ManagerError> {
+    use crate::volume::backing;
+    let len = backing::open(backing, true, backing::DEFAULT_UPSTREAM_TIMEOUT)
+        .and_then(|s| s.size())
+        .map_err(|source| ManagerError::Io {
+            what: "cannot find the size of",
+            path: backing.to_owned(),
+            source,
+        })?;
+    let sector = args.sector_size.bytes() as u64;
+    let size = len.saturating_sub(DATA_OFFSET) / sector * sector;
+    if size == 0 {
+        return Err(ManagerError::Refused(format!(
+            "{} holds {len} bytes: no room for a volume after the {DATA_OFFSET}-byte header area",
+            backing.display()
+        )));
+    }
+    Ok(size)
+}
+
 /// Creates a volume with the settings of `args` (without preallocating).
 pub fn create(
     m: &Manager<'_>,
     args: &VolumeCreateArgs,
 ) -> Result<crate::volume::header::Header, ManagerError> {
-    let Some(size) = args.size else {
-        return Err(ManagerError::Refused("--size is required".into()));
+    let size = match (args.size, &args.backing) {
+        (Some(size), _) => size,
+        (None, Some(b)) if crate::volume::backing::is_upstream(b) => upstream_volume_size(b, args)?,
+        (None, _) => return Err(ManagerError::Refused("--size is required".into())),
     };
     m.create(
         &args.name,
@@ -81,7 +104,12 @@ pub fn create(
 /// What is wrong with a live volume's store, if anything (for `list` and `describe`).
 fn store_problem(e: &Entry, h: &Header) -> Option<String> {
     let needed = DATA_OFFSET.saturating_add(h.size);
-    match crate::storage::FileStorage::open_existing(&e.backing, true).and_then(|s| s.len()) {
+    let opened = crate::volume::backing::open(
+        &e.backing,
+        true,
+        crate::volume::backing::DEFAULT_UPSTREAM_TIMEOUT,
+    );
+    match opened.and_then(|s| s.size()) {
         Ok(len) if len < needed => Some(format!(
             "backing store is {}, volume needs {}",
             iec_bytes(len),
@@ -377,12 +405,17 @@ fn run_delete(
         m.wipe_data(name, force, |n| bar.inc(n))?;
         bar.finish_and_clear();
     }
+    let upstream = m
+        .entry(name)
+        .is_ok_and(|e| crate::volume::backing::is_upstream(&e.backing));
     m.delete(name, keep_ciphertext, force)?;
     writeln!(
         out,
         "deleted volume {name}: its key is destroyed{}",
         if keep_ciphertext {
             "; the ciphertext was kept"
+        } else if upstream {
+            "; its ciphertext stays in the upstream export until its owner removes it"
         } else {
             " and its backing file removed"
         }

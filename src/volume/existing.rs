@@ -2,34 +2,22 @@
 //! `import` (adopt a volume without writing to it), `delete` (refused while served unless
 //! forced; crypto-shredding), which registered volume uses a path, and what a store holds.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use super::backing::{self, DEFAULT_UPSTREAM_TIMEOUT};
 use super::header::{self, HEADER_COPIES, HEADER_COPY_BYTES, Header};
 use super::lease::{self, lock_exclusive};
 use super::manager::Manager;
 use super::ondisk::{Copies, Entry, ManagerError, check_name, io, update_header};
 use super::probe::{self, Found, PROBE_BYTES};
 use crate::crypto::BackendChoice;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 
-/// Whether two paths name one file (same device and inode), or the same path if neither
-/// exists.
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => {
-            let canon = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-            canon(a) == canon(b)
-        }
-    }
-}
-
-/// Reads what is at the start (and end) of an existing store.
+/// Reads what is at the start (and end) of an existing store (a path or an upstream).
 pub(super) fn probe_path(path: &Path) -> Result<Found, ManagerError> {
-    let store = FileStorage::open_existing(path, true)
+    let store = backing::open(path, true, DEFAULT_UPSTREAM_TIMEOUT)
         .map_err(io("cannot open the backing store", path))?;
-    let len = store.len().map_err(io("cannot find the size of", path))?;
+    let len = store.size().map_err(io("cannot find the size of", path))?;
     let head_len = usize::try_from(len.min(PROBE_BYTES as u64)).unwrap_or(PROBE_BYTES);
     let mut head = vec![0u8; head_len];
     store
@@ -57,7 +45,7 @@ impl Manager<'_> {
         Ok(self
             .list()?
             .into_iter()
-            .find(|e| !e.deleted && e.name != except && same_file(&e.backing, path))
+            .find(|e| !e.deleted && e.name != except && backing::same(&e.backing, path))
             .map(|e| e.name))
     }
 
@@ -86,9 +74,8 @@ impl Manager<'_> {
                 backing.display()
             )));
         }
-        let store = FileStorage::open_existing(backing, true)
-            .map_err(io("cannot open the backing store", backing))?;
-        let h = match super::ondisk::read_header_from(&store, name) {
+        let store = self.open_backing(backing, true)?;
+        let h = match super::ondisk::read_header_from(store.as_ref(), name) {
             Ok(l) => l.header,
             Err(ManagerError::Header {
                 first: header::HeaderError::Magic,
@@ -116,7 +103,7 @@ impl Manager<'_> {
                 h.name
             )));
         }
-        super::manager::check_length(name, backing, &store, h.size)?;
+        super::manager::check_length(name, backing, store.as_ref(), h.size)?;
         // Proves the key service can unwrap it; the engine (and key) are dropped at once.
         drop(self.unwrap_engine(name, &h, BackendChoice::Auto)?);
         self.save_entry(&Entry {
@@ -144,18 +131,18 @@ impl Manager<'_> {
         if entry.deleted {
             return Err(ManagerError::Deleted(name.into()));
         }
-        let store = match FileStorage::open_existing(&entry.backing, false) {
+        let store = match backing::open(&entry.backing, false, self.upstream_timeout) {
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io("cannot open the backing store", &entry.backing)(e)),
         };
         if let Some(store) = &store {
-            self.claim_for_delete(name, store, force)?;
+            self.claim_for_delete(name, store.as_ref(), force)?;
         }
         let header_ours = !entry.uuid.is_empty();
         // Without a uuid, a creation was killed before its header: nothing of ours is there.
         if let (Some(store), true) = (&store, header_ours) {
-            shred(name, store, &entry.backing)?;
+            shred(name, store.as_ref(), &entry.backing)?;
         }
         if let Some((key, id)) = entry.grant.take()
             && let Err(e) = self.kms.retire_grant(&key, &id, &self.admin)
@@ -176,7 +163,7 @@ impl Manager<'_> {
     fn claim_for_delete(
         &self,
         name: &str,
-        store: &FileStorage,
+        store: &dyn Storage,
         force: bool,
     ) -> Result<(), ManagerError> {
         const HINT: &str = "; stop that server first, or add --force to cut its clients off and destroy the key in its memory now";
@@ -184,7 +171,7 @@ impl Manager<'_> {
             Ok(()) => {
                 let remote = super::ondisk::read_header_from(store, name)
                     .ok()
-                    .and_then(|l| lease::foreign_live_lease(&l.header).cloned());
+                    .and_then(|l| lease::foreign_live_lease(&l.header, store.has_locks()).cloned());
                 match remote {
                     Some(holder) if !force => Err(ManagerError::Busy {
                         volume: name.into(),
@@ -205,7 +192,7 @@ impl Manager<'_> {
 
 /// Crypto-shredding: both header copies lose the wrapped key and say deleted (newest last, so
 /// no copy of the blob survives either way). Unreadable headers are zeroed instead.
-fn shred(name: &str, store: &FileStorage, path: &Path) -> Result<(), ManagerError> {
+fn shred(name: &str, store: &dyn Storage, path: &Path) -> Result<(), ManagerError> {
     let r = update_header(store, name, Copies::Both, |h| {
         h.deleted = true;
         h.wrapped_key.clear();
@@ -219,15 +206,20 @@ fn shred(name: &str, store: &FileStorage, path: &Path) -> Result<(), ManagerErro
                 volume = name,
                 "headers unreadable; wiping both header slots"
             );
-            wipe_header_slots(path)
+            wipe_slots(store, path)
         }
         Err(e) => Err(e.at(path)),
     }
 }
 
+/// Zeroes both header slots of the store at `path` (a path or an upstream).
 pub(super) fn wipe_header_slots(path: &Path) -> Result<(), ManagerError> {
-    let store = FileStorage::open_existing(path, false)
+    let store = backing::open(path, false, DEFAULT_UPSTREAM_TIMEOUT)
         .map_err(io("cannot open the backing store", path))?;
+    wipe_slots(store.as_ref(), path)
+}
+
+fn wipe_slots(store: &dyn Storage, path: &Path) -> Result<(), ManagerError> {
     store
         .write_durable_at(&vec![0u8; HEADER_COPY_BYTES * HEADER_COPIES], 0)
         .map_err(io("cannot wipe the header of", path))

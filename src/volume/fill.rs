@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::header::DATA_OFFSET;
-use super::lease::lock_exclusive;
+use super::lease::lock_for_change;
 use super::manager::{Manager, ManagerError};
 use super::ondisk::{Copies, io, update_header};
 use crate::crypto::BackendChoice;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 
 /// Bytes written per step of preallocation and wiping.
 const WIPE_STEP: u64 = 8 << 20;
@@ -37,7 +37,7 @@ impl Manager<'_> {
                 "volume {name} is complete; preallocation happens only while it is created"
             )));
         }
-        lock_exclusive(store.as_ref(), name, "; wait for it to finish")
+        lock_for_change(store.as_ref(), name, "; wait for it to finish")
             .map_err(|e| e.at(&entry.backing))?;
         let engine = self.unwrap_engine(name, &h, BackendChoice::Auto)?;
         let volume = self.volume_over(name, Box::new(Arc::clone(&store)), engine, &h, false)?;
@@ -94,10 +94,9 @@ impl Manager<'_> {
         if entry.deleted {
             return Err(ManagerError::Deleted(name.into()));
         }
-        let store = FileStorage::open_existing(&entry.backing, false)
-            .map_err(io("cannot open", &entry.backing))?;
-        match lock_exclusive(
-            &store,
+        let store = self.open_backing(&entry.backing, false)?;
+        match lock_for_change(
+            store.as_ref(),
             name,
             "; stop that server first, or add --force to wipe and delete it under its clients",
         ) {
@@ -105,7 +104,7 @@ impl Manager<'_> {
             Err(ManagerError::Busy { .. }) if force => {}
             Err(e) => return Err(e.at(&entry.backing)),
         }
-        let len = store.len().map_err(io("cannot open", &entry.backing))?;
+        let len = store.size().map_err(io("cannot open", &entry.backing))?;
         let mut buf = vec![0u8; usize::try_from(WIPE_STEP).unwrap_or(1 << 20)];
         let mut at = DATA_OFFSET;
         while at < len {
@@ -127,8 +126,9 @@ impl Manager<'_> {
     /// Bytes in the data area of a volume (what preallocate and wipe go over).
     pub fn data_bytes(&self, name: &str) -> Result<u64, ManagerError> {
         let entry = self.entry(name)?;
-        let len = FileStorage::open(&entry.backing, 0, true)
-            .and_then(|s| s.len())
+        let len = self
+            .open_backing(&entry.backing, true)?
+            .size()
             .map_err(io("cannot open", &entry.backing))?;
         Ok(len.saturating_sub(DATA_OFFSET))
     }

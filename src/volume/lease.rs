@@ -46,12 +46,19 @@ impl Default for LeaseOptions {
     }
 }
 
-/// This node's name, as leases record it.
+/// This node's name, as leases record it: `NBDCRYPT_NODE_NAME` where hostnames are not unique
+/// (containers that all call themselves `localhost`), else the hostname.
 pub fn node_name() -> String {
-    nix::unistd::gethostname()
+    let usable = |n: &String| !n.is_empty() && n.len() <= 255;
+    std::env::var("NBDCRYPT_NODE_NAME")
         .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
+        .filter(usable)
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(usable)
+        })
         .unwrap_or_else(|| "unknown-node".into())
 }
 
@@ -79,12 +86,35 @@ pub fn lock_exclusive(store: &dyn Storage, name: &str, hint: &str) -> Result<(),
     })
 }
 
-/// With this node's serving lock held: the live lease of a server on *another* node, if any
-/// (a lease of this node behind a free lock belongs to a process that died; a stale one to a
-/// node that stopped renewing).
-pub fn foreign_live_lease(h: &Header) -> Option<&Lease> {
+/// [`lock_exclusive`] for a command that changes a volume. On a store without locks (an
+/// upstream NBD export) the lock proves nothing, so a live lease in the header, of any node,
+/// is what says a server has the volume: refused, naming it.
+pub fn lock_for_change(store: &dyn Storage, name: &str, hint: &str) -> Result<(), ManagerError> {
+    lock_exclusive(store, name, hint)?;
+    if store.has_locks() {
+        return Ok(());
+    }
+    let live = super::ondisk::read_header_from(store, name)
+        .ok()
+        .and_then(|l| l.header.lease)
+        .filter(|l| !l.is_stale(now_ms()));
+    match live {
+        Some(holder) => Err(ManagerError::Busy {
+            volume: name.into(),
+            holder: Some(holder),
+            hint: hint.into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// With the store's serving lock held: the live lease of a server that the lock does not
+/// account for, if any. Where the store has locks that is a server on *another* node (a lease
+/// of this node behind a free lock belongs to a process that died); where it has none (an
+/// upstream), a live lease of any node. A stale lease belongs to a node that stopped renewing.
+pub fn foreign_live_lease(h: &Header, store_has_locks: bool) -> Option<&Lease> {
     let lease = h.lease.as_ref()?;
-    (lease.node != node_name() && !lease.is_stale(now_ms())).then_some(lease)
+    ((lease.node != node_name() || !store_has_locks) && !lease.is_stale(now_ms())).then_some(lease)
 }
 
 /// A lease this process holds.

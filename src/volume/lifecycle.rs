@@ -16,14 +16,14 @@ use std::path::{Path, PathBuf};
 
 use super::existing::{probe_path, wipe_header_slots};
 use super::header::{DATA_OFFSET, Header, VolumeType};
-use super::lease::lock_exclusive;
+use super::lease::lock_for_change;
 use super::manager::{Manager, engine_with_check};
 use super::ondisk::{Copies, Entry, ManagerError, Pending, io, update_header};
 use super::probe::Found;
 use crate::codec::to_hex as hex;
 use crate::crypto::{self, BackendChoice, SectorSize};
 use crate::kms::local::DEFAULT_ALIAS;
-use crate::storage::{FileStorage, Storage, StoreLock};
+use crate::storage::{Storage, StoreLock};
 
 /// Settings for `volume create`.
 #[derive(Debug, Clone)]
@@ -58,14 +58,19 @@ impl Manager<'_> {
                 path.display()
             )));
         }
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io("cannot examine", path)(e)),
+        // An upstream export always exists (the storage engine made it); a path may not yet.
+        let meta = if super::backing::is_upstream(path) {
+            None
+        } else {
+            match std::fs::metadata(path) {
+                Ok(m) => Some(m),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io("cannot examine", path)(e)),
+            }
         };
-        if meta.is_dir() {
+        if meta.is_some_and(|m| m.is_dir()) {
             return Err(ManagerError::Refused(format!(
-                "{} is a directory; --backing takes a file or block device path",
+                "{} is a directory; --backing takes a file or block device path, or an nbd:// or nbd+unix:// URI",
                 path.display()
             )));
         }
@@ -182,43 +187,13 @@ impl Manager<'_> {
             ManagerError::Refused(format!("volume {name} has no creation to finish"))
         })?;
         let backing = entry.backing.clone();
-        if let Some(parent) = backing.parent() {
-            crate::fsutil::create_private_dir(parent).map_err(io("cannot create", parent))?;
+        if !super::backing::is_upstream(&backing) {
+            Self::make_backing_file(&backing, p.size)?;
         }
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&backing)
-            .map_err(io("cannot create the backing file", &backing))?;
-        let meta = f.metadata().map_err(io("cannot stat", &backing))?;
-        let needed = DATA_OFFSET.saturating_add(p.size);
-        if meta.is_file() && meta.len() < needed {
-            f.set_len(needed).map_err(|source| {
-                let why = if source.raw_os_error() == Some(libc::EFBIG) {
-                    "cannot size the backing file (larger than its file system allows) to"
-                } else {
-                    "cannot size the backing file to"
-                };
-                ManagerError::Io {
-                    what: why,
-                    path: PathBuf::from(format!(
-                        "{} ({})",
-                        backing.display(),
-                        crate::human::iec_bytes(needed)
-                    )),
-                    source,
-                }
-            })?;
-        }
-        drop(f);
         crash_point("sized");
-        let store = FileStorage::open_existing(&backing, false)
-            .map_err(io("cannot open the backing store", &backing))?;
-        super::manager::check_length(&name, &backing, &store, p.size)?;
-        lock_exclusive(&store, &name, "; wait for it to finish")?;
+        let store = self.open_backing(&backing, false)?;
+        super::manager::check_length(&name, &backing, store.as_ref(), p.size)?;
+        lock_for_change(store.as_ref(), &name, "; wait for it to finish")?;
         let sector_size = SectorSize::from_bytes(u64::from(p.sector_size)).map_err(|source| {
             ManagerError::Crypto {
                 volume: name.clone(),
@@ -294,6 +269,43 @@ impl Manager<'_> {
         }
         let _ = store.unlock(StoreLock::Serving);
         Ok(h)
+    }
+
+    /// Creates (or reuses) the backing file `backing` and makes it long enough for a volume of
+    /// `size` bytes plus the header area; a block device is left as it is.
+    fn make_backing_file(backing: &Path, size: u64) -> Result<(), ManagerError> {
+        if let Some(parent) = backing.parent() {
+            crate::fsutil::create_private_dir(parent).map_err(io("cannot create", parent))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(backing)
+            .map_err(io("cannot create the backing file", backing))?;
+        let meta = f.metadata().map_err(io("cannot stat", backing))?;
+        let needed = DATA_OFFSET.saturating_add(size);
+        if meta.is_file() && meta.len() < needed {
+            f.set_len(needed).map_err(|source| {
+                let why = if source.raw_os_error() == Some(libc::EFBIG) {
+                    "cannot size the backing file (larger than its file system allows) to"
+                } else {
+                    "cannot size the backing file to"
+                };
+                ManagerError::Io {
+                    what: why,
+                    path: PathBuf::from(format!(
+                        "{} ({})",
+                        backing.display(),
+                        crate::human::iec_bytes(needed)
+                    )),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// `volume create NAME --resume`: finishes an interrupted creation. Returns the header and

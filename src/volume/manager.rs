@@ -13,7 +13,7 @@ use super::lease::{LeaseOptions, ServingLease};
 use super::{EncryptedVolume, VolumeConfig};
 use crate::crypto::{BackendChoice, SectorSize, VolumeKey, XtsEngine};
 use crate::kms::{Caller, EncryptionContext, KeyService, KmsError, local::DEFAULT_ALIAS};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 
 pub use super::ondisk::{
     Copies, Entry, ManagerError, Pending, is_deleted, read_header, read_header_from, update_header,
@@ -39,6 +39,8 @@ pub struct Manager<'k> {
     pub(super) caller: Caller,
     /// The administrator: grants.
     pub(super) admin: Caller,
+    /// How long an unreachable upstream backing is waited for.
+    pub(super) upstream_timeout: std::time::Duration,
 }
 
 use crate::codec::to_hex as hex;
@@ -71,7 +73,25 @@ impl<'k> Manager<'k> {
             kms_name: kms_name.to_owned(),
             caller: Caller::local_service(),
             admin: Caller::local_admin(),
+            upstream_timeout: super::backing::DEFAULT_UPSTREAM_TIMEOUT,
         }
+    }
+
+    /// Waits up to `timeout` for an unreachable upstream backing (`serve --upstream-timeout`).
+    #[must_use]
+    pub fn with_upstream_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.upstream_timeout = timeout;
+        self
+    }
+
+    /// Opens the existing store `backing` (a path or an upstream URI; see [`super::backing`]).
+    pub(super) fn open_backing(
+        &self,
+        backing: &Path,
+        read_only: bool,
+    ) -> Result<Arc<dyn Storage>, ManagerError> {
+        super::backing::open(backing, read_only, self.upstream_timeout)
+            .map_err(io("cannot open the backing store", backing))
     }
 
     /// The state directory.
@@ -185,7 +205,8 @@ impl<'k> Manager<'k> {
         if e.deleted {
             return Err(ManagerError::Deleted(name.into()));
         }
-        let loaded = read_header(&e.backing, name)?;
+        let store = self.open_backing(&e.backing, true)?;
+        let loaded = read_header_from(store.as_ref(), name).map_err(|err| err.at(&e.backing))?;
         if loaded.header.deleted {
             return Err(ManagerError::Deleted(name.into()));
         }
@@ -198,15 +219,14 @@ impl<'k> Manager<'k> {
         &self,
         name: &str,
         read_only: bool,
-    ) -> Result<(Entry, Arc<FileStorage>, Header), ManagerError> {
+    ) -> Result<(Entry, Arc<dyn Storage>, Header), ManagerError> {
         let (entry, loaded) = self.header(name)?;
         if let Some(problem) = &loaded.damaged {
             tracing::warn!(volume = name, %problem, "one header copy is damaged; using the other (it is rewritten on the next update)");
         }
-        let store = FileStorage::open_existing(&entry.backing, read_only)
-            .map_err(io("cannot open the backing store", &entry.backing))?;
+        let store = self.open_backing(&entry.backing, read_only)?;
         let h = loaded.header;
-        check_length(name, &entry.backing, &store, h.size)?;
+        check_length(name, &entry.backing, store.as_ref(), h.size)?;
         Ok((entry, Arc::new(store), h))
     }
 
@@ -265,9 +285,8 @@ impl<'k> Manager<'k> {
                 size: h.size,
             });
         }
-        let dyn_store: Arc<dyn Storage> = store.clone();
-        let held =
-            ServingLease::acquire(dyn_store, name, lease).map_err(|e| e.at(&entry.backing))?;
+        let held = ServingLease::acquire(Arc::clone(&store), name, lease)
+            .map_err(|e| e.at(&entry.backing))?;
         match self.unwrap_engine(name, &h, backend).and_then(|engine| {
             self.volume_over(name, Box::new(Arc::clone(&store)), engine, &h, false)
         }) {
@@ -397,11 +416,10 @@ impl<'k> Manager<'k> {
             engine_with_check(name, &mut copy, sector_size, BackendChoice::Auto)
                 .is_ok_and(|(_, kcv)| crate::codec::ct_eq(&kcv, &h.key_check))
         })?;
-        let store = FileStorage::open_existing(&entry.backing, false)
-            .map_err(io("cannot open the backing store", &entry.backing))?;
+        let store = self.open_backing(&entry.backing, false)?;
         // Under the header lock, so a serving process's lease renewal cannot undo it; both
         // copies, so the blob under the old key survives in neither.
-        let h = update_header(&store, name, Copies::Both, |cur| {
+        let h = update_header(store.as_ref(), name, Copies::Both, |cur| {
             if cur.wrapped_key != h.wrapped_key {
                 return Err(ManagerError::Refused(format!(
                     "volume {name}: its key was rewrapped by another command meanwhile; run rewrap again"

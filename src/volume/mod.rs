@@ -20,6 +20,7 @@
 // and 32 MiB after server validation) on 64-bit targets, the only ones nbdcrypt builds for.
 #![allow(clippy::cast_possible_truncation)]
 
+pub mod backing;
 mod existing;
 mod fill;
 pub mod header;

@@ -232,11 +232,12 @@ pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
         .is_some_and(|e| e.deleted)
 }
 
-/// Reads both header copies of the backing store at `path` (opened read-only).
+/// Reads both header copies of the backing store at `path` (a path or an upstream URI, opened
+/// read-only).
 pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerError> {
-    let store = crate::storage::FileStorage::open_existing(path, true)
+    let store = super::backing::open(path, true, super::backing::DEFAULT_UPSTREAM_TIMEOUT)
         .map_err(io("cannot open the backing store", path))?;
-    read_header_from(&store, name).map_err(|e| e.at(path))
+    read_header_from(store.as_ref(), name).map_err(|e| e.at(path))
 }
 
 /// Reads both header copies from `store`.

@@ -6,6 +6,9 @@ use nbdcrypt::crypto::VolumeKey;
 
 mod artifacts;
 pub mod kernel;
+pub mod moto;
+pub mod nbdkit;
+pub mod nodes;
 mod raw;
 mod sys;
 pub mod tls;
