@@ -14,7 +14,14 @@ use std::time::Duration;
 use common::nbdkit::Nbdkit;
 use common::{Rng, TempDir, have, peer_available, run_ok, seed, test_volume};
 use nbdcrypt::storage::Storage;
-use nbdcrypt::upstream::{NbdStore, UpstreamError};
+use nbdcrypt::upstream::{NbdStore, Options, UpstreamError};
+
+fn opts(connections: usize, timeout: Duration) -> Options {
+    Options {
+        timeout,
+        connections,
+    }
+}
 
 fn available() -> bool {
     peer_available("nbdkit", have("nbdkit"))
@@ -200,7 +207,7 @@ fn failures_name_the_upstream_and_never_hang() {
     // new connections for the upstream timeout (1 s here), then fail, naming it.
     let mut kit = Nbdkit::start(&dir, "kit", &["memory", "1M"]);
     let uri = kit.uri("");
-    let store = Arc::new(NbdStore::open_with(&uri, Duration::from_secs(1)).unwrap());
+    let store = Arc::new(NbdStore::open_with(&uri, &opts(1, Duration::from_secs(1))).unwrap());
     store.write_at(&[5u8; 4096], 0).unwrap();
     kit.child.kill().unwrap();
     kit.child.wait().unwrap();
@@ -296,7 +303,8 @@ fn the_store_reconnects_to_a_restarted_upstream_and_flushes_honestly() {
     run_ok(Command::new("truncate").arg("-s").arg("4M").arg(&img));
     let file_arg = format!("file={}", img.display());
     let mut kit = Nbdkit::start(&dir, "kit", &["file", &file_arg]);
-    let store = Arc::new(NbdStore::open_with(&kit.uri(""), Duration::from_secs(20)).unwrap());
+    let store =
+        Arc::new(NbdStore::open_with(&kit.uri(""), &opts(1, Duration::from_secs(20))).unwrap());
     let mut rng = Rng::new(seed("upstream restart"));
     let a = rng.bytes(65536);
     store.write_at(&a, 0).unwrap();
@@ -381,4 +389,55 @@ fn a_served_export_answers_eio_when_its_upstream_stays_away() {
     drop(s);
     let log = server.stop();
     assert!(log.contains("upstream still unreachable"), "{log}");
+}
+
+/// Several connections where the upstream allows them (nbdkit memory advertises multi-conn):
+/// requests spread over all four, 8 threads' writes read back through any, a flush reaches
+/// every connection. nbdkit's multi-conn filter withholding the flag gives one connection.
+#[test]
+fn several_connections_only_when_the_upstream_advertises_multi_conn() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("upstream-multi");
+    let kit = Nbdkit::start(&dir, "kit", &["memory", "16M"]);
+    let store =
+        Arc::new(NbdStore::open_with(&kit.uri(""), &opts(4, Duration::from_secs(10))).unwrap());
+    assert_eq!(store.connections(), 4);
+    let mut rng = Rng::new(seed("upstream multi"));
+    let blocks: Vec<Vec<u8>> = (0..32).map(|_| rng.bytes(64 << 10)).collect();
+    let blocks = Arc::new(blocks);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (store, blocks) = (Arc::clone(&store), Arc::clone(&blocks));
+            std::thread::spawn(move || {
+                for i in (t..32).step_by(8) {
+                    store.write_at(&blocks[i], (i as u64) << 16).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    store.sync().unwrap();
+    for (i, b) in blocks.iter().enumerate() {
+        let mut got = vec![0u8; 64 << 10];
+        store.read_at(&mut got, (i as u64) << 16).unwrap();
+        assert!(&got == b, "block {i}");
+    }
+    let single = Nbdkit::start(
+        &dir,
+        "single",
+        &[
+            "--filter=multi-conn",
+            "memory",
+            "16M",
+            "multi-conn-mode=disable",
+        ],
+    );
+    let one = NbdStore::open_with(&single.uri(""), &opts(4, Duration::from_secs(10))).unwrap();
+    assert_eq!(one.connections(), 1);
+    one.write_at(&blocks[0], 0).unwrap();
+    one.sync().unwrap();
 }

@@ -431,6 +431,10 @@ pub struct ServeArgs {
     /// lost upstream to come back (reconnecting meanwhile) before it fails with EIO.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     pub upstream_timeout: f64,
+    /// Connections to an upstream NBD server that advertises multi-conn (a flush on one
+    /// covers all); an upstream that does not gets one.
+    #[arg(long, default_value_t = crate::upstream::DEFAULT_CONNECTIONS, value_name = "N")]
+    pub upstream_connections: usize,
 }
 
 /// `nbdcrypt keygen`.

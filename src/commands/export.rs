@@ -112,7 +112,7 @@ pub fn read_key_file(path: &Path) -> Result<VolumeKey, ExportError> {
 pub fn open_export(
     spec: &ExportSpec,
     backend: BackendChoice,
-    upstream_timeout: std::time::Duration,
+    upstream: &crate::upstream::Options,
 ) -> Result<Export, ExportError> {
     let key = read_key_file(&spec.key_file)?;
     let engine =
@@ -122,7 +122,7 @@ pub fn open_export(
         })?;
     drop(key);
     let (storage, size) = match spec.file.to_str().filter(|f| crate::upstream::is_uri(f)) {
-        Some(uri) => open_upstream(spec, uri, upstream_timeout)?,
+        Some(uri) => open_upstream(spec, uri, upstream)?,
         None => open_file(spec)?,
     };
     warn_if_managed(spec, storage.as_ref());
@@ -186,9 +186,9 @@ fn open_file(spec: &ExportSpec) -> Result<(Box<dyn Storage>, u64), ExportError> 
 fn open_upstream(
     spec: &ExportSpec,
     uri: &str,
-    timeout: std::time::Duration,
+    upstream: &crate::upstream::Options,
 ) -> Result<(Box<dyn Storage>, u64), ExportError> {
-    let store = NbdStore::open_with(uri, timeout).map_err(|source| ExportError::Upstream {
+    let store = NbdStore::open_with(uri, upstream).map_err(|source| ExportError::Upstream {
         export: spec.name.clone(),
         source,
     })?;
@@ -222,6 +222,7 @@ fn open_upstream(
         upstream = uri,
         size,
         max_payload = info.max_payload,
+        connections = store.connections(),
         "backing store is an upstream NBD export"
     );
     Ok((Box::new(store), size))

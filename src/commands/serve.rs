@@ -173,12 +173,8 @@ fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
             if list.iter().any(|e| e.name == spec.name) {
                 return Err(ServeError::DuplicateName(spec.name.clone()));
             }
-            let export = open_export(
-                spec,
-                args.backend,
-                std::time::Duration::from_secs_f64(args.upstream_timeout.max(0.0)),
-            )?
-            .with_max_request(args.max_request_mib << 20);
+            let export = open_export(spec, args.backend, &upstream_options(args))?
+                .with_max_request(args.max_request_mib << 20);
             tracing::info!(
                 export = export.name,
                 size = export.volume.size(),
@@ -244,9 +240,7 @@ pub fn run(
         handshake_timeout: seconds("--handshake-timeout", args.handshake_timeout)?,
         tls: tls.clone(),
     };
-    let m = Manager::new(state_dir, kms, kms_name).with_upstream_timeout(
-        std::time::Duration::from_secs_f64(args.upstream_timeout.max(0.0)),
-    );
+    let m = Manager::new(state_dir, kms, kms_name).with_upstream(upstream_options(&args));
     let Opened {
         exports,
         leases,
@@ -435,5 +429,13 @@ async fn wait_for_signal() {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// How exports on an upstream NBD server use it.
+fn upstream_options(args: &ServeArgs) -> crate::upstream::Options {
+    crate::upstream::Options {
+        timeout: std::time::Duration::from_secs_f64(args.upstream_timeout.max(0.0)),
+        connections: args.upstream_connections.max(1),
     }
 }

@@ -58,7 +58,7 @@ pub enum VolumeCommandError {
 /// Without `--size` on an upstream backing: the export less the header area, in whole sectors.
 fn upstream_volume_size(backing: &Path, args: &VolumeCreateArgs) -> Result<u64, ManagerError> {
     use crate::volume::backing;
-    let len = backing::open(backing, true, backing::DEFAULT_UPSTREAM_TIMEOUT)
+    let len = backing::open(backing, true, &backing::DEFAULT_UPSTREAM)
         .and_then(|s| s.size())
         .map_err(|source| ManagerError::Io {
             what: "cannot find the size of",
@@ -104,11 +104,8 @@ pub fn create(
 /// What is wrong with a live volume's store, if anything (for `list` and `describe`).
 fn store_problem(e: &Entry, h: &Header) -> Option<String> {
     let needed = DATA_OFFSET.saturating_add(h.size);
-    let opened = crate::volume::backing::open(
-        &e.backing,
-        true,
-        crate::volume::backing::DEFAULT_UPSTREAM_TIMEOUT,
-    );
+    let opened =
+        crate::volume::backing::open(&e.backing, true, &crate::volume::backing::DEFAULT_UPSTREAM);
     match opened.and_then(|s| s.size()) {
         Ok(len) if len < needed => Some(format!(
             "backing store is {}, volume needs {}",

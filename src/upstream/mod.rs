@@ -3,21 +3,25 @@
 //! dm-crypt sits on an RBD device. Only ciphertext (and the volume header, which holds no key
 //! in the clear) ever reaches the upstream.
 //!
-//! [`NbdStore`] implements [`Storage`] over one negotiated [`client::Client`] connection, kept
+//! [`NbdStore`] implements [`Storage`] over negotiated [`client::Client`] connections, each kept
 //! up by a [`session::Session`] (reconnects, the upstream timeout, flush honesty): the calls
 //! are synchronous round trips, made from the crypto workers and the blocking pool, and many of
-//! them are in flight on the connection at once. Requests larger than the upstream's
-//! maximum payload are split; offsets and lengths must be multiples of its minimum block size
-//! (the volume layer only does sector-aligned I/O, and sectors are at least 512 bytes).
+//! them are in flight on each connection at once. Where the upstream advertises
+//! `CAN_MULTI_CONN` (a flush on one connection covers writes completed on all), requests are
+//! spread over [`Options::connections`] connections, round robin; otherwise one connection
+//! carries everything. Requests larger than the upstream's maximum payload are split; offsets
+//! and lengths must be multiples of its minimum block size (the volume layer only does
+//! sector-aligned I/O, and sectors are at least 512 bytes).
 //!
-//! Not yet: TLS to the upstream, several connections (`CAN_MULTI_CONN`), and managed volumes
-//! (`volume create --backing nbd://…`) on such a backing (issue 14 goes on from here).
+//! Not yet: TLS to the upstream (`nbds://`).
 
 pub mod client;
 pub mod session;
 pub mod target;
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 pub use client::{Client, ExportInfo};
 pub use session::{DEFAULT_TIMEOUT, Session};
@@ -157,30 +161,82 @@ impl From<UpstreamError> for io::Error {
     }
 }
 
+/// How an upstream is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// How long a request waits for a lost upstream (reconnecting meanwhile) before it fails.
+    pub timeout: Duration,
+    /// Connections to open when the upstream advertises `CAN_MULTI_CONN` (one otherwise).
+    pub connections: usize,
+}
+
+/// Connections `serve` opens to an upstream that allows several.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+impl Default for Options {
+    /// [`DEFAULT_TIMEOUT`], one connection (what short-lived commands need).
+    fn default() -> Self {
+        Options {
+            timeout: DEFAULT_TIMEOUT,
+            connections: 1,
+        }
+    }
+}
+
 /// An upstream export as a store of ciphertext.
 #[derive(Debug)]
 pub struct NbdStore {
-    client: Session,
+    /// One per connection; never empty.
+    sessions: Vec<Session>,
+    /// The next connection to use (round robin).
+    next: AtomicUsize,
     target: Target,
 }
 
 impl NbdStore {
-    /// Connects to the export at `uri` and negotiates; a lost upstream is waited for up to
-    /// [`DEFAULT_TIMEOUT`].
+    /// Connects to the export at `uri` and negotiates, with [`Options::default`].
     pub fn open(uri: &str) -> Result<NbdStore, UpstreamError> {
-        Self::open_with(uri, DEFAULT_TIMEOUT)
+        Self::open_with(uri, &Options::default())
     }
 
-    /// [`open`](Self::open) with another upstream timeout.
-    pub fn open_with(uri: &str, timeout: std::time::Duration) -> Result<NbdStore, UpstreamError> {
+    /// Connects with `opts`: the first connection tells whether the upstream allows more.
+    pub fn open_with(uri: &str, opts: &Options) -> Result<NbdStore, UpstreamError> {
         let target = Target::parse(uri)?;
-        let client = Session::connect(target.clone(), timeout)?;
-        Ok(NbdStore { client, target })
+        let first = Session::connect(target.clone(), opts.timeout)?;
+        let multi = first.info().has(flag::CAN_MULTI_CONN);
+        let n = if multi { opts.connections.max(1) } else { 1 };
+        if opts.connections > 1 && !multi {
+            tracing::info!(
+                upstream = target.uri,
+                "the upstream does not advertise multi-conn: one connection"
+            );
+        }
+        let mut sessions = Vec::with_capacity(n);
+        sessions.push(first);
+        while sessions.len() < n {
+            sessions.push(Session::connect(target.clone(), opts.timeout)?);
+        }
+        Ok(NbdStore {
+            sessions,
+            next: AtomicUsize::new(0),
+            target,
+        })
+    }
+
+    /// The connection for the next request.
+    fn client(&self) -> &Session {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
+        &self.sessions[i]
+    }
+
+    /// Connections in use.
+    pub fn connections(&self) -> usize {
+        self.sessions.len()
     }
 
     /// The export as the server described it.
     pub fn info(&self) -> ExportInfo {
-        self.client.info()
+        self.sessions[0].info()
     }
 
     /// The upstream's URI.
@@ -188,9 +244,9 @@ impl NbdStore {
         &self.target.uri
     }
 
-    /// How many times the connection to the upstream was re-established.
+    /// How many times a connection to the upstream was re-established.
     pub fn reconnects(&self) -> u64 {
-        self.client.reconnects()
+        self.sessions.iter().map(Session::reconnects).sum()
     }
 
     fn aligned(&self, offset: u64, length: u64) -> Result<(), UpstreamError> {
@@ -237,7 +293,7 @@ impl NbdStore {
     fn write_flags(&self, buf: &[u8], offset: u64, flags: u16) -> Result<(), UpstreamError> {
         self.pieces(offset, buf.len(), |at, r| {
             let n = u32::try_from(r.len()).unwrap_or(u32::MAX);
-            self.client
+            self.client()
                 .request(cmd::WRITE, flags, at, n, Some(&buf[r]))
                 .map(drop)
         })
@@ -255,7 +311,7 @@ impl Storage for NbdStore {
         let (head, _) = buf.split_at_mut(inside);
         self.pieces(offset, head.len(), |at, r| {
             let n = u32::try_from(r.len()).unwrap_or(u32::MAX);
-            let data = self.client.request(cmd::READ, 0, at, n, None)?;
+            let data = self.client().request(cmd::READ, 0, at, n, None)?;
             head[r].copy_from_slice(&data);
             Ok(())
         })?;
@@ -275,10 +331,33 @@ impl Storage for NbdStore {
         }
     }
 
+    /// A FLUSH on every connection, at once. Multi-conn would let one cover all, but each
+    /// connection's flush honesty (a reconnect after unflushed writes) is its own to report.
     fn sync(&self) -> io::Result<()> {
-        if self.info().has(flag::SEND_FLUSH) {
-            self.client.request(cmd::FLUSH, 0, 0, 0, None)?;
+        if !self.info().has(flag::SEND_FLUSH) {
+            return Ok(());
         }
+        let flush = |s: &Session| s.request(cmd::FLUSH, 0, 0, 0, None).map(drop);
+        if let [only] = self.sessions.as_slice() {
+            return Ok(flush(only)?);
+        }
+        let results: Vec<Result<(), UpstreamError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self.sessions[1..]
+                .iter()
+                .map(|s| scope.spawn(move || flush(s)))
+                .collect();
+            let mut out = vec![flush(&self.sessions[0])];
+            out.extend(handles.into_iter().map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(UpstreamError::Lost {
+                        upstream: self.target.uri.clone(),
+                        why: "a flush thread panicked".into(),
+                    })
+                })
+            }));
+            out
+        });
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok(())
     }
 
@@ -292,7 +371,7 @@ impl Storage for NbdStore {
             while at < len {
                 let n = piece.min(len - at);
                 let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-                self.client
+                self.client()
                     .request(cmd::WRITE_ZEROES, 0, offset + at, n32, None)?;
                 at += n;
             }
@@ -327,7 +406,7 @@ impl Storage for NbdStore {
             return Ok(());
         }
         let n = u32::try_from(len.min(self.piece() as u64)).unwrap_or(u32::MAX);
-        self.client.request(cmd::CACHE, 0, offset, n, None)?;
+        self.client().request(cmd::CACHE, 0, offset, n, None)?;
         Ok(())
     }
 }

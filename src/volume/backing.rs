@@ -12,13 +12,16 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::storage::{FileStorage, Storage};
-use crate::upstream::{NbdStore, target};
+use crate::upstream::{NbdStore, Options, target};
 
-/// How long volume commands wait for an unreachable upstream (serve has `--upstream-timeout`).
-pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = crate::upstream::DEFAULT_TIMEOUT;
+/// What volume commands use for an upstream: the default timeout, one connection (`serve` has
+/// `--upstream-timeout` and `--upstream-connections`).
+pub const DEFAULT_UPSTREAM: Options = Options {
+    timeout: crate::upstream::DEFAULT_TIMEOUT,
+    connections: 1,
+};
 
 /// Whether `backing` names an upstream NBD export rather than a path.
 pub fn is_upstream(backing: &Path) -> bool {
@@ -30,12 +33,12 @@ pub fn is_upstream(backing: &Path) -> bool {
 pub fn open(
     backing: &Path,
     read_only: bool,
-    timeout: Duration,
+    upstream: &Options,
 ) -> std::io::Result<Arc<dyn Storage>> {
     let Some(uri) = backing.to_str().filter(|s| target::is_uri(s)) else {
         return Ok(Arc::new(FileStorage::open_existing(backing, read_only)?));
     };
-    let store = NbdStore::open_with(uri, timeout).map_err(std::io::Error::other)?;
+    let store = NbdStore::open_with(uri, upstream).map_err(std::io::Error::other)?;
     if !read_only && store.info().has(crate::protocol::consts::flag::READ_ONLY) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,

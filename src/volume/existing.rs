@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::backing::{self, DEFAULT_UPSTREAM_TIMEOUT};
+use super::backing::{self, DEFAULT_UPSTREAM};
 use super::header::{self, HEADER_COPIES, HEADER_COPY_BYTES, Header};
 use super::lease::{self, lock_exclusive};
 use super::manager::Manager;
@@ -15,7 +15,7 @@ use crate::storage::Storage;
 
 /// Reads what is at the start (and end) of an existing store (a path or an upstream).
 pub(super) fn probe_path(path: &Path) -> Result<Found, ManagerError> {
-    let store = backing::open(path, true, DEFAULT_UPSTREAM_TIMEOUT)
+    let store = backing::open(path, true, &DEFAULT_UPSTREAM)
         .map_err(io("cannot open the backing store", path))?;
     let len = store.size().map_err(io("cannot find the size of", path))?;
     let head_len = usize::try_from(len.min(PROBE_BYTES as u64)).unwrap_or(PROBE_BYTES);
@@ -131,7 +131,7 @@ impl Manager<'_> {
         if entry.deleted {
             return Err(ManagerError::Deleted(name.into()));
         }
-        let store = match backing::open(&entry.backing, false, self.upstream_timeout) {
+        let store = match backing::open(&entry.backing, false, &self.upstream) {
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io("cannot open the backing store", &entry.backing)(e)),
@@ -214,7 +214,7 @@ fn shred(name: &str, store: &dyn Storage, path: &Path) -> Result<(), ManagerErro
 
 /// Zeroes both header slots of the store at `path` (a path or an upstream).
 pub(super) fn wipe_header_slots(path: &Path) -> Result<(), ManagerError> {
-    let store = backing::open(path, false, DEFAULT_UPSTREAM_TIMEOUT)
+    let store = backing::open(path, false, &DEFAULT_UPSTREAM)
         .map_err(io("cannot open the backing store", path))?;
     wipe_slots(store.as_ref(), path)
 }

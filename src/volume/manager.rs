@@ -39,8 +39,8 @@ pub struct Manager<'k> {
     pub(super) caller: Caller,
     /// The administrator: grants.
     pub(super) admin: Caller,
-    /// How long an unreachable upstream backing is waited for.
-    pub(super) upstream_timeout: std::time::Duration,
+    /// How an upstream backing is used (timeout, connections).
+    pub(super) upstream: crate::upstream::Options,
 }
 
 use crate::codec::to_hex as hex;
@@ -73,14 +73,15 @@ impl<'k> Manager<'k> {
             kms_name: kms_name.to_owned(),
             caller: Caller::local_service(),
             admin: Caller::local_admin(),
-            upstream_timeout: super::backing::DEFAULT_UPSTREAM_TIMEOUT,
+            upstream: super::backing::DEFAULT_UPSTREAM,
         }
     }
 
-    /// Waits up to `timeout` for an unreachable upstream backing (`serve --upstream-timeout`).
+    /// Uses upstream backings with `opts` (`serve --upstream-timeout`,
+    /// `--upstream-connections`).
     #[must_use]
-    pub fn with_upstream_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.upstream_timeout = timeout;
+    pub fn with_upstream(mut self, opts: crate::upstream::Options) -> Self {
+        self.upstream = opts;
         self
     }
 
@@ -90,7 +91,7 @@ impl<'k> Manager<'k> {
         backing: &Path,
         read_only: bool,
     ) -> Result<Arc<dyn Storage>, ManagerError> {
-        super::backing::open(backing, read_only, self.upstream_timeout)
+        super::backing::open(backing, read_only, &self.upstream)
             .map_err(io("cannot open the backing store", backing))
     }
 

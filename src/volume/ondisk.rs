@@ -235,7 +235,7 @@ pub fn is_deleted(state_dir: &Path, name: &str) -> bool {
 /// Reads both header copies of the backing store at `path` (a path or an upstream URI, opened
 /// read-only).
 pub fn read_header(path: &Path, name: &str) -> Result<header::Loaded, ManagerError> {
-    let store = super::backing::open(path, true, super::backing::DEFAULT_UPSTREAM_TIMEOUT)
+    let store = super::backing::open(path, true, &super::backing::DEFAULT_UPSTREAM)
         .map_err(io("cannot open the backing store", path))?;
     read_header_from(store.as_ref(), name).map_err(|e| e.at(path))
 }
