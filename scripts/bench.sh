@@ -8,17 +8,28 @@
 #   nbdkit-file     nbdkit's file plugin over a tmpfs file: no encryption, same store as ours
 #   nbdkit-luks     nbdkit's luks filter over a LUKS image made by qemu-img (aes-xts-plain64)
 #   qemu-nbd-luks   qemu-nbd serving that LUKS image
+# With --proxy (issue 14), the servers are proxies in front of one upstream, nbdkit memory on a
+# Unix socket, started fresh for each server:
+#   nbdcrypt-proxy       nbdcrypt serving a raw export whose file= is the upstream
+#   nbdkit-proxy         nbdkit's nbd plugin: an unencrypted proxy, the ceiling (the reference)
+#   nbdkit-luks-proxy    nbdkit --filter=luks nbd (the LUKS image copied into the upstream)
+#   qemu-nbd-luks-proxy  qemu-nbd with a LUKS image whose file is the NBD upstream
+# With --ceph: a single-node Ceph cluster (scripts/ceph-single-node.sh) and qemu-nbd exporting
+# an RBD image; qemu-nbd-rbd is fio straight to it (the reference), nbdcrypt-rbd nbdcrypt in
+# front of it. Volumes are 256 MiB there (the memstore OSD holds them in RAM).
 # Jobs (fio, nbd engine): seq 1 MiB write/read at QD16, 4 KiB randread/randwrite at QD32, a 70/30
 # 4 KiB mix at QD32, and 4 KiB randread at QD32 over 1, 2 and 4 connections (numjobs).
 # Each round starts every server in turn (fresh, prefilled), runs every job against it, and
 # stops it; rounds alternate so slow drifts of this shared machine hit every server alike.
 # The server's CPU time per job comes from /proc/PID/stat (utime+stime).
 #
-# Usage: scripts/bench.sh [--quick] [--rounds N] [--runtime SECONDS] [--out DIR] [--bin PATH]
+# Usage: scripts/bench.sh [--quick] [--proxy|--ceph] [--rounds N] [--runtime SECONDS] [--out DIR]
+#                         [--bin PATH]
 #                         [--base-bin PATH]   (another build, served as nbdcrypt-base)
 #                         [--servers "NAME ..."]   (a subset, e.g. "nbdcrypt nbdkit-memory")
 #   --quick   one round, 1 s jobs, 64 MiB volumes, debug binary: a smoke run for CI.
-# Output: a table on stdout, and in OUT (default target/bench): results.json, table.md,
+# Output: a table on stdout, and in OUT (default target/bench, target/bench-proxy,
+# target/bench-ceph): results.json, table.md,
 # chart.png, and every fio JSON file.
 set -euo pipefail
 
@@ -34,9 +45,12 @@ BIN=""
 # same run, for before/after ratios.
 BASE_BIN="${NBDCRYPT_BENCH_BASE_BIN:-}"
 ONLY=""
+MODE=local
 while (($#)); do
     case "$1" in
         --quick) QUICK=1 ;;
+        --proxy) MODE=proxy; OUT="$ROOT/target/bench-proxy" ;;
+        --ceph) MODE=ceph; OUT="$ROOT/target/bench-ceph" ;;
         --rounds) ROUNDS="$2"; shift ;;
         --runtime) RUNTIME="$2"; shift ;;
         --out) OUT="$2"; shift ;;
@@ -49,6 +63,7 @@ while (($#)); do
     shift
 done
 SIZE_MIB=1024
+[[ "$MODE" == ceph ]] && SIZE_MIB=256
 if ((QUICK)); then ROUNDS=1; RUNTIME=1; SIZE_MIB=64; fi
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -59,7 +74,8 @@ die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
 # gnuplot (chart), python3 (aggregation; standard library only).
 # shellcheck source=scripts/lib/deb.sh
 . "$ROOT/scripts/lib/deb.sh"
-deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3 openssl
+deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3 openssl libnbd-bin
+[[ "$MODE" == ceph ]] && deb_install_missing ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
 [[ -e /usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-luks-filter.so ]] ||
     nbdkit --dump-config >/dev/null || die "nbdkit is not usable"
 
@@ -79,11 +95,16 @@ fi
 # --- work area and cleanup ---------------------------------------------------------------
 WORK="$(mktemp -d /dev/shm/nbdcrypt-bench.XXXXXX)"
 SERVER_PID=""
+UP_PID=""
 cleanup() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
+    local p
+    for p in "$SERVER_PID" "$UP_PID"; do
+        if [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; then
+            kill "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
+    [[ -e "$WORK/ceph/ceph.conf" ]] && "$ROOT/scripts/ceph-single-node.sh" stop "$WORK/ceph"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -138,14 +159,72 @@ if [[ -n "$BASE_BIN" ]]; then
     SERVERS+=(nbdcrypt-base)
     JOBS[nbdcrypt-base]="$FULL"
 fi
+if [[ "$MODE" == proxy ]]; then
+    SERVERS=(nbdcrypt-proxy nbdkit-proxy nbdkit-luks-proxy qemu-nbd-luks-proxy)
+    for s in "${SERVERS[@]}"; do JOBS[$s]="$FULL"; done
+    ((QUICK)) && for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite randread"; done
+elif [[ "$MODE" == ceph ]]; then
+    SERVERS=(nbdcrypt-rbd qemu-nbd-rbd)
+    for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite seqread randread"; done
+    log "starting a single-node Ceph cluster"
+    "$ROOT/scripts/ceph-single-node.sh" start "$WORK/ceph" --osd-mib $((SIZE_MIB * 3 + 512)) >/dev/null
+    rbd -c "$WORK/ceph/ceph.conf" create --size $((SIZE_MIB + 1)) rbd/bench
+fi
 if [[ -n "$ONLY" ]]; then
     read -ra SERVERS <<<"$ONLY"
     for s in "${SERVERS[@]}"; do [[ -n "${JOBS[$s]:-}" ]] || JOBS[$s]="$SWEEP"; done
 fi
 
+UP_SOCK="$WORK/upstream.sock"
+UP_URI="nbd+unix:///?socket=$UP_SOCK"
+start_upstream() { # KIND -> sets UP_PID; the upstream of the proxy and Ceph servers
+    rm -f "$UP_SOCK"
+    case "$1" in
+        memory) nbdkit -f -U "$UP_SOCK" memory "$((SIZE_MIB + 64))M" >"$WORK/upstream.log" 2>&1 & ;;
+        rbd) qemu-nbd --persistent --shared=8 --cache=none --format=raw --socket="$UP_SOCK" \
+            "rbd:rbd/bench:conf=$WORK/ceph/ceph.conf" >"$WORK/upstream.log" 2>&1 & ;;
+    esac
+    UP_PID=$!
+    local i
+    for i in $(seq 1 300); do
+        [[ -S "$UP_SOCK" ]] && return 0
+        kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/upstream.log" >&2; die "the $1 upstream exited at start"; }
+        sleep 0.05
+    done
+    die "the $1 upstream did not come up"
+}
+
 start_server() { # NAME PORT -> sets SERVER_PID, URI
     local name="$1" port="$2"
     case "$name" in
+        *-proxy) start_upstream memory ;;
+        *-rbd) start_upstream rbd ;;
+    esac
+    # The LUKS proxies read a LUKS image: copy it into the (empty) upstream first.
+    [[ "$name" == *luks-proxy ]] && nbdcopy "$LUKS" "$UP_URI"
+    case "$name" in
+        nbdcrypt-proxy | nbdcrypt-rbd)
+            "$BIN" --log warn serve --listen "127.0.0.1:$port" \
+                --export "name=bench,file=$UP_URI,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
+                >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-proxy)
+            nbdkit -f -i 127.0.0.1 -p "$port" nbd socket="$UP_SOCK" >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-luks-proxy)
+            nbdkit -f -i 127.0.0.1 -p "$port" --filter=luks nbd socket="$UP_SOCK" \
+                "passphrase=$PASS" >"$WORK/server.log" 2>&1 &
+            ;;
+        qemu-nbd-luks-proxy)
+            qemu-nbd -b 127.0.0.1 -p "$port" -x bench -t -e 8 --cache=writeback \
+                --object "secret,id=sec0,data=$PASS" \
+                --image-opts "driver=luks,key-secret=sec0,file.driver=nbd,file.server.type=unix,file.server.path=$UP_SOCK" \
+                >"$WORK/server.log" 2>&1 &
+            ;;
+        qemu-nbd-rbd)
+            # fio goes straight to the upstream: a forwarder would add a hop of its own.
+            sleep infinity &
+            ;;
         nbdcrypt*)
             local workers=() tls=()
             [[ "$name" == nbdcrypt-w* ]] && workers=(--workers "${name#nbdcrypt-w}")
@@ -184,6 +263,11 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     esac
     SERVER_PID=$!
     URI="nbd://127.0.0.1:$port/bench"
+    if [[ "$name" == qemu-nbd-rbd ]]; then
+        # Its CPU column is then that of `sleep`: not comparable, and not used by a target.
+        URI="$UP_URI"
+        return 0
+    fi
     # fio's libnbd refuses certificate files named in a URI (nbd_set_uri_allow_local_file), so
     # the benchmark client does not verify the server; the handshake and cipher work are the
     # same either way.
@@ -201,6 +285,11 @@ stop_server() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
+    if [[ -n "$UP_PID" ]]; then
+        kill "$UP_PID" 2>/dev/null || true
+        wait "$UP_PID" 2>/dev/null || true
+        UP_PID=""
+    fi
 }
 
 cpu_ticks() { # utime + stime of SERVER_PID (all threads), in clock ticks
@@ -265,7 +354,7 @@ CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 python3 "$ROOT/scripts/bench_report.py" "$OUT" \
     --ticks "$TICKS" --rounds "$ROUNDS" --cores "$CORES" --elapsed "$ELAPSED" \
     --cpu "$CPU_MODEL" --flags "$CPU_FLAGS" --size-mib "$SIZE_MIB" --runtime "$RUNTIME" \
-    --nbdcrypt-version "$("$BIN" --version)" --quick "$QUICK"
+    --nbdcrypt-version "$("$BIN" --version)" --quick "$QUICK" --mode "$MODE"
 if command -v gnuplot >/dev/null; then
     gnuplot "$OUT/chart.gp"
     [[ -s "$OUT/chart.png" ]] || die "gnuplot drew no chart"

@@ -12,7 +12,23 @@ import os
 import statistics
 import sys
 
-REFERENCE = "nbdkit-memory"
+# The reference of each mode of scripts/bench.sh: every ratio in the table and chart is to it.
+REFERENCES = {
+    "local": "nbdkit-memory",
+    "proxy": "nbdkit-proxy",
+    "ceph": "qemu-nbd-rbd",
+}
+REFERENCE = REFERENCES["local"]
+STORES = {
+    "local": "in tmpfs",
+    "proxy": "in an nbdkit memory upstream on a Unix socket",
+    "ceph": "on an RBD image (single-node memstore Ceph cluster, qemu-nbd on a Unix socket)",
+}
+DESCRIPTIONS = {
+    "local": "nbdkit memory (unencrypted)",
+    "proxy": "the nbdkit nbd plugin proxying the same upstream (unencrypted)",
+    "ceph": "fio straight to qemu-nbd over RBD (unencrypted)",
+}
 # metric key -> (job, label, unit, extractor name)
 METRICS = [
     ("seqwrite", "seqwrite", "seq 1 MiB write QD16", "GB/s"),
@@ -34,6 +50,12 @@ SERVER_ORDER = [
     "qemu-nbd-luks",
     "nbdcrypt-tls",
     "nbdkit-memory-tls",
+    "nbdcrypt-proxy",
+    "nbdkit-proxy",
+    "nbdkit-luks-proxy",
+    "qemu-nbd-luks-proxy",
+    "nbdcrypt-rbd",
+    "qemu-nbd-rbd",
 ]
 
 
@@ -75,7 +97,10 @@ def main():
     ap.add_argument("--runtime", type=float, required=True)
     ap.add_argument("--nbdcrypt-version", default="")
     ap.add_argument("--quick", type=int, default=0)
+    ap.add_argument("--mode", choices=sorted(REFERENCES), default="local")
     a = ap.parse_args()
+    global REFERENCE
+    REFERENCE = REFERENCES[a.mode]
     wall_s = a.runtime + 0.5  # fio --ramp_time=0.5 runs before the measured window
 
     raw = os.path.join(a.out, "raw")
@@ -153,17 +178,36 @@ def main():
         return med(rs) if rs else None
 
     targets = []
-    for metric, need in [
-        ("seqwrite", 0.9),
-        ("seqread", 0.9),
-        ("randread", 1.0),
-        ("randwrite", 1.0),
-        ("seqwrite_gb_per_cpu_s", 0.8),
-    ]:
-        targets.append((metric, REFERENCE, need, ratio("nbdcrypt", metric, REFERENCE)))
-    for peer in ("nbdkit-luks", "qemu-nbd-luks"):
-        for metric in ("seqwrite", "seqread"):
-            targets.append((metric, peer, 5.0, ratio("nbdcrypt", metric, peer)))
+    if a.mode == "local":
+        # Issue 5.
+        for metric, need in [
+            ("seqwrite", 0.9),
+            ("seqread", 0.9),
+            ("randread", 1.0),
+            ("randwrite", 1.0),
+            ("seqwrite_gb_per_cpu_s", 0.8),
+        ]:
+            targets.append(("nbdcrypt", metric, REFERENCE, need, ratio("nbdcrypt", metric, REFERENCE)))
+        for peer in ("nbdkit-luks", "qemu-nbd-luks"):
+            for metric in ("seqwrite", "seqread"):
+                targets.append(("nbdcrypt", metric, peer, 5.0, ratio("nbdcrypt", metric, peer)))
+    elif a.mode == "proxy":
+        # Issue 14: against the unencrypted proxy, and the encrypting proxies.
+        for metric, need in [("seqwrite", 0.9), ("seqread", 0.9), ("randread", 1.0)]:
+            targets.append(
+                ("nbdcrypt-proxy", metric, REFERENCE, need, ratio("nbdcrypt-proxy", metric, REFERENCE))
+            )
+        for peer in ("nbdkit-luks-proxy", "qemu-nbd-luks-proxy"):
+            for metric in ("seqwrite", "seqread"):
+                targets.append(
+                    ("nbdcrypt-proxy", metric, peer, 4.0, ratio("nbdcrypt-proxy", metric, peer))
+                )
+    else:
+        # Issue 14 over Ceph: we must not become the bottleneck.
+        for metric in ("seqwrite", "seqread", "randread"):
+            targets.append(
+                ("nbdcrypt-rbd", metric, REFERENCE, 0.9, ratio("nbdcrypt-rbd", metric, REFERENCE))
+            )
     # TLS in transit (issue 7 sets no figure): the cost of TLS to nbdcrypt, and nbdcrypt over
     # TLS against an unencrypted-at-rest server over TLS (nbdkit memory with GnuTLS).
     tls_pairs = (("nbdcrypt-tls", "nbdcrypt"), ("nbdcrypt-tls", "nbdkit-memory-tls"))
@@ -177,13 +221,14 @@ def main():
     ]
     results["targets"] = [
         {
+            "server": s,
             "metric": m,
             "peer": p,
             "need": n,
             "ratio": r,
             "holds": None if r is None else r >= n,
         }
-        for m, p, n, r in targets
+        for s, m, p, n, r in targets
     ]
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -198,7 +243,8 @@ def main():
         lines.append("")
     lines.append(
         f"Run {results['date']} on {a.cpu} ({a.cores} cores; flags: {a.flags.strip()}), "
-        f"{a.rounds} round(s) of {a.runtime:g} s jobs, {a.size_mib} MiB volumes in tmpfs, "
+        f"{a.rounds} round(s) of {a.runtime:g} s jobs, {a.size_mib} MiB volumes "
+        f"{STORES[a.mode]}, "
         f"{a.elapsed} s in all. Cells: median (min–max) and ×ratio to {REFERENCE} "
         f"(per-round ratio, median)."
     )
@@ -230,7 +276,7 @@ def main():
         verdict = "n/a" if t["holds"] is None else ("holds" if t["holds"] else "MISSED")
         if a.quick:
             verdict = "not judged (--quick)"
-        lines.append(f"| nbdcrypt / {t['peer']}: {label} | ≥ {t['need']:g}× | {r} | {verdict} |")
+        lines.append(f"| {t['server']} / {t['peer']}: {label} | ≥ {t['need']:g}× | {r} | {verdict} |")
     if results["tls"]:
         lines.append("")
         lines.append("| TLS (no target: measured) | ratio |")
@@ -271,7 +317,7 @@ def main():
             f"""set terminal pngcairo size 1400,620 font ',11'
 set output '{os.path.join(a.out, 'chart.png')}'
 cd '{a.out}'
-set title "{'QUICK SMOKE RUN (debug build), not a measurement. ' if a.quick else ''}Each server relative to nbdkit memory (unencrypted, = 1.0; dashed line). fio nbd engine, loopback, tmpfs.\\n{results['date'][:10]}, {a.cpu}, {a.cores} cores, median of {a.rounds} round(s)"
+set title "{'QUICK SMOKE RUN (debug build), not a measurement. ' if a.quick else ''}Each server relative to {DESCRIPTIONS[a.mode]} (= 1.0; dashed line). fio nbd engine, loopback.\\n{results['date'][:10]}, {a.cpu}, {a.cores} cores, median of {a.rounds} round(s)"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1
@@ -279,7 +325,7 @@ set boxwidth 0.9
 set yrange [0:*]
 set grid ytics
 set key outside right top autotitle columnhead
-set ylabel 'ratio to nbdkit memory (higher is better)'
+set ylabel 'ratio to {REFERENCE} (higher is better)'
 set xtics rotate by -20
 set arrow from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 1.5
 plot for [i=2:{len(shown) + 1}] 'chart.dat' using i:xtic(1)
