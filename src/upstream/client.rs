@@ -281,8 +281,7 @@ impl Client {
         .encode(&mut header);
         let sent = {
             let mut w = lock(&self.writer);
-            w.write_all(&header)
-                .and_then(|()| payload.map_or(Ok(()), |p| w.write_all(p)))
+            write_all_vectored(&mut *w, &header, payload.unwrap_or_default())
         };
         if let Err(e) = sent {
             // The reader sees the broken socket too; make sure this waiter does not linger.
@@ -337,6 +336,20 @@ impl Drop for Client {
             let _ = r.join();
         }
     }
+}
+
+/// Writes `a` then `b` with as few (vectored) writes as the socket takes.
+fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let mut bufs = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+    let mut rest = &mut bufs[..];
+    while !rest.is_empty() && rest.iter().any(|s| !s.is_empty()) {
+        let n = w.write_vectored(rest)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
 /// The command's name, for errors.
@@ -501,7 +514,12 @@ fn error_text(data: &[u8]) -> String {
 }
 
 /// The reader thread: completes waiters until the connection ends, then fails the rest.
-fn read_replies(mut sock: Sock, pending: &Mutex<Pending>, uri: &str) {
+/// Reply headers are read through this much buffer: one `recv` takes several small replies
+/// (a 4 KiB read's reply is four pieces), and a large payload bypasses it.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+fn read_replies(sock: Sock, pending: &Mutex<Pending>, uri: &str) {
+    let mut sock = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, sock);
     let why = loop {
         match read_one(&mut sock, pending) {
             Ok(()) => {}
@@ -527,7 +545,7 @@ fn read_replies(mut sock: Sock, pending: &Mutex<Pending>, uri: &str) {
 }
 
 /// Reads one simple reply or one structured chunk; completes its waiter when it is the last.
-fn read_one(sock: &mut Sock, pending: &Mutex<Pending>) -> Result<(), String> {
+fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>) -> Result<(), String> {
     let mut head = [0u8; CHUNK_HEADER_LEN];
     sock.read_exact(&mut head[..4])
         .map_err(|e| format!("reading a reply: {e}"))?;
@@ -576,7 +594,7 @@ fn read_one(sock: &mut Sock, pending: &Mutex<Pending>) -> Result<(), String> {
 }
 
 /// Reads one chunk's payload into its waiter.
-fn read_chunk(sock: &mut Sock, h: &ChunkHeader, w: &mut Waiter) -> Result<(), String> {
+fn read_chunk(sock: &mut impl Read, h: &ChunkHeader, w: &mut Waiter) -> Result<(), String> {
     let len = h.length as usize;
     match h.kind {
         chunk::NONE if len == 0 => Ok(()),
