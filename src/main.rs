@@ -41,8 +41,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         kms_endpoint,
         region,
         kms_attempts,
+        upstream_tls_ca,
+        upstream_tls_cert,
+        upstream_tls_key,
         ..
     } = cli;
+    if let Some(ca) = &upstream_tls_ca {
+        let client = upstream_tls_cert
+            .as_deref()
+            .zip(upstream_tls_key.as_deref());
+        nbdcrypt::upstream::tls::install(nbdcrypt::upstream::tls::config(ca, client)?);
+    }
     // Only the commands that keep state need a state directory.
     let state = if matches!(
         command,

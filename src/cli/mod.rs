@@ -39,6 +39,34 @@ pub struct Cli {
     #[arg(long, global = true, env = "NBDCRYPT_KMS_ATTEMPTS", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=20))]
     pub kms_attempts: u32,
+    /// CA certificates (PEM) that upstreams reached by `nbds://` or `nbds+unix://` must present
+    /// a certificate chaining to (the certificate must name the URI's host, or
+    /// `?tls-hostname=`, default `localhost`, for a Unix socket).
+    #[arg(
+        long,
+        global = true,
+        env = "NBDCRYPT_UPSTREAM_TLS_CA",
+        value_name = "FILE"
+    )]
+    pub upstream_tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for upstreams that ask for one (with
+    /// `--upstream-tls-key`).
+    #[arg(
+        long,
+        global = true,
+        requires = "upstream_tls_key",
+        requires = "upstream_tls_ca",
+        value_name = "FILE"
+    )]
+    pub upstream_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        requires = "upstream_tls_cert",
+        value_name = "FILE"
+    )]
+    pub upstream_tls_key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

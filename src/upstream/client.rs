@@ -15,125 +15,15 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
 
 use super::UpstreamError;
-use super::target::{Address, Target};
-use crate::protocol::consts::{
-    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk, client_flags, cmd, handshake_flags, info,
-    opt, rep,
-};
-use crate::protocol::handshake::{GREETING_LEN, OPTION_REPLY_HEADER_LEN};
+pub use super::negotiate::ExportInfo;
+use super::negotiate::{MAX_OPTION_REPLY, NEGOTIATE_TIMEOUT, greet, haggle, start_tls};
+use super::sock::Sock;
+use super::target::Target;
+use crate::protocol::consts::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk, cmd};
 use crate::protocol::transmission::{CHUNK_HEADER_LEN, SIMPLE_REPLY_LEN};
-use crate::protocol::{
-    ChunkHeader, Greeting, Info, InfoRequest, OptionHeader, OptionReplyHeader, Reader, Request,
-    SimpleReply,
-};
-
-/// The largest request payload when the server does not say (the spec's default).
-pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
-
-/// Most bytes of option reply data read during negotiation.
-const MAX_OPTION_REPLY: u32 = 64 * 1024;
-
-/// How long connecting and negotiating may take.
-const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A blocking stream of either kind.
-#[derive(Debug)]
-enum Sock {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
-}
-
-impl Sock {
-    fn connect(address: &Address) -> std::io::Result<Sock> {
-        Ok(match address {
-            Address::Tcp { host, port } => {
-                let s = std::net::TcpStream::connect((host.as_str(), *port))?;
-                s.set_nodelay(true)?;
-                Sock::Tcp(s)
-            }
-            Address::Unix(path) => Sock::Unix(std::os::unix::net::UnixStream::connect(path)?),
-        })
-    }
-
-    fn try_clone(&self) -> std::io::Result<Sock> {
-        Ok(match self {
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
-            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
-        })
-    }
-
-    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Sock::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            Sock::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-        }
-    }
-
-    fn shutdown(&self) {
-        let _ = match self {
-            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write(buf),
-            Sock::Unix(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write_vectored(bufs),
-            Sock::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// What the server said about the export in `OPT_GO`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExportInfo {
-    /// Size in bytes.
-    pub size: u64,
-    /// Transmission flags (`NBD_FLAG_*`).
-    pub flags: u16,
-    /// Minimum block size (requests are aligned to it).
-    pub min_block: u32,
-    /// Preferred block size.
-    pub preferred_block: u32,
-    /// Largest payload of one request.
-    pub max_payload: u32,
-}
-
-impl ExportInfo {
-    /// Whether the server advertised `flag`.
-    pub fn has(&self, flag: u16) -> bool {
-        self.flags & flag != 0
-    }
-}
+use crate::protocol::{ChunkHeader, Reader, Request, SimpleReply};
 
 /// The outcome of one request: its data (reads) or the server's error value.
 type Outcome = Result<Vec<u8>, Failed>;
@@ -170,7 +60,10 @@ pub struct Client {
     target: String,
     info: ExportInfo,
     structured: bool,
-    writer: Mutex<Sock>,
+    /// The socket, or the TLS session over it.
+    writer: Mutex<Box<dyn Write + Send>>,
+    /// Shut down on drop, which wakes the reader.
+    socket: Sock,
     pending: Arc<Mutex<Pending>>,
     next_cookie: AtomicU64,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -204,10 +97,31 @@ impl Client {
         let mut sock = Sock::connect(&target.address).map_err(io("cannot connect"))?;
         sock.set_timeouts(Some(NEGOTIATE_TIMEOUT))
             .map_err(io("cannot set a timeout"))?;
-        let (info, structured) = negotiate(&mut sock, target)?;
-        sock.set_timeouts(None)
+        greet(&mut sock, target)?;
+        let socket = sock.try_clone().map_err(io("cannot clone the socket"))?;
+        let (info, structured, writer, read_half): (
+            _,
+            _,
+            Box<dyn Write + Send>,
+            Box<dyn Read + Send>,
+        ) = match &target.tls {
+            None => {
+                let (info, structured) = haggle(&mut sock, target)?;
+                let read_half = sock.try_clone().map_err(io("cannot clone the socket"))?;
+                (info, structured, Box::new(sock), Box::new(read_half))
+            }
+            Some(host) => {
+                let mut conn = start_tls(&mut sock, target, host)?;
+                let (info, structured) =
+                    haggle(&mut rustls::Stream::new(&mut conn, &mut sock), target)?;
+                let (w, r) =
+                    super::tls::split(conn, sock).map_err(io("cannot clone the socket"))?;
+                (info, structured, Box::new(w), Box::new(r))
+            }
+        };
+        socket
+            .set_timeouts(None)
             .map_err(io("cannot set a timeout"))?;
-        let read_half = sock.try_clone().map_err(io("cannot clone the socket"))?;
         let pending = Arc::new(Mutex::new(Pending::default()));
         let reader = {
             let pending = Arc::clone(&pending);
@@ -221,7 +135,8 @@ impl Client {
             target: target.uri.clone(),
             info,
             structured,
-            writer: Mutex::new(sock),
+            writer: Mutex::new(writer),
+            socket,
             pending,
             next_cookie: AtomicU64::new(1),
             reader: Some(reader),
@@ -330,7 +245,7 @@ impl Drop for Client {
             let mut w = lock(&self.writer);
             let _ = w.write_all(&disc);
             // Wakes the reader, which then ends.
-            w.shutdown();
+            self.socket.shutdown();
         }
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -365,160 +280,12 @@ fn cmd_name(kind: u16) -> &'static str {
     }
 }
 
-/// Fixed newstyle: greeting, client flags, `STRUCTURED_REPLY`, then `GO` with the export
-/// name, asking for the block sizes.
-fn negotiate(sock: &mut Sock, target: &Target) -> Result<(ExportInfo, bool), UpstreamError> {
-    let uri = &target.uri;
-    let io = |what: &'static str| {
-        move |source| UpstreamError::Io {
-            upstream: uri.clone(),
-            what,
-            source,
-        }
-    };
-    let protocol = |what: String| UpstreamError::Protocol {
-        upstream: uri.clone(),
-        what,
-    };
-    let mut g = [0u8; GREETING_LEN];
-    sock.read_exact(&mut g)
-        .map_err(io("no greeting (is it an NBD server?)"))?;
-    let greeting =
-        Greeting::decode(&g).map_err(|e| protocol(format!("not a newstyle NBD greeting: {e}")))?;
-    if greeting.flags & handshake_flags::FIXED_NEWSTYLE == 0 {
-        return Err(protocol("the server does not speak fixed newstyle".into()));
-    }
-    let no_zeroes = greeting.flags & handshake_flags::NO_ZEROES != 0;
-    let mut flags = client_flags::C_FIXED_NEWSTYLE;
-    if no_zeroes {
-        flags |= client_flags::C_NO_ZEROES;
-    }
-    sock.write_all(&flags.to_be_bytes())
-        .map_err(io("cannot send the client flags"))?;
-
-    send_option(sock, opt::STRUCTURED_REPLY, &[]).map_err(io("cannot send an option"))?;
-    let (reply, data) = option_reply(sock, opt::STRUCTURED_REPLY, uri)?;
-    let structured = match reply {
-        rep::ACK => true,
-        r if crate::protocol::handshake::is_error(r) => false,
-        r => {
-            return Err(protocol(format!(
-                "unexpected reply {r:#x} ({} bytes) to STRUCTURED_REPLY",
-                data.len()
-            )));
-        }
-    };
-
-    let mut go = Vec::new();
-    InfoRequest {
-        name: target.export.clone(),
-        requests: vec![info::BLOCK_SIZE],
-    }
-    .encode(&mut go);
-    send_option(sock, opt::GO, &go).map_err(io("cannot send an option"))?;
-    let mut export = None;
-    let mut block = None;
-    loop {
-        let (reply, data) = option_reply(sock, opt::GO, uri)?;
-        match reply {
-            rep::ACK => break,
-            rep::INFO => match Info::decode(&data) {
-                Ok(Info::Export { size, flags }) => export = Some((size, flags)),
-                Ok(Info::BlockSize {
-                    min,
-                    preferred,
-                    max,
-                }) => block = Some((min, preferred, max)),
-                Ok(_) => {}
-                Err(e) => return Err(protocol(format!("a malformed INFO reply: {e}"))),
-            },
-            r if crate::protocol::handshake::is_error(r) => {
-                let message = error_text(&data);
-                return Err(UpstreamError::Refused {
-                    upstream: uri.clone(),
-                    export: target.export.clone(),
-                    reply: r,
-                    message,
-                });
-            }
-            r => return Err(protocol(format!("unexpected reply {r:#x} to GO"))),
-        }
-    }
-    let (size, flags) =
-        export.ok_or_else(|| protocol("GO succeeded without NBD_INFO_EXPORT".into()))?;
-    let (min, preferred, max) = block.unwrap_or((1, 4096, DEFAULT_MAX_PAYLOAD));
-    if min == 0 || !min.is_power_of_two() || max < min {
-        return Err(protocol(format!(
-            "impossible block sizes: min {min}, preferred {preferred}, max {max}"
-        )));
-    }
-    Ok((
-        ExportInfo {
-            size,
-            flags,
-            min_block: min,
-            preferred_block: preferred,
-            max_payload: max,
-        },
-        structured,
-    ))
-}
-
-fn send_option(sock: &mut Sock, code: u32, data: &[u8]) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(16 + data.len());
-    OptionHeader {
-        code,
-        len: u32::try_from(data.len()).unwrap_or(u32::MAX),
-    }
-    .encode(&mut out);
-    out.extend_from_slice(data);
-    sock.write_all(&out)
-}
-
-fn option_reply(sock: &mut Sock, option: u32, uri: &str) -> Result<(u32, Vec<u8>), UpstreamError> {
-    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
-    sock.read_exact(&mut h)
-        .map_err(|source| UpstreamError::Io {
-            upstream: uri.to_owned(),
-            what: "no reply to an option",
-            source,
-        })?;
-    let protocol = |what: String| UpstreamError::Protocol {
-        upstream: uri.to_owned(),
-        what,
-    };
-    let reply = OptionReplyHeader::decode(&h)
-        .map_err(|e| protocol(format!("a malformed option reply: {e}")))?;
-    if reply.option != option {
-        return Err(protocol(format!(
-            "a reply to option {} while waiting for {option}",
-            reply.option
-        )));
-    }
-    if reply.len > MAX_OPTION_REPLY {
-        return Err(protocol(format!("an option reply of {} bytes", reply.len)));
-    }
-    let mut data = vec![0u8; reply.len as usize];
-    sock.read_exact(&mut data)
-        .map_err(|source| UpstreamError::Io {
-            upstream: uri.to_owned(),
-            what: "a truncated option reply",
-            source,
-        })?;
-    Ok((reply.reply_type, data))
-}
-
-/// An option error's message, if it carries readable text.
-fn error_text(data: &[u8]) -> String {
-    String::from_utf8_lossy(data).trim().to_owned()
-}
-
 /// The reader thread: completes waiters until the connection ends, then fails the rest.
 /// Reply headers are read through this much buffer: one `recv` takes several small replies
 /// (a 4 KiB read's reply is four pieces), and a large payload bypasses it.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-fn read_replies(sock: Sock, pending: &Mutex<Pending>, uri: &str) {
+fn read_replies(sock: Box<dyn Read + Send>, pending: &Mutex<Pending>, uri: &str) {
     let mut sock = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, sock);
     let why = loop {
         match read_one(&mut sock, pending) {

@@ -13,11 +13,14 @@
 //! and lengths must be multiples of its minimum block size (the volume layer only does
 //! sector-aligned I/O, and sectors are at least 512 bytes).
 //!
-//! Not yet: TLS to the upstream (`nbds://`).
+//! `nbds://` and `nbds+unix://` add TLS (`NBD_OPT_STARTTLS`, [`tls`]).
 
 pub mod client;
+mod negotiate;
 pub mod session;
+mod sock;
 pub mod target;
+pub mod tls;
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,6 +114,14 @@ pub enum UpstreamError {
         /// The upstream's URI.
         upstream: String,
     },
+    /// TLS to the upstream cannot be set up.
+    #[error("upstream {upstream}: TLS: {why}")]
+    Tls {
+        /// The upstream's URI.
+        upstream: String,
+        /// Why.
+        why: String,
+    },
     /// A request the upstream's block-size constraints rule out.
     #[error(
         "upstream {upstream}: {offset}+{length} is not aligned to its minimum block size {min}"
@@ -156,6 +167,7 @@ impl From<UpstreamError> for io::Error {
             UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } => {
                 io::ErrorKind::InvalidData
             }
+            UpstreamError::Tls { .. } => io::ErrorKind::PermissionDenied,
         };
         io::Error::new(kind, e)
     }

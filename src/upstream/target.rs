@@ -1,6 +1,7 @@
 //! Where an upstream NBD export is: `nbd://HOST[:PORT]/EXPORT` or
-//! `nbd+unix:///EXPORT?socket=PATH` (the URI forms of the NBD URI specification, as qemu,
-//! nbdkit and libnbd write them).
+//! `nbd+unix:///EXPORT?socket=PATH`, and with TLS `nbds://…` or
+//! `nbds+unix:///EXPORT?socket=PATH[&tls-hostname=NAME]` (the URI forms of the NBD URI
+//! specification, as qemu, nbdkit and libnbd write them).
 
 use std::path::PathBuf;
 
@@ -28,6 +29,8 @@ pub struct Target {
     pub address: Address,
     /// The export name (empty: the server's default export).
     pub export: String,
+    /// With TLS (`nbds`): the name the server's certificate must carry.
+    pub tls: Option<String>,
     /// The URI as given, for messages.
     pub uri: String,
 }
@@ -56,11 +59,27 @@ impl Target {
             uri: uri.to_owned(),
             why,
         };
-        if uri.starts_with("nbds://") || uri.starts_with("nbds+unix://") {
-            return Err(bad(
-                "TLS to an upstream is not supported yet: use nbd:// or nbd+unix://",
-            ));
+        let (tls, plain) = if let Some(rest) = uri.strip_prefix("nbds") {
+            (true, format!("nbd{rest}"))
+        } else {
+            (false, uri.to_owned())
+        };
+        let mut t = Self::parse_plain(&plain, &bad)?;
+        t.uri = uri.to_owned();
+        if tls {
+            t.tls = Some(match &t.address {
+                Address::Tcp { host, .. } => host.clone(),
+                Address::Unix(_) => plain
+                    .split_once('?')
+                    .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("tls-hostname=")))
+                    .filter(|h| !h.is_empty())
+                    .map_or_else(|| Ok("localhost".to_owned()), |h| percent_decode(h, &bad))?,
+            });
         }
+        Ok(t)
+    }
+
+    fn parse_plain(uri: &str, bad: &dyn Fn(&'static str) -> BadUri) -> Result<Target, BadUri> {
         if let Some(rest) = uri.strip_prefix("nbd+unix://") {
             // nbd+unix:///EXPORT?socket=PATH: no authority.
             let rest = rest
@@ -75,13 +94,14 @@ impl Target {
                 .filter(|p| !p.is_empty())
                 .ok_or_else(|| bad("missing ?socket=PATH"))?;
             return Ok(Target {
-                address: Address::Unix(PathBuf::from(percent_decode(socket, &bad)?)),
-                export: percent_decode(export, &bad)?,
+                address: Address::Unix(PathBuf::from(percent_decode(socket, bad)?)),
+                export: percent_decode(export, bad)?,
                 uri: uri.to_owned(),
+                tls: None,
             });
         }
         let rest = uri.strip_prefix("nbd://").ok_or_else(|| {
-            bad("expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
+            bad("expected nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH")
         })?;
         let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
         if export.contains('?') {
@@ -110,8 +130,9 @@ impl Target {
                 host: host.to_owned(),
                 port,
             },
-            export: percent_decode(export, &bad)?,
+            export: percent_decode(export, bad)?,
             uri: uri.to_owned(),
+            tls: None,
         })
     }
 }
@@ -175,12 +196,21 @@ mod tests {
         assert_eq!(t.export, "rbd");
         let t = Target::parse("nbd+unix:///?socket=/tmp/s").unwrap();
         assert_eq!(t.export, "");
+        assert_eq!(t.tls, None);
+        let t = Target::parse("nbds://storage.example:10810/disk").unwrap();
+        assert_eq!(t.tls.as_deref(), Some("storage.example"));
+        assert_eq!(t.export, "disk");
+        assert_eq!(t.uri, "nbds://storage.example:10810/disk");
+        let t = Target::parse("nbds+unix:///d?socket=/s&tls-hostname=rbd.example").unwrap();
+        assert_eq!(t.tls.as_deref(), Some("rbd.example"));
+        assert_eq!(t.address, Address::Unix("/s".into()));
+        let t = Target::parse("nbds+unix:///d?socket=/s").unwrap();
+        assert_eq!(t.tls.as_deref(), Some("localhost"));
     }
 
     #[test]
     fn refuses_what_it_cannot_use_and_says_why() {
         for (uri, why) in [
-            ("nbds://h/e", "TLS to an upstream"),
             ("nbd+unix:///e", "missing ?socket"),
             ("nbd+unix:///e?socket=", "missing ?socket"),
             ("nbd://:10809/e", "no host"),
@@ -189,7 +219,8 @@ mod tests {
             ("nbd://[::1/e", "unclosed"),
             ("nbd://h/e%2", "truncated"),
             ("nbd://h/e%zz", "bad %-escape"),
-            ("http://h/e", "expected nbd://"),
+            ("http://h/e", "expected nbd[s]://"),
+            ("nbds+unix:///e", "missing ?socket"),
         ] {
             let e = Target::parse(uri).unwrap_err();
             assert!(e.to_string().contains(why), "{uri}: {e}");
