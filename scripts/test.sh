@@ -124,6 +124,9 @@ scripts/fuzz.sh 20
 
 log "benchmark smoke run (scripts/bench.sh --quick: debug build, every peer server, every job)"
 scripts/bench.sh --quick --out "$ROOT/target/bench-quick"
+log "benchmark smoke runs of the proxy and Ceph cases (bench.sh --quick --proxy, --quick --ceph)"
+scripts/bench.sh --quick --proxy --out "$ROOT/target/bench-quick-proxy"
+scripts/bench.sh --quick --ceph --out "$ROOT/target/bench-quick-ceph"
 
 log "the working tree is as clean as before the run"
 TREE_AFTER="$(tree_state)"
