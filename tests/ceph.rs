@@ -19,7 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::kernel::{Fuse, LoopDev, Mount};
 use common::volumes::within;
 use common::{Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
 use nbdcrypt::protocol::consts::{cmd, err};
@@ -236,22 +235,7 @@ fn fio_verifies_through_qemu_nbd_on_rbd_and_the_image_holds_only_ciphertext() {
     );
     // Decrypted by pyca/cryptography, never nbdcrypt code (aes-xts-plain64, data at offset 0).
     let oracle = |start: u64, len: usize| {
-        let out = Command::new(common::python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/volume_oracle.py"
-            ))
-            .arg(&image)
-            .arg(hex(&key_bytes))
-            .args(["4096", "0", &start.to_string(), &len.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        common::volumes::oracle_decrypt(&image, &hex(&key_bytes), 4096, 0, start, len)
     };
     assert!(oracle(100 << 20, pattern.len()) == pattern);
     assert!(oracle((130 << 20) + 512, random.len()) == random);
@@ -386,10 +370,15 @@ fn qemu_nbd_killed_under_a_write_load_loses_no_flushed_write() {
 
 /// The user's door without a kernel NBD driver, over RBD: ext4 through nbdfuse and a loop
 /// device, files written, the server restarted, every file's sha256 the same, `e2fsck -fn`
-/// clean.
+/// clean (the scenario of tests/nbdfuse_ext4.rs).
 #[test]
 fn ext4_through_nbdfuse_over_rbd_survives_a_server_restart() {
-    if !available() || !peer_available("nbdfuse + losetup + mkfs.ext4", fs_prerequisites()) {
+    if !available()
+        || !peer_available(
+            "nbdfuse + losetup + mkfs.ext4",
+            common::ext4::prerequisites(),
+        )
+    {
         return;
     }
     let _one = lock();
@@ -400,62 +389,13 @@ fn ext4_through_nbdfuse_over_rbd_survives_a_server_restart() {
     let mut rng = Rng::new(seed("ceph ext4"));
     let (key, _) = key_file(&dir, "k", &mut rng);
     let spec = format!("name=fs,file={},key-file={}", q.uri(), key.display());
-    let mnt = dir.path("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let limit = Duration::from_secs(300);
-    let mut sums = Vec::new();
-    {
-        let server = Server::start(&dir, std::slice::from_ref(&spec));
-        let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), limit);
-        let lo = LoopDev::attach_with(&fuse.dir.join("disk"), &["-b", "4096"]);
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.0));
-        let m = Mount::new(&lo.0, &mnt);
-        for (i, size) in [1usize, 4096, 100_000, 5 << 20].iter().enumerate() {
-            let p = mnt.join(format!("file{i}"));
-            std::fs::write(&p, rng.bytes(*size)).unwrap();
-            sums.push((
-                format!("file{i}"),
-                run_ok(Command::new("sha256sum").arg(&p)),
-            ));
-        }
-        run_ok(&mut Command::new("sync"));
-        tear_down(m, lo, fuse);
-        let log = server.stop();
-        assert!(log.contains("flushed"), "{log}");
-    }
-    let server = Server::start(&dir, &[spec]);
-    let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), limit);
-    let lo = LoopDev::attach_with(&fuse.dir.join("disk"), &["-b", "4096"]);
-    let fsck = run_ok(Command::new("e2fsck").arg("-fn").arg(&lo.0));
-    assert!(fsck.contains("files"), "{fsck}");
-    let m = Mount::new(&lo.0, &mnt);
-    for (name, sum) in &sums {
-        assert_eq!(
-            &run_ok(Command::new("sha256sum").arg(mnt.join(name))),
-            sum,
-            "{name}"
-        );
-    }
-    tear_down(m, lo, fuse);
-}
-
-fn tear_down(m: Mount, lo: LoopDev, fuse: Fuse) {
-    assert!(m.unmount(), "the file system stayed busy");
-    assert!(lo.detach(), "{} did not detach", lo.0);
-    fuse.unmount().expect("nbdfuse unmounts cleanly");
-}
-
-fn fs_prerequisites() -> Result<(), String> {
-    for tool in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "sha256sum"] {
-        have(tool)?;
-    }
-    if run_ok(Command::new("id").arg("-u")).trim() != "0" {
-        return Err("needs root for losetup and mount".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Err("/dev/fuse is missing".into());
-    }
-    Ok(())
+    common::ext4::survives_a_server_restart(
+        &dir,
+        &spec,
+        "fs",
+        &[1, 4096, 100_000, 5 << 20],
+        &mut rng,
+    );
 }
 
 /// A persistent volume on an RBD image moves between two nodes sharing a KMS (moto): written on

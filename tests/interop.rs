@@ -279,25 +279,14 @@ fn backing_file_decrypts_with_python_cryptography_and_holds_no_plaintext() {
         );
         drop(server.stop());
         let img = dir.path(&format!("{tag}.img"));
-        let out = Command::new(python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/volume_oracle.py"
-            ))
-            .arg(&img)
-            .arg(hex::encode(raw))
-            .arg(sector.to_string())
-            .arg("0")
-            .arg((offset - 5000).to_string())
-            .arg((pattern.len() + 10_000).to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let plain = common::volumes::oracle_decrypt(
+            &img,
+            &hex::encode(raw),
+            sector,
+            0,
+            offset - 5000,
+            pattern.len() + 10_000,
         );
-        let plain = out.stdout;
         assert!(
             plain[..5000].iter().all(|&b| b == 0),
             "{tag}: bytes before the write"

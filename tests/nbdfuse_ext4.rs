@@ -8,37 +8,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
+use common::ext4::{self, LIMIT, prerequisites, tear_down};
 use common::kernel::{Fuse, LoopDev, Mount};
-use common::{Rng, Server, TempDir, have, key_file, peer_available, run_ok, seed};
-
-/// Each test's mounts come down within this, or the watchdog fails them.
-const LIMIT: Duration = Duration::from_secs(300);
-
-/// Unmounts in order and insists that it went cleanly: a mount that stays busy is a finding.
-fn tear_down(m: Mount, lo: LoopDev, fuse: Fuse) {
-    assert!(m.unmount(), "the file system stayed busy");
-    assert!(lo.detach(), "{} did not detach", lo.0);
-    fuse.unmount().expect("nbdfuse unmounts cleanly");
-}
-
-fn prerequisites() -> Result<(), String> {
-    for tool in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "sha256sum"] {
-        have(tool)?;
-    }
-    // Only root can attach loop devices and mount.
-    let uid = run_ok(Command::new("id").arg("-u"));
-    if uid.trim() != "0" {
-        return Err("needs root for losetup and mount".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Err("/dev/fuse is missing".into());
-    }
-    Ok(())
-}
+use common::{Rng, Server, TempDir, key_file, peer_available, run_ok, seed};
 
 #[test]
 fn ext4_on_nbdfuse_survives_a_server_restart() {
@@ -53,45 +27,13 @@ fn ext4_on_nbdfuse_survives_a_server_restart() {
         dir.path("fs.img").display(),
         key.display()
     );
-    let mnt = dir.path("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut sums = Vec::new();
-    {
-        let server = Server::start(&dir, std::slice::from_ref(&spec));
-        let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), LIMIT);
-        let lo = LoopDev::attach_with(&fuse.dir.join("disk"), &["-b", "4096"]);
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.0));
-        let m = Mount::new(&lo.0, &mnt);
-        for (i, size) in [1usize, 4095, 4096, 100_000, 3 << 20, 17 << 20]
-            .iter()
-            .enumerate()
-        {
-            let p = mnt.join(format!("file{i}"));
-            std::fs::write(&p, rng.bytes(*size)).unwrap();
-            sums.push((
-                format!("file{i}"),
-                run_ok(Command::new("sha256sum").arg(&p)),
-            ));
-        }
-        run_ok(&mut Command::new("sync"));
-        tear_down(m, lo, fuse);
-        let log = server.stop();
-        assert!(log.contains("flushed"), "{log}");
-    }
-    let server = Server::start(&dir, &[spec]);
-    let fuse = Fuse::mount(&dir.path("fuse"), &server.uri("fs"), LIMIT);
-    let lo = LoopDev::attach_with(&fuse.dir.join("disk"), &["-b", "4096"]);
-    let fsck = run_ok(Command::new("e2fsck").arg("-fn").arg(&lo.0));
-    assert!(fsck.contains("files"), "{fsck}");
-    let m = Mount::new(&lo.0, &mnt);
-    for (name, sum) in &sums {
-        assert_eq!(
-            &run_ok(Command::new("sha256sum").arg(mnt.join(name))),
-            sum,
-            "{name}"
-        );
-    }
-    tear_down(m, lo, fuse);
+    ext4::survives_a_server_restart(
+        &dir,
+        &spec,
+        "fs",
+        &[1, 4095, 4096, 100_000, 3 << 20, 17 << 20],
+        &mut rng,
+    );
 }
 
 /// `losetup` with its defaults (512-byte logical blocks) over a 4 KiB-sector volume: mkfs,

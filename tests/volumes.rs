@@ -415,23 +415,16 @@ fn kms_cli_rewrap_and_export_key_for_recovery() {
     let key = run_ok(cli(&state).args(["volume", "export-key", "p", "--confirm"]));
     let key = key.trim();
     assert_eq!(key.len(), 128);
-    let plain = Command::new(common::python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/volume_oracle.py"
-        ))
-        .arg(state.join("volumes/p.img"))
-        .arg(key)
-        .args(["4096", "1048576", "4096", "8192"])
-        .output()
-        .unwrap();
-    assert!(
-        plain.status.success(),
-        "{}",
-        String::from_utf8_lossy(&plain.stderr)
+    let plain = common::volumes::oracle_decrypt(
+        &state.join("volumes/p.img"),
+        key,
+        4096,
+        1 << 20,
+        4096,
+        8192,
     );
     assert!(
-        plain.stdout.iter().all(|&b| b == 0x21),
+        plain.iter().all(|&b| b == 0x21),
         "the exported key does not decrypt the volume"
     );
     let audit = run_ok(cli(&state).args(["kms", "audit", "--operation", "ReEncrypt", "--json"]));

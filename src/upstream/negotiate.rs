@@ -43,20 +43,32 @@ impl ExportInfo {
     }
 }
 
+/// `map_err(io("what"))`: an I/O error of the upstream `uri`, saying what was being done.
+fn io_err(uri: &str) -> impl Fn(&'static str) -> Box<dyn FnOnce(std::io::Error) -> UpstreamError> {
+    let uri = uri.to_owned();
+    move |what| {
+        let upstream = uri.clone();
+        Box::new(move |source| UpstreamError::Io {
+            upstream,
+            what,
+            source,
+        })
+    }
+}
+
+/// A protocol violation by the upstream `uri`.
+fn protocol_err(uri: &str) -> impl Fn(String) -> UpstreamError {
+    let uri = uri.to_owned();
+    move |what| UpstreamError::Protocol {
+        upstream: uri.clone(),
+        what,
+    }
+}
+
 /// Reads the greeting and sends the client flags (fixed newstyle).
 pub(super) fn greet(sock: &mut Sock, target: &Target) -> Result<(), UpstreamError> {
     let uri = &target.uri;
-    let io = |what: &'static str| {
-        move |source| UpstreamError::Io {
-            upstream: uri.clone(),
-            what,
-            source,
-        }
-    };
-    let protocol = |what: String| UpstreamError::Protocol {
-        upstream: uri.clone(),
-        what,
-    };
+    let (io, protocol) = (io_err(uri), protocol_err(uri));
     let mut g = [0u8; GREETING_LEN];
     sock.read_exact(&mut g)
         .map_err(io("no greeting (is it an NBD server?)"))?;
@@ -120,17 +132,7 @@ pub(super) fn haggle<S: Read + Write>(
     target: &Target,
 ) -> Result<(ExportInfo, bool), UpstreamError> {
     let uri = &target.uri;
-    let io = |what: &'static str| {
-        move |source| UpstreamError::Io {
-            upstream: uri.clone(),
-            what,
-            source,
-        }
-    };
-    let protocol = |what: String| UpstreamError::Protocol {
-        upstream: uri.clone(),
-        what,
-    };
+    let (io, protocol) = (io_err(uri), protocol_err(uri));
     send_option(sock, opt::STRUCTURED_REPLY, &[]).map_err(io("cannot send an option"))?;
     let (reply, data) = option_reply(sock, opt::STRUCTURED_REPLY, uri)?;
     let structured = match reply {

@@ -5,6 +5,7 @@
 use nbdcrypt::crypto::VolumeKey;
 
 mod artifacts;
+pub mod ext4;
 pub mod kernel;
 pub mod moto;
 pub mod nbdkit;

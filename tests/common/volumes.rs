@@ -115,3 +115,36 @@ pub fn cut_off(s: &mut std::net::TcpStream) -> bool {
         Ok(()) => h[4..8] != [0; 4],
     }
 }
+
+/// Decrypts plaintext bytes `start..start+len` (volume coordinates) of the backing file `file`
+/// with scripts/volume_oracle.py (pyca/cryptography, never nbdcrypt code).
+pub fn oracle_decrypt(
+    file: &Path,
+    key_hex: &str,
+    sector: usize,
+    data_offset: u64,
+    start: u64,
+    len: usize,
+) -> Vec<u8> {
+    let out = std::process::Command::new(super::python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/volume_oracle.py"
+        ))
+        .arg(file)
+        .arg(key_hex)
+        .args([
+            sector.to_string(),
+            data_offset.to_string(),
+            start.to_string(),
+            len.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
