@@ -15,11 +15,14 @@ fn main() -> std::process::ExitCode {
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        // The reader of our output went away (`nbdcrypt … | head`): nothing left to say.
+        // The reader of our output went away (`nbdcrypt … | head`): nothing left to say. Only
+        // our own standard output counts: a broken pipe anywhere else (an upstream server that
+        // hung up) is an error like any other.
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    .and_then(std::io::Error::get_ref)
+                    .is_some_and(|inner| inner.is::<OutputClosed>())
             }) =>
         {
             std::process::ExitCode::SUCCESS
@@ -32,8 +35,35 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Marks a broken pipe on standard output (and only there).
+#[derive(Debug, thiserror::Error)]
+#[error("the reader of the output went away")]
+struct OutputClosed;
+
+/// Standard output, whose broken pipe becomes an [`OutputClosed`] error.
+struct Output<W>(W);
+
+impl<W: std::io::Write> Output<W> {
+    fn mark(e: std::io::Error) -> std::io::Error {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, OutputClosed)
+        } else {
+            e
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Output<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(Self::mark)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(Self::mark)
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = Output(std::io::stdout().lock());
     let Cli {
         command,
         state_dir,

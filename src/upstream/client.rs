@@ -112,8 +112,29 @@ impl Client {
             }
             Some(host) => {
                 let mut conn = start_tls(&mut sock, target, host)?;
+                // With TLS 1.3 the server checks our certificate after our side of the
+                // handshake is done: a refusal shows as the connection closing right after.
                 let (info, structured) =
-                    haggle(&mut rustls::Stream::new(&mut conn, &mut sock), target)?;
+                    haggle(&mut rustls::Stream::new(&mut conn, &mut sock), target).map_err(
+                        |e| match e {
+                            UpstreamError::Io { source, .. }
+                                if matches!(
+                                    source.kind(),
+                                    std::io::ErrorKind::BrokenPipe
+                                        | std::io::ErrorKind::ConnectionReset
+                                        | std::io::ErrorKind::UnexpectedEof
+                                ) =>
+                            {
+                                UpstreamError::Tls {
+                                    upstream: target.uri.clone(),
+                                    why: format!(
+                                        "the upstream closed the session right after the handshake ({source}); does it require a client certificate (--upstream-tls-cert, --upstream-tls-key) or refuse ours?"
+                                    ),
+                                }
+                            }
+                            other => other,
+                        },
+                    )?;
                 let (w, r) =
                     super::tls::split(conn, sock).map_err(io("cannot clone the socket"))?;
                 (info, structured, Box::new(w), Box::new(r))
