@@ -189,30 +189,7 @@ fn fio_verifies_through_qemu_nbd_on_rbd_and_the_image_holds_only_ciphertext() {
     let (key, key_bytes) = key_file(&dir, "k", &mut rng);
     let spec = format!("name=v,file={},key-file={}", q.uri(), key.display());
     let server = Server::start(&dir, &[spec]);
-    let out = run_ok(
-        Command::new("fio")
-            .current_dir(&dir.0)
-            .args([
-                "--name=rbd",
-                "--verify_state_save=0",
-                "--ioengine=nbd",
-                "--rw=randrw",
-                "--iodepth=16",
-                "--numjobs=2",
-                "--bsrange=4k-1m",
-                "--blockalign=4k",
-                "--size=32M",
-                "--offset_increment=32M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--group_reporting",
-                "--output-format=json",
-            ])
-            .arg(format!("--uri={}", server.uri("v"))),
-    );
-    let v = serde_json::from_str::<serde_json::Value>(&out[out.find('{').unwrap()..]).unwrap();
-    assert_eq!(v["jobs"][0]["error"].as_u64(), Some(0), "{out}");
+    common::volumes::fio_verify_randrw(&dir, &server.uri("v"), 2, 32, "4k");
     // Known bytes at a known place: a plaintext pattern and random data, flushed.
     let pattern = b"the storage operator must never read this".repeat(100);
     let random = rng.bytes(3 << 20);

@@ -12,36 +12,9 @@ use std::process::Command;
 use common::*;
 
 fn fio_verify(dir: &TempDir, uri: &str, bs_min: &str) {
-    // fio writes its verify state into the current directory: keep it in the test's own.
-    let out = run_ok(
-        Command::new("fio")
-            .current_dir(&dir.0)
-            .args([
-                "--name=parallel",
-                "--verify_state_save=0",
-                "--ioengine=nbd",
-                "--rw=randrw",
-                "--iodepth=16",
-                "--numjobs=4",
-            ])
-            .arg(format!("--uri={uri}"))
-            .arg(format!("--bsrange={bs_min}-1m"))
-            .arg(format!("--blockalign={bs_min}"))
-            .args([
-                "--size=8M",
-                "--offset_increment=8M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--group_reporting",
-                "--output-format=json",
-            ]),
-    );
-    let v = serde_json::from_str::<serde_json::Value>(&out[out.find('{').unwrap()..]).unwrap();
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"].as_u64(), Some(0), "{out}");
-    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{out}");
-    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{out}");
+    let job = volumes::fio_verify_randrw(dir, uri, 4, 8, bs_min);
+    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{job}");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{job}");
 }
 
 #[test]

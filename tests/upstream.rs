@@ -240,30 +240,7 @@ fn served_over_an_upstream_fio_verifies_and_only_ciphertext_goes_up() {
     let (key, _) = common::key_file(&dir, "k", &mut rng);
     let spec = format!("name=up,file={},key-file={}", kit.uri(""), key.display());
     let server = common::Server::start(&dir, &[spec]);
-    let out = common::run_ok(
-        Command::new("fio")
-            .current_dir(&dir.0)
-            .args([
-                "--name=upstream",
-                "--verify_state_save=0",
-                "--ioengine=nbd",
-                "--rw=randrw",
-                "--iodepth=16",
-                "--numjobs=4",
-                "--bsrange=4k-1m",
-                "--blockalign=4k",
-                "--size=8M",
-                "--offset_increment=8M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--group_reporting",
-                "--output-format=json",
-            ])
-            .arg(format!("--uri={}", server.uri("up"))),
-    );
-    let v = serde_json::from_str::<serde_json::Value>(&out[out.find('{').unwrap()..]).unwrap();
-    assert_eq!(v["jobs"][0]["error"].as_u64(), Some(0), "{out}");
+    common::volumes::fio_verify_randrw(&dir, &server.uri("up"), 4, 8, "4k");
     // A plaintext pattern written through the server never reaches nbdkit.
     let pattern = b"cluster operators must not read this".repeat(113);
     let mut s = common::raw_connect(&server.addr, "up");

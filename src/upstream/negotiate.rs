@@ -43,24 +43,22 @@ impl ExportInfo {
     }
 }
 
-/// `map_err(io("what"))`: an I/O error of the upstream `uri`, saying what was being done.
-fn io_err(uri: &str) -> impl Fn(&'static str) -> Box<dyn FnOnce(std::io::Error) -> UpstreamError> {
-    let uri = uri.to_owned();
-    move |what| {
-        let upstream = uri.clone();
-        Box::new(move |source| UpstreamError::Io {
-            upstream,
-            what,
-            source,
-        })
+/// For `map_err`: an I/O error of the upstream `uri`, saying what was being done.
+fn io_err<'a>(
+    uri: &'a str,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> UpstreamError + 'a {
+    move |source| UpstreamError::Io {
+        upstream: uri.to_owned(),
+        what,
+        source,
     }
 }
 
 /// A protocol violation by the upstream `uri`.
-fn protocol_err(uri: &str) -> impl Fn(String) -> UpstreamError {
-    let uri = uri.to_owned();
-    move |what| UpstreamError::Protocol {
-        upstream: uri.clone(),
+fn protocol_err(uri: &str, what: String) -> UpstreamError {
+    UpstreamError::Protocol {
+        upstream: uri.to_owned(),
         what,
     }
 }
@@ -68,7 +66,8 @@ fn protocol_err(uri: &str) -> impl Fn(String) -> UpstreamError {
 /// Reads the greeting and sends the client flags (fixed newstyle).
 pub(super) fn greet(sock: &mut Sock, target: &Target) -> Result<(), UpstreamError> {
     let uri = &target.uri;
-    let (io, protocol) = (io_err(uri), protocol_err(uri));
+    let io = |what| io_err(uri, what);
+    let protocol = |what| protocol_err(uri, what);
     let mut g = [0u8; GREETING_LEN];
     sock.read_exact(&mut g)
         .map_err(io("no greeting (is it an NBD server?)"))?;
@@ -101,11 +100,7 @@ pub(super) fn start_tls(
     let cfg = super::tls::installed().ok_or_else(|| {
         tls_err("nbds:// needs the CA its certificate chains to: --upstream-tls-ca FILE".into())
     })?;
-    send_option(sock, opt::STARTTLS, &[]).map_err(|source| UpstreamError::Io {
-        upstream: uri.clone(),
-        what: "cannot send an option",
-        source,
-    })?;
+    send_option(sock, opt::STARTTLS, &[]).map_err(io_err(uri, "cannot send an option"))?;
     let (reply, data) = option_reply(sock, opt::STARTTLS, uri)?;
     if reply != rep::ACK {
         return Err(tls_err(format!(
@@ -132,7 +127,8 @@ pub(super) fn haggle<S: Read + Write>(
     target: &Target,
 ) -> Result<(ExportInfo, bool), UpstreamError> {
     let uri = &target.uri;
-    let (io, protocol) = (io_err(uri), protocol_err(uri));
+    let io = |what| io_err(uri, what);
+    let protocol = |what| protocol_err(uri, what);
     send_option(sock, opt::STRUCTURED_REPLY, &[]).map_err(io("cannot send an option"))?;
     let (reply, data) = option_reply(sock, opt::STRUCTURED_REPLY, uri)?;
     let structured = match reply {
@@ -219,15 +215,8 @@ fn option_reply(
 ) -> Result<(u32, Vec<u8>), UpstreamError> {
     let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
     sock.read_exact(&mut h)
-        .map_err(|source| UpstreamError::Io {
-            upstream: uri.to_owned(),
-            what: "no reply to an option",
-            source,
-        })?;
-    let protocol = |what: String| UpstreamError::Protocol {
-        upstream: uri.to_owned(),
-        what,
-    };
+        .map_err(io_err(uri, "no reply to an option"))?;
+    let protocol = |what| protocol_err(uri, what);
     let reply = OptionReplyHeader::decode(&h)
         .map_err(|e| protocol(format!("a malformed option reply: {e}")))?;
     if reply.option != option {
@@ -241,11 +230,7 @@ fn option_reply(
     }
     let mut data = vec![0u8; reply.len as usize];
     sock.read_exact(&mut data)
-        .map_err(|source| UpstreamError::Io {
-            upstream: uri.to_owned(),
-            what: "a truncated option reply",
-            source,
-        })?;
+        .map_err(io_err(uri, "a truncated option reply"))?;
     Ok((reply.reply_type, data))
 }
 

@@ -96,8 +96,7 @@ pub fn lock_for_change(store: &dyn Storage, name: &str, hint: &str) -> Result<()
     }
     let live = super::ondisk::read_header_from(store, name)
         .ok()
-        .and_then(|l| l.header.lease)
-        .filter(|l| !l.is_stale(now_ms()));
+        .and_then(|l| foreign_live_lease(&l.header, false).cloned());
     match live {
         Some(holder) => Err(ManagerError::Busy {
             volume: name.into(),

@@ -148,3 +148,42 @@ pub fn oracle_decrypt(
     );
     out.stdout
 }
+
+/// fio `randrw` with `verify=crc32c` against the NBD `uri`: `jobs` jobs × QD16, requests of
+/// `bs_min`–1 MiB aligned to `bs_min`, each job on its own `size_mib` MiB. Fails the test on
+/// any fio error; returns the (group-reported) job's JSON.
+pub fn fio_verify_randrw(
+    dir: &TempDir,
+    uri: &str,
+    jobs: u32,
+    size_mib: u32,
+    bs_min: &str,
+) -> serde_json::Value {
+    // fio writes its verify state into the current directory: keep it in the test's own.
+    let out = super::run_ok(
+        std::process::Command::new("fio")
+            .current_dir(&dir.0)
+            .args([
+                "--name=verify",
+                "--verify_state_save=0",
+                "--ioengine=nbd",
+                "--rw=randrw",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--group_reporting",
+                "--output-format=json",
+            ])
+            .arg(format!("--numjobs={jobs}"))
+            .arg(format!("--bsrange={bs_min}-1m"))
+            .arg(format!("--blockalign={bs_min}"))
+            .arg(format!("--size={size_mib}M"))
+            .arg(format!("--offset_increment={size_mib}M"))
+            .arg(format!("--uri={uri}")),
+    );
+    let v = serde_json::from_str::<serde_json::Value>(&out[out.find('{').unwrap()..]).unwrap();
+    let job = v["jobs"][0].clone();
+    assert_eq!(job["error"].as_u64(), Some(0), "{out}");
+    job
+}
