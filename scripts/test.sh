@@ -48,12 +48,13 @@ fi
 # - bsdutils (`script`: a terminal for the progress-bar test) and systemd (`systemd-analyze`
 #   verifies contrib/nbdcrypt.service);
 # - ceph-mon, ceph-mgr, ceph-osd, ceph-common: the throw-away cluster of tests/ceph.rs
-#   (scripts/ceph-single-node.sh; qemu-nbd exports its RBD images through qemu-block-extra).
+#   (scripts/ceph-single-node.sh; qemu-nbd exports its RBD images through qemu-block-extra);
+# - prometheus (with promtool): the scraper of tests/metrics.rs, started by the test on loopback.
 # qemu (qemu-system-x86 for the VM, qemu-utils for qemu-io/qemu-img, qemu-block-extra) is made
 # one consistent version by scripts/lib/qemu.sh, whatever the machine starts with (see there).
 DEB_PACKAGES=(libssl-dev pkg-config util-linux libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
     gnuplot-nox cpio kmod xxd cryptsetup-bin bsdutils systemd openssl
-    ceph-mon ceph-mgr ceph-osd ceph-common)
+    ceph-mon ceph-mgr ceph-osd ceph-common prometheus)
 # A Debian python3 needs python3-venv for `python3 -m venv`; a pyenv one has it built in.
 python3 -c 'import venv, ensurepip' 2>/dev/null || DEB_PACKAGES+=(python3-venv)
 # shellcheck source=scripts/lib/deb.sh

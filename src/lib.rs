@@ -31,6 +31,7 @@ pub mod faults;
 pub mod fsutil;
 pub mod human;
 pub mod kms;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -5,6 +5,10 @@
 # Another apt or dpkg (unattended-upgrades, a second terminal) holds the dpkg lock: apt waits
 # for it (DPkg::Lock::Timeout), and an apt-get that still fails on a lock is retried, for up to
 # DEB_LOCK_WAIT_SECONDS (600) in all, instead of failing the whole run at once.
+#
+# Packages that ship a daemon (prometheus, ceph-mon, ...) would start it on install, listening
+# on every interface: the tests start their own on loopback. While installing, a policy-rc.d
+# that refuses every service start is in place (unless the machine has its own already).
 
 DEB_UPDATED=0
 DEB_LOCK_WAIT_SECONDS="${DEB_LOCK_WAIT_SECONDS:-600}"
@@ -45,5 +49,14 @@ deb_install_missing() {
         deb_apt_get update -qq
         DEB_UPDATED=1
     fi
-    deb_apt_get install -y -qq "${missing[@]}" >/dev/null
+    local policy=/usr/sbin/policy-rc.d own_policy=0 rc=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# nbdcrypt scripts/lib/deb.sh: no service starts during the install\nexit 101\n' |
+            $DEB_SUDO tee "$policy" >/dev/null && $DEB_SUDO chmod 755 "$policy" && own_policy=1
+    fi
+    deb_apt_get install -y -qq "${missing[@]}" >/dev/null || rc=$?
+    if ((own_policy)); then
+        $DEB_SUDO rm -f "$policy"
+    fi
+    return "$rc"
 }

@@ -417,6 +417,10 @@ pub struct ServeArgs {
     /// trusted to be skipped).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_request_mib: u32,
+    /// Serve Prometheus metrics (OpenMetrics text) at `http://ADDR/metrics`, e.g.
+    /// `127.0.0.1:9474`. Off by default; bind it to loopback or a management network only.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds a client has to finish the NBD handshake; slower (or silent) clients are
     /// disconnected so they cannot hold connection slots.
     #[arg(long, default_value_t = 30.0)]

@@ -26,6 +26,14 @@ pub enum ServeError {
     /// Two exports share a name.
     #[error("two exports are named {0:?}")]
     DuplicateName(String),
+    /// The metrics endpoint could not be bound.
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The server could not start.
     #[error(transparent)]
     Server(#[from] server::ServerError),
@@ -164,17 +172,21 @@ fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
                 lease_interval_s = args.lease_interval,
                 "volume ready (lease taken)"
             );
-            list.push(
+            list.push(metered(
+                args,
                 Export::new(name.clone(), format!("nbdcrypt volume {name}"), volume)
                     .with_max_request(args.max_request_mib << 20),
-            );
+            ));
         }
         for spec in &args.exports {
             if list.iter().any(|e| e.name == spec.name) {
                 return Err(ServeError::DuplicateName(spec.name.clone()));
             }
-            let export = open_export(spec, args.backend, &upstream_options(args))?
-                .with_max_request(args.max_request_mib << 20);
+            let export = metered(
+                args,
+                open_export(spec, args.backend, &upstream_options(args))?
+                    .with_max_request(args.max_request_mib << 20),
+            );
             tracing::info!(
                 export = export.name,
                 size = export.volume.size(),
@@ -201,6 +213,39 @@ fn open_all(args: &ServeArgs, m: &Manager<'_>) -> Result<Opened, ServeError> {
             Err(e)
         }
     }
+}
+
+/// The export, with per-request metrics when `--metrics-listen` is given.
+fn metered(args: &ServeArgs, export: Export) -> Export {
+    if args.metrics_listen.is_some() {
+        export.with_metrics()
+    } else {
+        export
+    }
+}
+
+/// Binds the metrics endpoint (before any privilege drop) and starts serving it.
+async fn start_metrics(
+    args: &ServeArgs,
+    config: &ServerConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let Some(addr) = args.metrics_listen else {
+        return Ok(());
+    };
+    let listener = crate::metrics::http::bind(addr)
+        .await
+        .map_err(|source| ServeError::Metrics { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let buffers = Arc::clone(&config.resources.buffers);
+    crate::metrics::global().on_scrape(move |m| {
+        let budget = buffers.budget_bytes() as u64;
+        let free = buffers.budget().available_permits() as u64;
+        m.set_payload(budget.saturating_sub(free), budget);
+    });
+    tracing::info!(url = %format!("http://{bound}/metrics"), "metrics endpoint listening");
+    tokio::spawn(crate::metrics::http::serve(listener, shutdown));
+    Ok(())
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -288,6 +333,8 @@ fn serve_until_signal(
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
         let listener = Listener::bind(&config.listen).await?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        start_metrics(args, config, rx.clone()).await?;
         // Opened now, written once serving: after a privilege drop the new user may not be
         // able to create it.
         let ready = args
@@ -327,7 +374,6 @@ fn serve_until_signal(
             }
         }
         tokio::spawn(reload_on_hangup(tls));
-        let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("signal received: finishing in-flight requests");

@@ -74,12 +74,14 @@ impl AuditLog {
         f.sync_data()
     }
 
-    /// Records the outcome of one KMS operation. Returns the operation's own error, or an
+    /// Records the outcome of one KMS operation (and counts it, with its latency since
+    /// `started`, in the process's metrics). Returns the operation's own error, or an
     /// `Unavailable` error when the record cannot be written: an unaudited operation fails.
     #[allow(clippy::too_many_arguments)]
     pub fn outcome<T>(
         &self,
         time: u64,
+        started: std::time::Instant,
         operation: &'static str,
         key: &str,
         principal: &str,
@@ -99,6 +101,7 @@ impl AuditLog {
                 Some(e.to_string()),
             ),
         };
+        crate::metrics::global().kms_call(operation, outcome, started);
         let record = Record {
             time,
             operation: operation.to_owned(),

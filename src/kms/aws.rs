@@ -28,6 +28,7 @@ use super::{
     Caller, Cause, DataKey, EncryptionContext, KeyManager, KeyMetadata, KeyService, KeyState,
     KmsError, Origin,
 };
+use std::time::Instant;
 
 /// Settings for the AWS client.
 #[derive(Debug, Clone, Default)]
@@ -161,16 +162,18 @@ impl AwsKms {
 
     fn audited<T>(
         &self,
+        started: Instant,
         operation: &'static str,
         key: &str,
         volume: Option<&str>,
         r: Result<T, KmsError>,
     ) -> Result<T, KmsError> {
-        self.audited_for(operation, key, None, volume, r)
+        self.audited_for(started, operation, key, None, volume, r)
     }
 
     fn audited_for<T>(
         &self,
+        started: Instant,
         operation: &'static str,
         key: &str,
         purpose: Option<&str>,
@@ -179,6 +182,7 @@ impl AwsKms {
     ) -> Result<T, KmsError> {
         self.audit.outcome(
             self.clock.now(),
+            started,
             operation,
             key,
             "aws:credential-chain",
@@ -200,6 +204,7 @@ impl AwsKms {
         match exists {
             Ok(_) => Ok(()),
             Err(KmsError::NotFound { .. }) => {
+                let started = Instant::now();
                 // Not idempotent: a timed-out CreateKey may have created a key.
                 let md = self.call("CreateKey", AWS_DEFAULT_ALIAS, false, || {
                     self.client
@@ -220,7 +225,7 @@ impl AwsKms {
                         .target_key_id(&id)
                         .send()
                 });
-                self.audited("CreateKey", &id, None, r.map(|_| ()))
+                self.audited(started, "CreateKey", &id, None, r.map(|_| ()))
             }
             Err(e) => Err(e),
         }
@@ -245,6 +250,7 @@ impl KeyService for AwsKms {
     ) -> Result<DataKey, KmsError> {
         const OP: &str = "GenerateDataKey";
         let volume = context.volume_name();
+        let started = Instant::now();
         let r = (|| {
             self.ensure_default(key)?;
             let key = Self::key_name(key);
@@ -283,7 +289,7 @@ impl KeyService for AwsKms {
                 key_arn: required(out.key_id(), OP, key, "KeyId")?.to_owned(),
             })
         })();
-        self.audited(OP, key, volume, r)
+        self.audited(started, OP, key, volume, r)
     }
 
     fn decrypt(
@@ -295,6 +301,7 @@ impl KeyService for AwsKms {
     ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         const OP: &str = "Decrypt";
         let volume = context.volume_name();
+        let started = Instant::now();
         let r = self
             .call(OP, key, true, || {
                 self.client
@@ -312,7 +319,7 @@ impl KeyService for AwsKms {
                     "Plaintext",
                 )
             });
-        self.audited_for(OP, key, caller.purpose.as_deref(), volume, r)
+        self.audited_for(started, OP, key, caller.purpose.as_deref(), volume, r)
     }
 
     fn re_encrypt(
@@ -325,6 +332,7 @@ impl KeyService for AwsKms {
     ) -> Result<(Vec<u8>, String), KmsError> {
         const OP: &str = "ReEncrypt";
         let volume = context.volume_name();
+        let started = Instant::now();
         let r = self
             .call(OP, source_key, true, || {
                 self.client
@@ -347,11 +355,12 @@ impl KeyService for AwsKms {
                     required(out.key_id(), OP, dest_key, "KeyId")?.to_owned(),
                 ))
             });
-        self.audited(OP, source_key, volume, r)
+        self.audited(started, OP, source_key, volume, r)
     }
 
     fn describe_key(&self, key: &str, _caller: &Caller) -> Result<KeyMetadata, KmsError> {
         const OP: &str = "DescribeKey";
+        let started = Instant::now();
         let r = (|| {
             self.ensure_default(key)?;
             let key = Self::key_name(key);
@@ -391,7 +400,7 @@ impl KeyService for AwsKms {
                 rotation_enabled: false,
             })
         })();
-        self.audited(OP, key, None, r)
+        self.audited(started, OP, key, None, r)
     }
 
     fn create_grant(
@@ -410,6 +419,7 @@ impl KeyService for AwsKms {
         let constraints = GrantConstraints::builder()
             .set_encryption_context_subset(context_map(context_subset))
             .build();
+        let started = Instant::now();
         let r = self
             .call(OP, key, false, || {
                 self.client
@@ -421,11 +431,12 @@ impl KeyService for AwsKms {
                     .send()
             })
             .and_then(|out| Ok(required(out.grant_id(), OP, key, "GrantId")?.to_owned()));
-        self.audited(OP, key, None, r)
+        self.audited(started, OP, key, None, r)
     }
 
     fn retire_grant(&self, key: &str, grant_id: &str, _caller: &Caller) -> Result<(), KmsError> {
         const OP: &str = "RetireGrant";
+        let started = Instant::now();
         let r = self
             .call(OP, key, true, || {
                 self.client
@@ -435,7 +446,7 @@ impl KeyService for AwsKms {
                     .send()
             })
             .map(|_| ());
-        self.audited(OP, key, None, r)
+        self.audited(started, OP, key, None, r)
     }
 
     fn serving_principal(&self) -> Option<String> {

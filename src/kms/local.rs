@@ -100,6 +100,7 @@ impl LocalKms {
         volume: Option<&str>,
         f: impl FnOnce(&mut State, &Self) -> Result<(T, bool, String), KmsError>,
     ) -> Result<T, KmsError> {
+        let started = std::time::Instant::now();
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let result = (|| {
             let mut state = self.store.load(operation)?;
@@ -126,6 +127,7 @@ impl LocalKms {
         };
         let result = self.audit.outcome(
             self.clock.now(),
+            started,
             operation,
             &key,
             &caller.principal,

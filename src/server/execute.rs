@@ -118,6 +118,7 @@ pub fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> R
                         header,
                         data: Some(data),
                         permits: None,
+                        errno: 0,
                     };
                 }
                 Err(e) => Err(e),
@@ -170,6 +171,7 @@ pub fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> R
                     header,
                     data: None,
                     permits: None,
+                    errno: 0,
                 };
             }
             Err(e) => Err(e),

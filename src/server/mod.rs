@@ -39,6 +39,8 @@ pub struct Export {
     pub retired: watch::Sender<bool>,
     /// Largest `READ`/`WRITE` payload served and advertised (`serve --max-request-mib`).
     pub max_request: u32,
+    /// Per-request metrics, when the server exposes them (`serve --metrics-listen`).
+    pub metrics: Option<Arc<crate::metrics::ExportMetrics>>,
 }
 
 impl Export {
@@ -50,7 +52,24 @@ impl Export {
             volume: Arc::new(volume),
             retired: watch::Sender::new(false),
             max_request: validate::DEFAULT_MAX_PAYLOAD,
+            metrics: None,
         }
+    }
+
+    /// The same export with its requests counted in the process's metrics.
+    #[must_use]
+    pub fn with_metrics(mut self) -> Self {
+        let (backend, sector) = (
+            self.volume.backend_name(),
+            self.volume.config().sector_size.bytes(),
+        );
+        self.metrics = Some(crate::metrics::global().export(
+            &self.name,
+            crate::volume::header::CIPHER,
+            backend,
+            sector as u64,
+        ));
+        self
     }
 
     /// The same export with another maximum request size.
@@ -213,7 +232,7 @@ async fn negotiate_connection(
     id: u64,
     exports: &Exports,
     tls: Option<&tls::Tls>,
-) -> Result<Option<(negotiate::Session, Box<dyn Conn>)>, negotiate::NegotiateError> {
+) -> Result<Option<(negotiate::Session, Box<dyn Conn>, bool)>, negotiate::NegotiateError> {
     use negotiate::{Outcome, TlsState};
     let no_zeroes = negotiate::greet(&mut stream).await?;
     let mut state = TlsState {
@@ -223,7 +242,7 @@ async fn negotiate_connection(
     };
     loop {
         match negotiate::haggle(&mut stream, exports, no_zeroes, state).await? {
-            Outcome::Session(session) => return Ok(Some((session, stream))),
+            Outcome::Session(session) => return Ok(Some((session, stream, state.active))),
             Outcome::Aborted => return Ok(None),
             Outcome::StartTls => {
                 // `haggle` acknowledges STARTTLS only when TLS is offered and not yet active.
@@ -270,7 +289,9 @@ async fn connection(
         negotiate_connection(stream, id, &exports, tls.as_deref()),
     )
     .await;
+    let metrics = crate::metrics::global();
     let Ok(negotiated) = negotiated else {
+        metrics.handshake_failed("timeout");
         tracing::warn!(
             conn = id,
             %peer,
@@ -279,22 +300,33 @@ async fn connection(
         );
         return;
     };
-    let (session, stream) = match negotiated {
+    let (session, stream, tls_active) = match negotiated {
         Ok(Some(s)) => s,
         Ok(None) => {
+            metrics.handshake_failed("aborted");
             tracing::info!(conn = id, "connection closed: client aborted negotiation");
             return;
         }
         Err(e @ (negotiate::NegotiateError::Tls(_) | negotiate::NegotiateError::TlsRequired)) => {
+            metrics.handshake_failed(if matches!(e, negotiate::NegotiateError::Tls(_)) {
+                "tls_handshake"
+            } else {
+                "tls_required"
+            });
             tracing::warn!(conn = id, %peer, error = %e, "connection refused");
             return;
         }
         Err(e) => {
+            metrics.handshake_failed(match e {
+                negotiate::NegotiateError::Io(_) => "io",
+                _ => "protocol",
+            });
             tracing::info!(conn = id, error = %e, "connection closed during negotiation");
             return;
         }
     };
     let export = session.export.name.clone();
+    let _open = metrics.connection_opened(tls_active);
     tracing::info!(
         conn = id,
         export,

@@ -113,6 +113,8 @@ pub struct Permits {
     pub conn_bytes: Option<OwnedSemaphorePermit>,
     /// The payload's bytes of the server's budget.
     pub server_bytes: Option<OwnedSemaphorePermit>,
+    /// The request's metrics (exports served with `--metrics-listen`); finished by the writer.
+    pub mark: Option<crate::metrics::RequestMark>,
 }
 
 /// One reply: header bytes and optional data that follows them.
@@ -123,6 +125,8 @@ pub struct Reply {
     pub data: Option<Buffer>,
     /// Released when the reply has left (or was dropped).
     pub permits: Option<Permits>,
+    /// The NBD error value the reply carries (0: success).
+    pub errno: u32,
 }
 
 /// An error reply (structured: an error chunk carrying `msg`).
@@ -141,6 +145,7 @@ pub fn error_reply(structured: bool, cookie: u64, errno: u32, msg: &str) -> Repl
         header,
         data: None,
         permits: None,
+        errno,
     }
 }
 
@@ -156,6 +161,7 @@ pub fn ok_reply(structured: bool, cookie: u64) -> Reply {
         header,
         data: None,
         permits: None,
+        errno: 0,
     }
 }
 

@@ -110,6 +110,11 @@ async fn writer<W: AsyncWrite + Unpin>(
             }
         }
         write_batch(&mut w, &batch).await?;
+        for r in &batch {
+            if let Some(mark) = r.permits.as_ref().and_then(|p| p.mark.as_ref()) {
+                mark.finish(r.errno);
+            }
+        }
         // Dropping the replies returns their buffers and releases their permits.
         batch.clear();
     }
@@ -139,6 +144,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let structured = session.structured;
     let cfg = volume.config().clone();
     let mut retired = session.export.retired.subscribe();
+    let metrics = session.export.metrics.clone();
     let limits = Limits {
         size: volume.size(),
         read_only: cfg.read_only,
@@ -189,6 +195,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
                     reason = msg,
                     "request refused"
                 );
+                if let Some(m) = &metrics {
+                    m.refused(req.kind, errno);
+                }
                 if tx
                     .send(error_reply(structured, req.cookie, errno, msg))
                     .await
@@ -232,6 +241,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             slot,
             conn_bytes: conn_permit,
             server_bytes: server_permit,
+            mark: metrics.as_ref().map(|m| m.admit(req.kind, payload_len)),
         };
         let payload = if let Command::Write { len, .. } = cmd {
             let mut data = resources.buffers.take(len as usize);

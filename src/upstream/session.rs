@@ -169,6 +169,7 @@ impl Session {
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     *c = (failed + 1, Arc::new(client));
+                    crate::metrics::global().upstream_reconnected(&self.target.uri);
                     tracing::info!(
                         upstream = self.target.uri,
                         attempts = attempt,
@@ -181,6 +182,7 @@ impl Session {
                     let now = Instant::now();
                     if now >= deadline {
                         tracing::error!(upstream = self.target.uri, attempts = attempt, reason = %e, "upstream still unreachable: failing the request (EIO)");
+                        crate::metrics::global().upstream_gave_up(&self.target.uri);
                         return Err(UpstreamError::GaveUp {
                             upstream: self.target.uri.clone(),
                             seconds: self.timeout.as_secs_f64(),

@@ -100,6 +100,8 @@ pub struct EncryptedVolume {
     engine: std::sync::RwLock<Option<XtsEngine>>,
     /// Engine facts kept for logs after the key is gone.
     summary: String,
+    /// The engine's backend.
+    backend: crate::crypto::BackendKind,
     config: VolumeConfig,
     locks: StripeLocks,
 }
@@ -176,6 +178,7 @@ impl EncryptedVolume {
         Ok(EncryptedVolume {
             storage,
             summary: engine.summary(),
+            backend: engine.backend_kind(),
             engine: std::sync::RwLock::new(Some(engine)),
             config,
             locks: StripeLocks::new(),
@@ -200,6 +203,11 @@ impl EncryptedVolume {
     /// Whether the backing store serializes writes anyway (see [`Storage::serializes_writes`]).
     pub fn serializes_writes(&self) -> bool {
         self.storage.serializes_writes()
+    }
+
+    /// The crypto backend's name (`vaes`, `hw`, `portable`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// The crypto engine's one-line description (for the startup log).

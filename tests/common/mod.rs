@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod moto;
 pub mod nbdkit;
 pub mod nodes;
+pub mod prometheus;
 mod raw;
 mod sys;
 pub mod tls;
