@@ -290,6 +290,30 @@ pub enum VolumeCommand {
         #[arg(long)]
         kms_key: String,
     },
+    /// Grow a volume, served or not, to SIZE (K/M/G/T suffixes; a multiple of its sector
+    /// size). Shrinking is refused. A server of the volume tells new connections the new size;
+    /// open connections keep theirs (reattach, then grow the file system: resize2fs).
+    Resize {
+        /// Volume name.
+        name: String,
+        /// The new size.
+        #[arg(long, value_parser = values::parse_size)]
+        size: u64,
+    },
+    /// Re-encrypt every sector under a new data key (GenerateDataKey under the volume's KMS
+    /// key), then destroy the old key. For a data key that may have leaked (after
+    /// export-key); KMS key rotation and rewrap only re-wrap the same data key. Crash-safe:
+    /// after an interruption run it again to finish. The volume cannot be served meanwhile.
+    Reencrypt {
+        /// Volume name.
+        name: String,
+        /// Progress and the result as JSON lines on stdout (instead of a progress bar).
+        #[arg(long)]
+        json: bool,
+        /// XTS backend: auto, hw, portable or vaes.
+        #[arg(long, env = "NBDCRYPT_XTS_BACKEND", default_value = "auto")]
+        backend: BackendChoice,
+    },
     /// Print a persistent volume's 512-bit key as 128 hex digits, for recovery with
     /// cryptsetup (audited; scratch volumes refuse).
     ExportKey {

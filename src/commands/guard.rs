@@ -113,6 +113,41 @@ fn check(
     Verdict::Keep
 }
 
+/// Follows `volume resize`: new connections are told the size the header now gives (only
+/// ever larger, and only when the store holds it).
+fn grow(exports: &Exports, lease: &ServingLease) {
+    let size = lease.header_size();
+    let Some(export) = exports.find(lease.name()) else {
+        return;
+    };
+    if size <= export.volume.size() {
+        return;
+    }
+    let fits = lease
+        .store()
+        .size()
+        .is_ok_and(|have| have >= crate::volume::header::DATA_OFFSET + size);
+    if !fits {
+        tracing::warn!(
+            volume = lease.name(),
+            size,
+            "the header says the volume grew, but its backing store is shorter; keeping the old size"
+        );
+        return;
+    }
+    match export.volume.grow(size) {
+        Ok(true) => tracing::info!(
+            volume = lease.name(),
+            size,
+            "volume grown: new connections see the new size (connections already open keep theirs)"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(volume = lease.name(), error = %e, "cannot grow the served volume")
+        }
+    }
+}
+
 /// Withdraws `name` from `exports` and wipes its key now.
 pub fn withdraw(exports: &Exports, name: &str, reason: &str) {
     let Some(export) = exports.withdraw(name) else {
@@ -154,7 +189,10 @@ pub fn run(
         let mut kept = Vec::with_capacity(leases.len());
         for lease in leases {
             match check(&lease, manager, cfg, renew, recheck) {
-                Verdict::Keep => kept.push(lease),
+                Verdict::Keep => {
+                    grow(exports, &lease);
+                    kept.push(lease);
+                }
                 Verdict::Withdraw { reason, release } => {
                     withdraw(exports, lease.name(), &reason);
                     if release && let Err(e) = lease.release() {

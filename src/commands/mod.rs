@@ -10,6 +10,7 @@ pub mod privileges;
 pub mod progress;
 pub mod serve;
 pub mod volume;
+pub mod volume_ops;
 
 use std::path::Path;
 

@@ -174,6 +174,12 @@ fn describe_json(m: &Manager<'_>, name: &str) -> Result<serde_json::Value, Manag
             iec_bytes(h.size)
         )
         .into();
+    } else if h.rekey.is_some() {
+        v["state"] = "reencrypting".into();
+        v["problem"] = format!(
+            "re-encryption under a new data key was interrupted; `nbdcrypt volume reencrypt {name}` finishes it"
+        )
+        .into();
     } else if !h.deleted
         && let Some(problem) = store_problem(&e, &h)
     {
@@ -310,6 +316,12 @@ pub fn run(
             writeln!(out, "volume {name} is now wrapped by {}", h.key_id)?;
             Ok(())
         }
+        VolumeCommand::Resize { name, size } => super::volume_ops::resize(&m, &name, size, out),
+        VolumeCommand::Reencrypt {
+            name,
+            json,
+            backend,
+        } => super::volume_ops::reencrypt(&m, &name, json, backend, out),
         VolumeCommand::ExportKey { name, confirm } => {
             if !confirm {
                 return Err(ManagerError::Refused(

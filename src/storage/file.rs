@@ -172,6 +172,17 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    fn extend_to(&self, len: u64) -> io::Result<()> {
+        if self.block_device {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        if self.file.metadata()?.len() < len {
+            self.file.set_len(len)?;
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
+
     fn has_locks(&self) -> bool {
         true
     }

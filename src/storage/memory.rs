@@ -37,6 +37,15 @@ impl Storage for MemoryStorage {
         true
     }
 
+    fn extend_to(&self, len: u64) -> io::Result<()> {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        if bytes.len() < len {
+            bytes.resize(len, 0);
+        }
+        Ok(())
+    }
+
     fn size(&self) -> io::Result<u64> {
         Ok(self.bytes.lock().unwrap_or_else(|e| e.into_inner()).len() as u64)
     }

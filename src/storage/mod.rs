@@ -96,6 +96,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn has_locks(&self) -> bool {
         false
     }
+    /// Makes the store at least `len` bytes long (sparse; the new bytes read as zeroes), where
+    /// the store can grow itself: a regular file. A device or an export is grown by its owner
+    /// (`Unsupported` here).
+    fn extend_to(&self, len: u64) -> std::io::Result<()> {
+        let _ = len;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A shared store (tests keep a handle to inspect the ciphertext a volume wrote).
@@ -132,6 +139,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn lock(&self, lock: StoreLock, wait: bool) -> std::io::Result<bool> {
         (**self).lock(lock, wait)
+    }
+    fn extend_to(&self, len: u64) -> std::io::Result<()> {
+        (**self).extend_to(len)
     }
     fn unlock(&self, lock: StoreLock) -> std::io::Result<()> {
         (**self).unlock(lock)

@@ -26,9 +26,10 @@ pub const HEADER_COPIES: usize = 2;
 pub const DATA_OFFSET: u64 = 1 << 20;
 /// `"NBDCRYPT"`.
 pub const MAGIC: [u8; 8] = *b"NBDCRYPT";
-/// Format version written. Version 1 (no lease, no `incomplete` state) is still read, and
-/// becomes version 2 on the first header update.
-pub const VERSION: u16 = 2;
+/// Format version written. Versions 1 (no lease, no `incomplete` state) and 2 (no re-key
+/// state) are still read, and become version 3 on the first header update. A build that reads
+/// only version 2 refuses a version-3 header: it would not know that a re-key is under way.
+pub const VERSION: u16 = 3;
 /// The oldest format version read.
 pub const MIN_VERSION: u16 = 1;
 /// The only cipher.
@@ -101,6 +102,36 @@ pub struct Header {
     pub progress: u64,
     /// Who is serving the volume, if anyone ([`Lease`]).
     pub lease: Option<Lease>,
+    /// A `volume reencrypt` under way: the new data key, wrapped ([`Rekey`]).
+    pub rekey: Option<Rekey>,
+}
+
+/// An unfinished `volume reencrypt`: sectors below its checkpoint (kept in the re-key journal
+/// of the reserved area, `volume::reencrypt`) are under this key, the rest under the header's
+/// own key. The volume is not served until the job finishes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rekey {
+    /// The KMS key that wrapped the new data key.
+    pub key_id: String,
+    /// The new data key, wrapped (KMS ciphertext blob).
+    pub wrapped_key: Vec<u8>,
+    /// The new key's key-check value.
+    pub key_check: [u8; 32],
+    /// Random id of the job: journal records of another job are ignored.
+    pub job: u64,
+    /// When the job started, Unix seconds.
+    pub started: u64,
+}
+
+impl std::fmt::Debug for Rekey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rekey")
+            .field("key_id", &self.key_id)
+            .field("wrapped_key_bytes", &self.wrapped_key.len())
+            .field("job", &self.job)
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The serving lease: which process on which node serves (writes) the volume. Renewed by a
@@ -161,6 +192,7 @@ impl std::fmt::Debug for Header {
             .field("wrapped_key_bytes", &self.wrapped_key.len())
             .field("incomplete", &self.incomplete)
             .field("lease", &self.lease)
+            .field("rekey", &self.rekey)
             .finish_non_exhaustive()
     }
 }
@@ -258,6 +290,18 @@ impl Header {
                 out.put_u32(l.interval_ms);
             }
         }
+        // Version 3 from here.
+        match &self.rekey {
+            None => out.push(0),
+            Some(r) => {
+                out.push(1);
+                put_bytes16(&mut out, r.key_id.as_bytes())?;
+                put_bytes16(&mut out, &r.wrapped_key)?;
+                out.extend_from_slice(&r.key_check);
+                out.put_u64(r.job);
+                out.put_u64(r.started);
+            }
+        }
         let body = out.len() + 4;
         if body > HEADER_COPY_BYTES {
             return Err(HeaderError::TooLarge(body));
@@ -347,6 +391,27 @@ impl Header {
         } else {
             (0, None)
         };
+        let rekey = if version >= 3 {
+            match r.take(1)?[0] {
+                0 => None,
+                1 => {
+                    let key_id = get_string16(&mut r)?;
+                    let wrapped_key = get_bytes16(&mut r)?.to_vec();
+                    let mut key_check = [0u8; 32];
+                    key_check.copy_from_slice(r.take(32)?);
+                    Some(Rekey {
+                        key_id,
+                        wrapped_key,
+                        key_check,
+                        job: r.u64()?,
+                        started: r.u64()?,
+                    })
+                }
+                t => return Err(HeaderError::Malformed(format!("rekey tag {t}"))),
+            }
+        } else {
+            None
+        };
         r.finish()?;
         Ok(Header {
             sequence,
@@ -366,6 +431,7 @@ impl Header {
             incomplete: flags & 4 != 0,
             progress,
             lease,
+            rekey,
         })
     }
 }

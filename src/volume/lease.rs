@@ -122,6 +122,8 @@ pub struct ServingLease {
     store: Arc<dyn Storage>,
     name: String,
     owner: u64,
+    /// The volume size the header gave at the last renewal or check (`volume resize`).
+    size: std::sync::atomic::AtomicU64,
 }
 
 /// What a renewal found.
@@ -169,6 +171,13 @@ impl ServingLease {
                     size: h.size,
                 });
             }
+            if h.rekey.is_some() {
+                return Err(ManagerError::Reencrypting {
+                    volume: name.into(),
+                    done: super::reencrypt::checkpoint(store.as_ref(), h),
+                    size: h.size,
+                });
+            }
             if let Some(old) = &h.lease {
                 let now = now_ms();
                 let age = old.age_ms(now) as f64 / 1000.0;
@@ -203,10 +212,11 @@ impl ServingLease {
             Ok(true)
         });
         match taken {
-            Ok(_) => Ok(ServingLease {
+            Ok(h) => Ok(ServingLease {
                 store,
                 name: name.into(),
                 owner,
+                size: std::sync::atomic::AtomicU64::new(h.size),
             }),
             Err(e) => {
                 let _ = store.unlock(StoreLock::Serving);
@@ -218,6 +228,11 @@ impl ServingLease {
     /// The volume's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The volume size the header gave at the last renewal or check.
+    pub fn header_size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store the lease is held on.
@@ -233,6 +248,8 @@ impl ServingLease {
                 found = Renewal::Deleted;
                 return Ok(false);
             }
+            self.size
+                .store(h.size, std::sync::atomic::Ordering::Relaxed);
             match &mut h.lease {
                 Some(l) if l.owner == self.owner => {
                     l.heartbeat_ms = now_ms();
@@ -250,6 +267,8 @@ impl ServingLease {
     /// Checks, without writing, whether the header still names us and is not deleted.
     pub fn check(&self) -> Result<Renewal, ManagerError> {
         let h = super::ondisk::read_header_from(self.store.as_ref(), &self.name)?.header;
+        self.size
+            .store(h.size, std::sync::atomic::Ordering::Relaxed);
         Ok(if h.deleted {
             Renewal::Deleted
         } else {
@@ -308,6 +327,7 @@ mod tests {
             incomplete: false,
             progress: 0,
             lease: None,
+            rekey: None,
         };
         write_slot(s.as_ref(), "v", &h, 0).unwrap();
         h.sequence = 2;

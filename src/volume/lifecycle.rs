@@ -250,6 +250,7 @@ impl Manager<'_> {
             incomplete: p.preallocate,
             progress: 0,
             lease: None,
+            rekey: None,
         };
         entry.uuid = hex(&uuid);
         entry.grant = grant_out.clone();

@@ -286,6 +286,13 @@ impl<'k> Manager<'k> {
                 size: h.size,
             });
         }
+        if h.rekey.is_some() {
+            return Err(ManagerError::Reencrypting {
+                volume: name.into(),
+                done: super::reencrypt::checkpoint(store.as_ref(), &h),
+                size: h.size,
+            });
+        }
         let held = ServingLease::acquire(Arc::clone(&store), name, lease)
             .map_err(|e| e.at(&entry.backing))?;
         match self.unwrap_engine(name, &h, backend).and_then(|engine| {

@@ -31,6 +31,8 @@ mod locks;
 pub mod manager;
 mod ondisk;
 pub mod probe;
+pub mod reencrypt;
+pub mod resize;
 
 use std::io;
 
@@ -103,6 +105,9 @@ pub struct EncryptedVolume {
     /// The engine's backend.
     backend: crate::crypto::BackendKind,
     config: VolumeConfig,
+    /// The size now: `config.size` until [`EncryptedVolume::grow`] (`volume resize` of a served
+    /// volume). Connections keep the size they negotiated.
+    size: std::sync::atomic::AtomicU64,
     locks: StripeLocks,
 }
 
@@ -180,6 +185,7 @@ impl EncryptedVolume {
             summary: engine.summary(),
             backend: engine.backend_kind(),
             engine: std::sync::RwLock::new(Some(engine)),
+            size: std::sync::atomic::AtomicU64::new(config.size),
             config,
             locks: StripeLocks::new(),
         })
@@ -190,9 +196,24 @@ impl EncryptedVolume {
         &self.config
     }
 
-    /// Size in bytes.
+    /// Size in bytes (what new connections are told).
     pub fn size(&self) -> u64 {
-        self.config.size
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Grows the volume to `new_size` bytes (a multiple of the sector size; the store must
+    /// already hold them). Never shrinks: returns whether the size changed.
+    pub fn grow(&self, new_size: u64) -> Result<bool, VolumeError> {
+        let sector = self.config.sector_size.bytes() as u64;
+        if !new_size.is_multiple_of(sector) {
+            return Err(VolumeError::Config(format!(
+                "size {new_size} is not a multiple of the {sector}-byte sector size"
+            )));
+        }
+        let old = self
+            .size
+            .fetch_max(new_size, std::sync::atomic::Ordering::AcqRel);
+        Ok(new_size > old)
     }
 
     /// Whether every store call is a network round trip (see [`Storage::is_remote`]).
@@ -258,11 +279,11 @@ impl EncryptedVolume {
 
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.config.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(VolumeError::OutOfRange {
                 offset,
                 len,
-                size: self.config.size,
+                size: self.size(),
             }),
         }
     }

@@ -155,6 +155,19 @@ pub enum ManagerError {
         /// Volume size.
         size: u64,
     },
+    /// A `volume reencrypt` has not finished: the volume is under two keys.
+    #[error(
+        "volume {volume} is being re-encrypted: {} of {} are under the new key; finish with `nbdcrypt volume reencrypt {volume}` (it resumes there) before serving it",
+        crate::human::iec_bytes(*done), crate::human::iec_bytes(*size)
+    )]
+    Reencrypting {
+        /// Volume.
+        volume: String,
+        /// Bytes re-encrypted so far.
+        done: u64,
+        /// Volume size.
+        size: u64,
+    },
     /// The backing store is shorter than the header says the volume is.
     #[error(
         "volume {volume}: backing store {path} is {}, volume needs {} ({} of data + the 1 MiB header area); it was truncated or replaced: restore it from a copy, or `nbdcrypt volume delete {volume}`",

@@ -28,7 +28,39 @@ fn sample() -> Header {
             heartbeat_ms: 1_790_000_200_000,
             interval_ms: 10_000,
         }),
+        rekey: None,
     }
+}
+
+/// Re-encodes `h`'s slot as format `version`, whose body is `drop` bytes shorter.
+fn as_older(h: &Header, version: u16, drop: usize) -> Vec<u8> {
+    let cur = h.encode().unwrap();
+    let body = u32::from_be_bytes(cur[12..16].try_into().unwrap()) as usize;
+    let old_body = body - drop;
+    let mut old = cur[..old_body - 4].to_vec();
+    old[8..10].copy_from_slice(&version.to_be_bytes());
+    old[12..16].copy_from_slice(&u32::try_from(old_body).unwrap().to_be_bytes());
+    let crc = crc32fast::hash(&old);
+    old.extend_from_slice(&crc.to_be_bytes());
+    old.resize(HEADER_COPY_BYTES, 0);
+    old
+}
+
+#[test]
+fn header_with_a_rekey_roundtrips_and_version_2_reads_without_one() {
+    let mut h = sample();
+    h.rekey = Some(Rekey {
+        key_id: "arn:nbdcrypt:kms:local:000000000000:key/1234".into(),
+        wrapped_key: vec![0xCD; 180],
+        key_check: [5; 32],
+        job: 77,
+        started: 1_790_000_300,
+    });
+    assert_eq!(Header::decode(&h.encode().unwrap()).unwrap(), h);
+    assert!(!format!("{h:?}").contains("205"), "no blob bytes in Debug");
+    // Version 2 ends after the lease: no re-key state.
+    let v2 = as_older(&sample(), 2, 1);
+    assert_eq!(Header::decode(&v2).unwrap(), sample());
 }
 
 #[test]
@@ -106,16 +138,9 @@ fn header_without_lease_and_incomplete_roundtrips() {
 fn header_version_1_is_still_read() {
     let mut h = sample();
     h.lease = None;
-    let v2 = h.encode().unwrap();
-    let body = u32::from_be_bytes(v2[12..16].try_into().unwrap()) as usize;
-    // Version 2 appends progress (8) and the lease tag (1) before the CRC.
-    let v1_body = body - 9;
-    let mut v1 = v2[..v1_body - 4].to_vec();
-    v1[8..10].copy_from_slice(&1u16.to_be_bytes());
-    v1[12..16].copy_from_slice(&u32::try_from(v1_body).unwrap().to_be_bytes());
-    let crc = crc32fast::hash(&v1);
-    v1.extend_from_slice(&crc.to_be_bytes());
-    v1.resize(HEADER_COPY_BYTES, 0);
+    // Version 2 appended progress (8) and the lease tag (1), version 3 the re-key tag (1).
+    let v1 = as_older(&h, 1, 10);
+    let v1_body = u32::from_be_bytes(v1[12..16].try_into().unwrap()) as usize;
     assert_eq!(Header::decode(&v1).unwrap(), h);
     // An unknown flag bit is refused rather than ignored.
     let mut bad = v1.clone();
