@@ -1,0 +1,245 @@
+//! `volume reencrypt`: killed at each step of the job (and at a random moment), then run
+//! again, it finishes; meanwhile `serve` refuses the volume and says how far it got. Afterwards
+//! the data reads back identical, the raw backing file decrypts with the new exported key
+//! (pyca/cryptography, not our code) and not with the old one, holes are still holes, both
+//! header copies hold only the new key, and the audit log shows the operation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::volumes::{cli_err, cli_ok, create_on, oracle_decrypt, read_through, serve};
+use common::{Rng, TempDir, nbdcrypt_cli, raw_connect, raw_flush, raw_write, seed};
+
+const MIB: usize = 1 << 20;
+
+/// The data written: random bytes in [0, 20 MiB) and [28 MiB, 30 MiB); the rest never
+/// written (holes).
+fn fill(dir: &TempDir, state: &Path, name: &str, rng: &mut Rng) -> Vec<u8> {
+    let mut data = vec![0u8; 40 * MIB];
+    rng.fill(&mut data[..20 * MIB]);
+    rng.fill(&mut data[28 * MIB..30 * MIB]);
+    let server = serve(dir, state, &["--volume", name]).unwrap();
+    let mut s = raw_connect(&server.addr, name);
+    raw_write(&mut s, 1, 0, &data[..20 * MIB], 0);
+    raw_write(&mut s, 2, 28 * MIB as u64, &data[28 * MIB..30 * MIB], 0);
+    raw_flush(&mut s, 3);
+    drop(s);
+    server.stop();
+    data
+}
+
+fn export_key(dir: &TempDir, state: &Path, name: &str, file: &str) -> String {
+    let key = cli_ok(state, &["volume", "export-key", name, "--confirm"])
+        .trim()
+        .to_owned();
+    // Where the secret audit finds it.
+    std::fs::write(dir.path(file), &key).unwrap();
+    key
+}
+
+/// `volume reencrypt` aborted at `point` (`NBDCRYPT_CRASH_AT`, like kill -9).
+fn reencrypt_crashing_at(state: &Path, name: &str, point: &str) {
+    let out = nbdcrypt_cli(state)
+        .env("NBDCRYPT_CRASH_AT", point)
+        .args(["volume", "reencrypt", name, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "reencrypt did not stop at {point}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read_all(dir: &TempDir, state: &Path, name: &str) -> Vec<u8> {
+    let server = serve(dir, state, &["--volume", name]).unwrap();
+    let mut out = read_through(&server, name, (20 * MIB) as u32);
+    let mut s = raw_connect(&server.addr, name);
+    out.extend(common::raw_read(
+        &mut s,
+        1,
+        20 * MIB as u64,
+        (20 * MIB) as u32,
+    ));
+    drop(s);
+    server.stop();
+    out
+}
+
+fn check_rekeyed(dir: &TempDir, state: &Path, name: &str, data: &[u8], old_key: &str) {
+    let backing = dir.path(&format!("{name}.img"));
+    assert!(
+        read_all(dir, state, name) == data,
+        "data changed by the re-encryption"
+    );
+    let new_key = export_key(dir, state, name, &format!("{name}-new.key"));
+    assert_ne!(new_key, old_key, "the data key did not change");
+    // The raw file decrypts with the new key (an oracle that is not our code) ...
+    for (at, len) in [(0, MIB), (19 * MIB, MIB), (28 * MIB, 2 * MIB)] {
+        assert!(
+            oracle_decrypt(&backing, &new_key, 4096, 1 << 20, at as u64, len) == data[at..at + len],
+            "the backing file at {at} does not decrypt with the new key"
+        );
+        assert!(
+            oracle_decrypt(&backing, old_key, 4096, 1 << 20, at as u64, len) != data[at..at + len],
+            "the backing file at {at} still decrypts with the old key"
+        );
+    }
+    // ... holes stayed holes (never-written ciphertext is still all zero, and unallocated) ...
+    let raw = std::fs::read(&backing).unwrap();
+    assert!(
+        raw[(1 << 20) + 21 * MIB..(1 << 20) + 28 * MIB]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    // ... and no header copy, nor the journal area, holds the old wrapped key.
+    let v: serde_json::Value =
+        serde_json::from_str(&cli_ok(state, &["volume", "describe", name, "--json"])).unwrap();
+    assert_eq!(v["state"], "available", "{v}");
+    assert!(
+        raw[16 * 1024..1 << 20].iter().all(|&b| b == 0),
+        "journal not cleared"
+    );
+}
+
+#[test]
+fn reencrypt_killed_at_each_step_then_resumed() {
+    let dir = TempDir::new("reencrypt-steps");
+    let state = dir.path("state");
+    let mut rng = Rng::new(seed("reencrypt steps"));
+    let backing = dir.path("r.img");
+    let (ok, _, err) = create_on(&state, "r", "40M", &backing, &["--type", "persistent"]);
+    assert!(ok, "{err}");
+    let data = fill(&dir, &state, "r", &mut rng);
+    let old_key = export_key(&dir, &state, "r", "r-old.key");
+    let header_before = std::fs::read(&backing).unwrap()[..8192].to_vec();
+
+    // Each run dies at a later step. Journal records are numbered from 1 and each covers one
+    // 8 MiB chunk; a resumed run repairs the newest record's chunk and goes on numbering.
+    let points = [
+        // The new key is in the header, nothing re-encrypted.
+        ("reencrypt-after-header", None),
+        // Record 2 (chunk 8..16 MiB, all data) with half its new ciphertext written.
+        ("reencrypt-mid-data:2", Some("8 MiB of 40 MiB")),
+        // Chunk 8..16 MiB repaired sector by sector, 16..24 done, record 4 (24..32) written.
+        ("reencrypt-after-record:4", Some("24 MiB of 40 MiB")),
+        // Chunk 24..32 re-encrypted again from its old ciphertext, record 5 (32..40) done.
+        ("reencrypt-after-data:5", Some("32 MiB of 40 MiB")),
+        // Every chunk done, the header not switched yet.
+        ("reencrypt-before-finish", Some("32 MiB of 40 MiB")),
+    ];
+    for (point, progress) in points {
+        reencrypt_crashing_at(&state, "r", point);
+        let refused = serve(&dir, &state, &["--volume", "r"])
+            .err()
+            .unwrap_or_else(|| {
+                panic!("serve accepted the volume after a reencrypt died at {point}")
+            });
+        assert!(
+            refused.contains("is being re-encrypted") && refused.contains("volume reencrypt r"),
+            "{point}: {refused}"
+        );
+        if let Some(p) = progress {
+            assert!(
+                refused.contains(p),
+                "{point}: expected {p:?} in:\n{refused}"
+            );
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&cli_ok(&state, &["volume", "describe", "r", "--json"])).unwrap();
+        assert_eq!(v["state"], "reencrypting", "{point}: {v}");
+    }
+    let done = cli_ok(&state, &["volume", "reencrypt", "r", "--json"]);
+    let last: serde_json::Value = serde_json::from_str(done.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "done", "{done}");
+    assert!(last["resumed_at"].as_u64().is_some(), "{done}");
+    check_rekeyed(&dir, &state, "r", &data, &old_key);
+    assert_ne!(std::fs::read(&backing).unwrap()[..8192], header_before[..]);
+
+    // The audit log: the operation's start and end, and its KMS calls with their purpose.
+    let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    let ops: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["purpose"] == "reencrypt")
+        .collect();
+    let has = |op: &str, outcome: &str| {
+        ops.iter()
+            .any(|r| r["operation"] == op && r["outcome"] == outcome)
+    };
+    assert!(has("nbdcrypt:ReencryptVolume", "started"), "{audit}");
+    assert!(has("nbdcrypt:ReencryptVolume", "success"), "{audit}");
+    assert!(has("GenerateDataKey", "success"), "{audit}");
+    assert!(has("Decrypt", "success"), "{audit}");
+}
+
+/// A `kill -9` at a moment nobody chose, then the command again.
+#[test]
+fn reencrypt_killed_at_a_random_moment_then_resumed() {
+    let dir = TempDir::new("reencrypt-kill");
+    let state = dir.path("state");
+    let mut rng = Rng::new(seed("reencrypt kill"));
+    let backing = dir.path("k.img");
+    let (ok, _, err) = create_on(&state, "k", "40M", &backing, &["--type", "persistent"]);
+    assert!(ok, "{err}");
+    let data = fill(&dir, &state, "k", &mut rng);
+    let old_key = export_key(&dir, &state, "k", "k-old.key");
+    // The portable backend makes the run slower, so that delays spread over it land inside.
+    for delay_ms in [5u64, 40, 120] {
+        let mut child = nbdcrypt_cli(&state)
+            .args(["volume", "reencrypt", "k", "--json"])
+            .env("NBDCRYPT_XTS_BACKEND", "portable")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms + rng.below(20)));
+        let _ = Command::new("kill")
+            .args(["-9", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    cli_ok(&state, &["volume", "reencrypt", "k"]);
+    check_rekeyed(&dir, &state, "k", &data, &old_key);
+}
+
+#[test]
+fn reencrypt_is_refused_while_served_and_a_torn_sector_is_not_papered_over() {
+    let dir = TempDir::new("reencrypt-refusals");
+    let state = dir.path("state");
+    let mut rng = Rng::new(seed("reencrypt refusals"));
+    let backing = dir.path("t.img");
+    let (ok, _, err) = create_on(&state, "t", "16M", &backing, &[]);
+    assert!(ok, "{err}");
+    let mut data = vec![0u8; 16 * MIB];
+    rng.fill(&mut data);
+    {
+        let server = serve(&dir, &state, &["--volume", "t"]).unwrap();
+        common::volumes::write_through(&server, "t", &data);
+        let err = cli_err(&state, &["volume", "reencrypt", "t"]);
+        assert!(err.contains("being served by pid"), "{err}");
+        server.stop();
+    }
+    // Die after the first chunk's record, then damage one of its sectors so that it is
+    // neither the old nor the new ciphertext: resuming must refuse, not guess.
+    reencrypt_crashing_at(&state, "t", "reencrypt-after-record:1");
+    let mut raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    use std::io::{Seek, Write};
+    raw.seek(std::io::SeekFrom::Start((1 << 20) + 4096 * 5 + 100))
+        .unwrap();
+    raw.write_all(b"torn").unwrap();
+    drop(raw);
+    let err = cli_err(&state, &["volume", "reencrypt", "t"]);
+    assert!(
+        err.contains("sector 5 of the interrupted chunk matches neither"),
+        "{err}"
+    );
+}
