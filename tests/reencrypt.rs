@@ -58,13 +58,13 @@ fn reencrypt_crashing_at(state: &Path, name: &str, point: &str) {
 
 fn read_all(dir: &TempDir, state: &Path, name: &str) -> Vec<u8> {
     let server = serve(dir, state, &["--volume", name]).unwrap();
-    let mut out = read_through(&server, name, (20 * MIB) as u32);
+    let mut out = read_through(&server, name, u32::try_from(20 * MIB).unwrap());
     let mut s = raw_connect(&server.addr, name);
     out.extend(common::raw_read(
         &mut s,
         1,
         20 * MIB as u64,
-        (20 * MIB) as u32,
+        u32::try_from(20 * MIB).unwrap(),
     ));
     drop(s);
     server.stop();
