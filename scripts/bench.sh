@@ -8,6 +8,8 @@
 #   nbdkit-file     nbdkit's file plugin over a tmpfs file: no encryption, same store as ours
 #   nbdkit-luks     nbdkit's luks filter over a LUKS image made by qemu-img (aes-xts-plain64)
 #   qemu-nbd-luks   qemu-nbd serving that LUKS image
+#   nbdcrypt-metrics  nbdcrypt with --metrics-listen, scraped every second during its jobs
+#                   (issue 15: per-request metrics must cost nothing visible)
 # With --proxy (issue 14), the servers are proxies in front of one upstream, nbdkit memory on a
 # Unix socket, started fresh for each server:
 #   nbdcrypt-proxy       nbdcrypt serving a raw export whose file= is the upstream
@@ -74,7 +76,7 @@ die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
 # gnuplot (chart), python3 (aggregation; standard library only).
 # shellcheck source=scripts/lib/deb.sh
 . "$ROOT/scripts/lib/deb.sh"
-deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3 openssl libnbd-bin
+deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3 openssl libnbd-bin curl
 [[ "$MODE" == ceph ]] && deb_install_missing ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
 [[ -e /usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-luks-filter.so ]] ||
     nbdkit --dump-config >/dev/null || die "nbdkit is not usable"
@@ -98,7 +100,7 @@ SERVER_PID=""
 UP_PID=""
 cleanup() {
     local p
-    for p in "$SERVER_PID" "$UP_PID"; do
+    for p in "$SERVER_PID" "$UP_PID" "${SCRAPER_PID:-}"; do
         if [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; then
             kill "$p" 2>/dev/null || true
             wait "$p" 2>/dev/null || true
@@ -140,10 +142,11 @@ done
 # Servers, and the jobs each runs. The sweep servers run the jobs that show scaling.
 FULL="seqwrite seqread randread randwrite mix70 mc1 mc2 mc4"
 SWEEP="seqwrite seqread randread mc4"
-SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-tls nbdkit-memory-tls)
+SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-tls nbdkit-memory-tls
+    nbdcrypt-metrics)
 declare -A JOBS=([nbdcrypt]="$FULL" [nbdkit-memory]="$FULL" [nbdkit-file]="$FULL"
     [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL" [nbdcrypt-tls]="$SWEEP"
-    [nbdkit-memory-tls]="$SWEEP")
+    [nbdkit-memory-tls]="$SWEEP" [nbdcrypt-metrics]="randread randwrite mc4")
 w=1
 while ((w < CORES)); do
     SERVERS+=("nbdcrypt-w$w")
@@ -151,9 +154,9 @@ while ((w < CORES)); do
     w=$((w * 2))
 done
 ((QUICK)) && SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-w1
-    nbdcrypt-tls nbdkit-memory-tls) &&
+    nbdcrypt-tls nbdkit-memory-tls nbdcrypt-metrics) &&
     JOBS[nbdcrypt-w1]="seqwrite randread" && JOBS[nbdcrypt-tls]="seqwrite randread" &&
-    JOBS[nbdkit-memory-tls]="seqwrite randread"
+    JOBS[nbdkit-memory-tls]="seqwrite randread" && JOBS[nbdcrypt-metrics]="randread"
 if [[ -n "$BASE_BIN" ]]; then
     [[ -x "$BASE_BIN" ]] || die "no nbdcrypt binary at $BASE_BIN (--base-bin)"
     SERVERS+=(nbdcrypt-base)
@@ -226,14 +229,18 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
             sleep infinity &
             ;;
         nbdcrypt*)
-            local workers=() tls=()
+            local workers=() tls=() metrics=()
             [[ "$name" == nbdcrypt-w* ]] && workers=(--workers "${name#nbdcrypt-w}")
+            if [[ "$name" == nbdcrypt-metrics ]]; then
+                METRICS_PORT="$(free_port)"
+                metrics=(--metrics-listen "127.0.0.1:$METRICS_PORT")
+            fi
             [[ "$name" == *-tls ]] && tls=(--tls-cert "$WORK/pki/server-cert.pem"
                 --tls-key "$WORK/pki/server-key.pem" --tls-required)
             rm -f "$WORK/volume.img"
             local bin="$BIN"
             [[ "$name" == nbdcrypt-base ]] && bin="$BASE_BIN"
-            "$bin" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" "${tls[@]}" \
+            "$bin" --log warn serve --listen "127.0.0.1:$port" "${workers[@]}" "${tls[@]}" "${metrics[@]}" \
                 --export "name=bench,file=$WORK/volume.img,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;
@@ -263,6 +270,14 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     esac
     SERVER_PID=$!
     URI="nbd://127.0.0.1:$port/bench"
+    if [[ "$name" == nbdcrypt-metrics ]]; then
+        # A scraper as a fleet runs one (every second here; Prometheus' default is 15 s).
+        (while kill -0 "$SERVER_PID" 2>/dev/null; do
+            curl -s -o /dev/null "http://127.0.0.1:$METRICS_PORT/metrics" || true
+            sleep 1
+        done) &
+        SCRAPER_PID=$!
+    fi
     if [[ "$name" == qemu-nbd-rbd ]]; then
         # Its CPU column is then that of `sleep`: not comparable, and not used by a target.
         URI="$UP_URI"
@@ -285,6 +300,11 @@ stop_server() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
+    if [[ -n "${SCRAPER_PID:-}" ]]; then
+        kill "$SCRAPER_PID" 2>/dev/null || true
+        wait "$SCRAPER_PID" 2>/dev/null || true
+        SCRAPER_PID=""
+    fi
     if [[ -n "$UP_PID" ]]; then
         kill "$UP_PID" 2>/dev/null || true
         wait "$UP_PID" 2>/dev/null || true

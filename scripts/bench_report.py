@@ -50,6 +50,7 @@ SERVER_ORDER = [
     "qemu-nbd-luks",
     "nbdcrypt-tls",
     "nbdkit-memory-tls",
+    "nbdcrypt-metrics",
     "nbdcrypt-proxy",
     "nbdkit-proxy",
     "nbdkit-luks-proxy",
@@ -191,6 +192,9 @@ def main():
         for peer in ("nbdkit-luks", "qemu-nbd-luks"):
             for metric in ("seqwrite", "seqread"):
                 targets.append(("nbdcrypt", metric, peer, 5.0, ratio("nbdcrypt", metric, peer)))
+        # Issue 15: metrics on (scraped every second) against metrics off.
+        targets.append(("nbdcrypt-metrics", "randread", "nbdcrypt", 0.97,
+                        ratio("nbdcrypt-metrics", "randread", "nbdcrypt")))
     elif a.mode == "proxy":
         # Issue 14: against the unencrypted proxy, and the encrypting proxies.
         for metric, need in [("seqwrite", 0.9), ("seqread", 0.9), ("randread", 1.0)]:

@@ -10,9 +10,11 @@
 # disk, opened with `cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512` and
 # the key from `nbdcrypt volume export-key`, shows the same files; and the scratch lifecycle,
 # `scripts/scratch-volume.sh up` / `down` with the server inside the guest, after which the
-# volume and its key are gone. TLS: a second server with --tls-required and --tls-client-ca;
-# the guest's nbd-client is refused without a certificate, with another CA's and in plaintext,
-# and with -certfile/-keyfile/-cacertfile it runs the mkfs/fsck/verify cycle over TLS.
+# volume and its key are gone; growing a served volume (`volume resize`, reattach, resize2fs;
+# scripts/vm/resize-guest.sh); and a re-keyed volume (`volume reencrypt` on the host) opened
+# by dm-crypt with the new exported key, not the old one (scripts/vm/rekeyed-guest.sh). TLS: a
+# second server with --tls-required and --tls-client-ca; the guest's nbd-client is refused
+# without a certificate, with another CA's and in plaintext, and with -certfile/-keyfile/-cacertfile it runs the mkfs/fsck/verify cycle over TLS.
 #
 # Kernel, modules and the initramfs base are cached in $NBDCRYPT_VM_CACHE (default
 # ~/.cache/nbdcrypt/vm), so reruns skip the downloads and the build.
@@ -46,7 +48,7 @@ die() { printf 'vm-e2e.sh: %s\n' "$*" >&2; exit 1; }
 . "$ROOT/scripts/lib/qemu.sh"
 qemu_consistent
 # qemu-utils again: installing qemu-system-x86 can remove a newer one; keep the peers whole.
-deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils openssl
+deb_install_missing cpio e2fsprogs fio cryptsetup-bin kmod xxd binutils openssl libnbd-bin
 
 if [[ -z "$BIN" ]]; then
     cargo build --locked --quiet
@@ -80,7 +82,7 @@ fi
 KERNEL="$EXTRACT/boot/vmlinuz-$KVER"
 
 # --- initramfs base (cached; rebuilt when this script or the tool versions change) ---------
-GUEST_TOOLS=("$EXTRACT/sbin/nbd-client" /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio /usr/sbin/cryptsetup /bin/bash)
+GUEST_TOOLS=("$EXTRACT/sbin/nbd-client" /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/bin/fio /usr/sbin/cryptsetup /bin/bash)
 MODULES=(virtio_pci virtio_net virtio_blk nbd crc32c_generic ext4 dm_crypt ecb xts aesni_intel)
 stamp="$( (sha256sum "$0" "${GUEST_TOOLS[@]}"; echo "$KVER ${MODULES[*]}") | sha256sum | cut -c1-16)"
 BASE="$CACHE/base-$stamp.cpio"
@@ -144,7 +146,7 @@ cleanup() {
         local a="$NBDCRYPT_TEST_ARTIFACTS/vm-e2e-$$"
         mkdir -p "$a/logs" "$a/keys" "$a/kms"
         cp "$RUN"/*.log "$RUN/console.log" "$a/logs/" 2>/dev/null || true
-        cp "$RUN"/k4k "$RUN"/k512 "$RUN"/ktls "$RUN/recovery.key" "$a/keys/" 2>/dev/null || true
+        cp "$RUN"/k4k "$RUN"/k512 "$RUN"/ktls "$RUN/recovery.key" "$RUN"/rekeyed-*.key "$a/keys/" 2>/dev/null || true
         cp "${STATE:-/nonexistent}/kms/keys.json" "$a/kms/" 2>/dev/null || true
     fi
     rm -rf "$RUN"
@@ -160,6 +162,27 @@ export NBDCRYPT_STATE_DIR="$STATE"
 [[ "$(stat -c %s "$RUN/recovery.key")" == 64 ]] || die "export-key did not give 64 bytes"
 BACKING="$STATE/volumes/persist.img"
 [[ -f "$BACKING" ]] || die "no backing file at $BACKING"
+
+# A re-keyed persistent volume: ext4 with a few files written through a server, then
+# `volume reencrypt`; the guest opens its backing with dm-crypt and the new key.
+"$BIN" --log warn volume create rekeyed --type persistent --size 64M >/dev/null
+mkdir -p "$RUN/seed"
+for i in 1 2 3; do head -c $((i * 300001)) /dev/urandom >"$RUN/seed/f$i"; done
+(cd "$RUN/seed" && find . -type f | sort | xargs sha256sum) >"$RUN/rekeyed.sums"
+mkfs.ext4 -q -F -b 4096 -d "$RUN/seed" "$RUN/rekeyed.ext4" 64M >/dev/null 2>&1 ||
+    die "mkfs.ext4 -d for the re-keyed volume"
+"$BIN" serve --listen 127.0.0.1:0 --ready-file "$RUN/rk-ready" --volume rekeyed >"$RUN/rk-server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 300); do [[ -s "$RUN/rk-ready" ]] && break; sleep 0.1; done
+[[ -s "$RUN/rk-ready" ]] || { cat "$RUN/rk-server.log" >&2; die "the seeding server did not start"; }
+nbdcopy "$RUN/rekeyed.ext4" "$(cat "$RUN/rk-ready")/rekeyed" || die "nbdcopy into rekeyed"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+SERVER_PID=""
+"$BIN" --log warn volume export-key rekeyed --confirm | tr -d '\n' | xxd -r -p >"$RUN/rekeyed-old.key"
+"$BIN" --log warn volume reencrypt rekeyed >/dev/null || die "volume reencrypt rekeyed"
+"$BIN" --log warn volume export-key rekeyed --confirm | tr -d '\n' | xxd -r -p >"$RUN/rekeyed-new.key"
+cmp -s "$RUN/rekeyed-old.key" "$RUN/rekeyed-new.key" && die "reencrypt did not change the data key"
+REKEYED="$STATE/volumes/rekeyed.img"
 
 "$BIN" serve --listen 127.0.0.1:0 --ready-file "$RUN/ready" --volume persist \
     --export "name=s4k,file=$RUN/s4k.img,key-file=$RUN/k4k,size=64M" \
@@ -202,6 +225,9 @@ strip -o "$G/bin/nbdcrypt" "$BIN"
 cp "$ROOT/scripts/scratch-volume.sh" "$G/e2e/scratch-volume.sh"
 cp "$ROOT/scripts/vm/scratch-guest.sh" "$G/e2e/scratch-guest.sh"
 chmod +x "$G/e2e/scratch-guest.sh"
+cp "$ROOT/scripts/vm/resize-guest.sh" "$ROOT/scripts/vm/rekeyed-guest.sh" "$G/e2e/"
+chmod +x "$G/e2e/resize-guest.sh" "$G/e2e/rekeyed-guest.sh"
+cp "$RUN/rekeyed-old.key" "$RUN/rekeyed-new.key" "$RUN/rekeyed.sums" "$G/e2e/"
 cat >"$G/e2e/env" <<EOF
 NBD_HOST=10.0.2.2
 NBD_PORT=$PORT
@@ -223,6 +249,7 @@ timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 \
     -append "console=ttyS0 panic=-1 loglevel=3" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
     -drive "file=$BACKING,format=raw,if=virtio,readonly=on" \
+    -drive "file=$REKEYED,format=raw,if=virtio,readonly=on" \
     </dev/null >"$RUN/console.log" 2>&1
 rc=$?
 set -e

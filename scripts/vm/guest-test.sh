@@ -117,7 +117,15 @@ if [ -n "$TLS_PORT" ]; then
     step "ok TLS (kernel nbd-client, -certfile/-keyfile/-cacertfile)"
 fi
 
+if [ -x /e2e/rekeyed-guest.sh ]; then
+    sh /e2e/rekeyed-guest.sh || fail "re-keyed volume"
+fi
+
 if [ -x /e2e/scratch-guest.sh ]; then
     sh /e2e/scratch-guest.sh || fail "scratch-volume lifecycle"
+fi
+
+if [ -x /e2e/resize-guest.sh ]; then
+    sh /e2e/resize-guest.sh || fail "volume resize"
 fi
 exit 0
