@@ -14,7 +14,8 @@
 # scripts/vm/resize-guest.sh); and a re-keyed volume (`volume reencrypt` on the host) opened
 # by dm-crypt with the new exported key, not the old one (scripts/vm/rekeyed-guest.sh). TLS: a
 # second server with --tls-required and --tls-client-ca; the guest's nbd-client is refused
-# without a certificate, with another CA's and in plaintext, and with -certfile/-keyfile/-cacertfile it runs the mkfs/fsck/verify cycle over TLS.
+# without a certificate, with another CA's and in plaintext, and with
+# -certfile/-keyfile/-cacertfile it runs the mkfs/fsck/verify cycle over TLS.
 #
 # Kernel, modules and the initramfs base are cached in $NBDCRYPT_VM_CACHE (default
 # ~/.cache/nbdcrypt/vm), so reruns skip the downloads and the build.
