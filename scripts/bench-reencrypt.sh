@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `volume reencrypt` against a plain copy: the rate of re-encrypting a volume in place, next to
-# `dd` reading and writing the same backing file in place with the same block size (8 MiB, the
+# `dd` reading and writing the same backing file in place with the same block size (16 MiB, the
 # re-key chunk; conv=notrunc,fdatasync), in one run. Re-keying must be bound by I/O, not by
 # crypto (issue 15: >= 0.7x dd).
 #
@@ -57,7 +57,7 @@ now() { date +%s.%N; }
 declare -a DD REENC RATIO
 for ((r = 1; r <= ROUNDS; r++)); do
     t0="$(now)"
-    dd if="$BACKING" of="$BACKING" bs=8M conv=notrunc,fdatasync status=none
+    dd if="$BACKING" of="$BACKING" bs=16M conv=notrunc,fdatasync status=none
     t1="$(now)"
     "$BIN" --log warn volume reencrypt v >/dev/null
     t2="$(now)"

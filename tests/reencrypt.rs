@@ -16,17 +16,19 @@ use common::{Rng, TempDir, nbdcrypt_cli, raw_connect, raw_flush, raw_write, seed
 
 const MIB: usize = 1 << 20;
 
-/// The data written: random bytes in [0, 20 MiB) and [28 MiB, 30 MiB); the rest never
+/// The data written: random bytes in [0, 20), [28, 30) and [36, 38) MiB; the rest never
 /// written (holes).
 fn fill(dir: &TempDir, state: &Path, name: &str, rng: &mut Rng) -> Vec<u8> {
     let mut data = vec![0u8; 40 * MIB];
     rng.fill(&mut data[..20 * MIB]);
     rng.fill(&mut data[28 * MIB..30 * MIB]);
+    rng.fill(&mut data[36 * MIB..38 * MIB]);
     let server = serve(dir, state, &["--volume", name]).unwrap();
     let mut s = raw_connect(&server.addr, name);
     raw_write(&mut s, 1, 0, &data[..20 * MIB], 0);
     raw_write(&mut s, 2, 28 * MIB as u64, &data[28 * MIB..30 * MIB], 0);
-    raw_flush(&mut s, 3);
+    raw_write(&mut s, 3, 36 * MIB as u64, &data[36 * MIB..38 * MIB], 0);
+    raw_flush(&mut s, 4);
     drop(s);
     server.stop();
     data
@@ -80,7 +82,12 @@ fn check_rekeyed(dir: &TempDir, state: &Path, name: &str, data: &[u8], old_key: 
     let new_key = export_key(dir, state, name, &format!("{name}-new.key"));
     assert_ne!(new_key, old_key, "the data key did not change");
     // The raw file decrypts with the new key (an oracle that is not our code) ...
-    for (at, len) in [(0, MIB), (19 * MIB, MIB), (28 * MIB, 2 * MIB)] {
+    for (at, len) in [
+        (0, MIB),
+        (19 * MIB, MIB),
+        (28 * MIB, 2 * MIB),
+        (36 * MIB, 2 * MIB),
+    ] {
         assert!(
             oracle_decrypt(&backing, &new_key, 4096, 1 << 20, at as u64, len) == data[at..at + len],
             "the backing file at {at} does not decrypt with the new key"
@@ -119,17 +126,19 @@ fn reencrypt_killed_at_each_step_then_resumed() {
     let old_key = export_key(&dir, &state, "r", "r-old.key");
     let header_before = std::fs::read(&backing).unwrap()[..8192].to_vec();
 
-    // Each run dies at a later step. Journal records are numbered from 1 and each covers one
-    // 8 MiB chunk; a resumed run repairs the newest record's chunk and goes on numbering.
+    // Each run dies at a later step. Journal records are numbered from 1, one per 16 MiB
+    // chunk (0..16, 16..32, 32..40 MiB). Record k is written once chunk k-1 is durable, and
+    // chunk k is written while chunk k+1 is being transformed. A resumed run first repairs the
+    // newest record's chunk, sector by sector, and goes on numbering.
     let points = [
         // The new key is in the header, nothing re-encrypted.
         ("reencrypt-after-header", None),
-        // Record 2 (chunk 8..16 MiB, all data) with half its new ciphertext written.
-        ("reencrypt-mid-data:2", Some("8 MiB of 40 MiB")),
-        // Chunk 8..16 MiB repaired sector by sector, 16..24 done, record 4 (24..32) written.
-        ("reencrypt-after-record:4", Some("24 MiB of 40 MiB")),
-        // Chunk 24..32 re-encrypted again from its old ciphertext, record 5 (32..40) done.
-        ("reencrypt-after-data:5", Some("32 MiB of 40 MiB")),
+        // Chunk 16..32 MiB (data, holes, data) half written: 16..24 new, 24..32 old.
+        ("reencrypt-mid-data:2", Some("16 MiB of 40 MiB")),
+        // That chunk repaired, record 3 (32..40) written, nothing of it yet.
+        ("reencrypt-after-record:3", Some("32 MiB of 40 MiB")),
+        // Chunk 32..40 re-encrypted by the repair, then a crash right after its sync.
+        ("reencrypt-after-data:3", Some("32 MiB of 40 MiB")),
         // Every chunk done, the header not switched yet.
         ("reencrypt-before-finish", Some("32 MiB of 40 MiB")),
     ];
@@ -190,7 +199,7 @@ fn reencrypt_killed_at_a_random_moment_then_resumed() {
     let data = fill(&dir, &state, "k", &mut rng);
     let old_key = export_key(&dir, &state, "k", "k-old.key");
     // The portable backend makes the run slower, so that delays spread over it land inside.
-    for delay_ms in [5u64, 40, 120] {
+    for delay_ms in [40u64, 120, 200, 280, 360] {
         let mut child = nbdcrypt_cli(&state)
             .args(["volume", "reencrypt", "k", "--json"])
             .env("NBDCRYPT_XTS_BACKEND", "portable")
@@ -204,7 +213,12 @@ fn reencrypt_killed_at_a_random_moment_then_resumed() {
             .status();
         let _ = child.wait();
     }
-    cli_ok(&state, &["volume", "reencrypt", "k"]);
+    let out = cli_ok(&state, &["volume", "reencrypt", "k", "--json"]);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(
+        last["resumed_at"].as_u64().is_some(),
+        "no kill landed inside a run (all before its first header update): {out}"
+    );
     check_rekeyed(&dir, &state, "k", &data, &old_key);
 }
 
@@ -225,21 +239,22 @@ fn reencrypt_is_refused_while_served_and_a_torn_sector_is_not_papered_over() {
         assert!(err.contains("being served by pid"), "{err}");
         server.stop();
     }
-    // Die after the first chunk's record, then damage one of its sectors so that it is
-    // neither the old nor the new ciphertext: resuming must refuse, not guess.
+    // Die after the first chunk's record, then make one of its sectors torn: one 512-byte
+    // unit rewritten (as a device that lost power in the middle of a 4 KiB write leaves it),
+    // the other seven old. Resuming must refuse, not guess.
     reencrypt_crashing_at(&state, "t", "reencrypt-after-record:1");
     let mut raw = std::fs::OpenOptions::new()
         .write(true)
         .open(&backing)
         .unwrap();
     use std::io::{Seek, Write};
-    raw.seek(std::io::SeekFrom::Start((1 << 20) + 4096 * 5 + 100))
+    raw.seek(std::io::SeekFrom::Start((1 << 20) + 4096 * 5 + 1024))
         .unwrap();
-    raw.write_all(b"torn").unwrap();
+    raw.write_all(&rng.bytes(512)).unwrap();
     drop(raw);
     let err = cli_err(&state, &["volume", "reencrypt", "t"]);
     assert!(
-        err.contains("sector 5 of the interrupted chunk matches neither"),
+        err.contains("sector 5 of the interrupted chunk is part old, part new ciphertext"),
         "{err}"
     );
 }

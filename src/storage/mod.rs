@@ -7,9 +7,11 @@
 //! replies.
 
 mod file;
+mod mapped;
 mod memory;
 
 pub use file::FileStorage;
+pub use mapped::MappedRange;
 pub use memory::MemoryStorage;
 
 /// One run of the backing store, as `SEEK_DATA`/`SEEK_HOLE` see it.
@@ -103,6 +105,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = len;
         Err(std::io::ErrorKind::Unsupported.into())
     }
+    /// `len` bytes from `offset` (page aligned) mapped read-only, where the store is a regular
+    /// file; `None` elsewhere (callers read instead). See [`MappedRange`] for why only
+    /// crash-safe passes may use it.
+    fn map_range(&self, offset: u64, len: usize) -> std::io::Result<Option<MappedRange>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 }
 
 /// A shared store (tests keep a handle to inspect the ciphertext a volume wrote).
@@ -142,6 +151,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn extend_to(&self, len: u64) -> std::io::Result<()> {
         (**self).extend_to(len)
+    }
+    fn map_range(&self, offset: u64, len: usize) -> std::io::Result<Option<MappedRange>> {
+        (**self).map_range(offset, len)
     }
     fn unlock(&self, lock: StoreLock) -> std::io::Result<()> {
         (**self).unlock(lock)

@@ -5,16 +5,27 @@
 //! **State.** The header's [`Rekey`] holds the new key, wrapped, with its key-check value and
 //! a random job id; the old key stays in the header until the end. The *re-key journal* (two
 //! alternating record slots in the reserved area after the header copies) holds the
-//! checkpoint: each record names one chunk (`start`, `count` sectors) and, for each of its
-//! sectors, a 64-bit hash of its old and of its new ciphertext.
+//! checkpoint: each record names one chunk (`start`, its sectors) and a 64-bit fingerprint of
+//! the *old* ciphertext of each of the chunk's 512-byte units.
 //!
-//! **One chunk** (8 MiB): read the old ciphertext; decrypt and re-encrypt it in memory (in
-//! parallel); write the chunk's record durably (the other slot keeps the previous one); write
-//! the new ciphertext and sync. Sectors before the newest record's chunk are new, sectors after
-//! it old. A crash can leave only that chunk mixed: on resume each of its sectors is classified
-//! by its hash — new, old (re-encrypted again), or neither (a torn sector write: refused, as
-//! `cryptsetup`'s checksum resilience requires atomic sector writes too). A torn *record*
-//! fails its checksum, and the previous record still describes a finished chunk.
+//! **One chunk** (16 MiB): fingerprint its old ciphertext; write the chunk's record durably
+//! (the other slot keeps the previous one); decrypt and re-encrypt the chunk into a private
+//! buffer (in parallel), write it back and sync. Sectors before the newest record's chunk are new, sectors
+//! after it old. A crash can leave only that chunk mixed: on resume each of its sectors is
+//! classified by its units — all match their old fingerprints: old (re-encrypted again); none
+//! does: new; some do: a torn sector write, refused rather than guessed (as `cryptsetup`'s
+//! checksum resilience, this relies on 512-byte writes being atomic). A torn *record* fails
+//! its checksum, and the previous record still describes a finished chunk. Because only the old
+//! ciphertext is fingerprinted, the record can be written before the chunk changes at all.
+//!
+//! **Copies.** On a regular file the chunk's old ciphertext is read through a read-only
+//! mapping ([`crate::storage::MappedRange`]): the cipher reads the page cache, and the only copy
+//! is the `pwrite` of the new ciphertext (a plain copy does two). The result is never built in
+//! the mapping itself: plaintext and half-written sectors would sit in the page cache, where
+//! write-back or a `kill -9` could make them durable; a `pwrite` is interrupted by a kill only
+//! between pages. Elsewhere (block devices, upstream exports) the chunk is read into a buffer.
+//! An I/O error on a mapping (`SIGBUS`) ends the process like a crash, which the journal is
+//! made for.
 //!
 //! **Holes** (all-zero ciphertext, reading as zeroes) stay holes: re-encrypting them would
 //! allocate the whole backing file.
@@ -40,41 +51,43 @@ use crate::storage::Storage;
 const JOURNAL_AT: u64 = 16 * 1024;
 /// One record slot; two fit between [`JOURNAL_AT`] and the data area.
 const SLOT_BYTES: usize = 504 * 1024;
-/// Bytes re-encrypted per record: 16 Ki sectors of 512 bytes, whose hashes fill 256 KiB.
-pub const CHUNK_BYTES: u64 = 8 << 20;
-const MAGIC: [u8; 8] = *b"NBDCRKJ1";
+/// Bytes re-encrypted per record: 32 Ki units of 512 bytes, whose fingerprints fill 256 KiB.
+/// Each chunk costs one sync of the data and one of the journal: large enough that a disk
+/// streams, small enough that a crash redoes little.
+pub const CHUNK_BYTES: u64 = 16 << 20;
+/// The unit a device writes atomically, and that a fingerprint covers.
+const UNIT: usize = 512;
+const MAGIC: [u8; 8] = *b"NBDCRKJ2";
 /// Work split for the parallel crypto pass.
 const PIECE_BYTES: usize = 256 * 1024;
 
 const _: () = {
     assert!(JOURNAL_AT >= (HEADER_COPIES * HEADER_COPY_BYTES) as u64);
     assert!(JOURNAL_AT + 2 * SLOT_BYTES as u64 <= DATA_OFFSET);
-    // The most sectors per chunk (512-byte sectors), 16 bytes each, plus the record's fields.
-    assert!((CHUNK_BYTES / 512) as usize * 16 + 64 <= SLOT_BYTES);
+    assert!((CHUNK_BYTES as usize / UNIT) * 8 + 64 <= SLOT_BYTES);
 };
 
-/// One journal record: the chunk being re-encrypted and its sectors' hashes.
+/// One journal record: the chunk being re-encrypted and its units' old fingerprints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Record {
     job: u64,
     seq: u64,
     /// First sector of the chunk.
     start: u64,
-    /// `(old, new)` ciphertext hash of each sector; `(0, 0)` for a hole.
-    hashes: Vec<(u64, u64)>,
+    /// Old-ciphertext fingerprint of each 512-byte unit of the chunk.
+    units: Vec<u64>,
 }
 
 impl Record {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(40 + self.hashes.len() * 16);
+        let mut out = Vec::with_capacity(40 + self.units.len() * 8);
         out.extend_from_slice(&MAGIC);
         out.put_u64(self.job);
         out.put_u64(self.seq);
         out.put_u64(self.start);
-        out.put_u32(u32::try_from(self.hashes.len()).unwrap_or(u32::MAX));
-        for (old, new) in &self.hashes {
-            out.put_u64(*old);
-            out.put_u64(*new);
+        out.put_u32(u32::try_from(self.units.len()).unwrap_or(u32::MAX));
+        for u in &self.units {
+            out.put_u64(*u);
         }
         let crc = crc32fast::hash(&out);
         out.put_u32(crc);
@@ -86,7 +99,7 @@ impl Record {
             return None;
         }
         let count = u32::from_be_bytes(slot[32..36].try_into().ok()?) as usize;
-        let len = 36 + count.checked_mul(16)?;
+        let len = 36 + count.checked_mul(8)?;
         if len + 4 > slot.len() {
             return None;
         }
@@ -97,24 +110,39 @@ impl Record {
         let mut r = Reader::new(&slot[8..len]);
         let (job, seq, start) = (r.u64().ok()?, r.u64().ok()?, r.u64().ok()?);
         r.u32().ok()?;
-        let mut hashes = Vec::with_capacity(count);
+        let mut units = Vec::with_capacity(count);
         for _ in 0..count {
-            hashes.push((r.u64().ok()?, r.u64().ok()?));
+            units.push(r.u64().ok()?);
         }
         Some(Record {
             job,
             seq,
             start,
-            hashes,
+            units,
         })
+    }
+
+    /// Bytes the chunk covers.
+    fn bytes(&self) -> usize {
+        self.units.len() * UNIT
     }
 }
 
-/// A sector's ciphertext hash: CRC-32 of each half (tells new from old ciphertext; the
-/// ciphertext is no secret, and the hash is of no use against it).
-fn sector_hash(sector: &[u8]) -> u64 {
-    let (a, b) = sector.split_at(sector.len() / 2);
-    (u64::from(crc32fast::hash(a)) << 32) | u64::from(crc32fast::hash(b))
+/// A 512-byte unit's ciphertext fingerprint: its first and last 8 bytes, mixed. Ciphertext is
+/// uniformly random to anyone without the key, so a unit's old and new ciphertext have the
+/// same fingerprint with probability 2^-64; reading 16 bytes per unit keeps it off the
+/// re-key's critical path. (The ciphertext is no secret: neither is its fingerprint.)
+fn unit_fingerprint(unit: &[u8]) -> u64 {
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let n = unit.len();
+    (word(&unit[..8]) ^ 0x9e37_79b9_7f4a_7c15)
+        .wrapping_mul(0x2545_f491_4f6c_dd1d)
+        .rotate_left(29)
+        ^ word(&unit[n - 8..])
+}
+
+fn fingerprints(buf: &[u8]) -> Vec<u64> {
+    buf.chunks(UNIT).map(unit_fingerprint).collect()
 }
 
 fn is_hole(sector: &[u8]) -> bool {
@@ -155,9 +183,11 @@ pub struct Reencrypted {
     pub resumed_at: Option<u64>,
     /// Sectors that were holes and stayed so.
     pub holes: u64,
+    /// The data area was rewritten in place through memory mappings (a regular file).
+    pub mapped: bool,
 }
 
-/// The old and the new key of one job, with the chunk geometry.
+/// The old and the new key of one job.
 struct Job<'a> {
     name: &'a str,
     store: &'a dyn Storage,
@@ -166,6 +196,24 @@ struct Job<'a> {
     sector: usize,
     job: u64,
 }
+
+/// A chunk's old ciphertext: mapped (a regular file), or read into a buffer.
+enum Area<'b> {
+    Mapped(crate::storage::MappedRange),
+    Buffer(&'b [u8]),
+}
+
+impl Area<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Area::Mapped(m) => m.bytes(),
+            Area::Buffer(b) => b,
+        }
+    }
+}
+
+/// Byte ranges of a chunk that hold ciphertext (not holes), in order.
+type Runs = Vec<(usize, usize)>;
 
 impl Job<'_> {
     fn io(&self, what: &'static str) -> impl Fn(std::io::Error) -> ManagerError + '_ {
@@ -183,111 +231,150 @@ impl Job<'_> {
         }
     }
 
-    /// Old ciphertext → new ciphertext, in place, holes left alone; returns the hashes.
-    fn transform(&self, first: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>, ManagerError> {
-        let ss = self.sector;
-        let per_piece = (PIECE_BYTES / ss).max(1);
-        let pieces: Vec<Result<Vec<(u64, u64)>, crypto::CryptoError>> = buf
-            .par_chunks_mut(per_piece * ss)
-            .enumerate()
-            .map(|(p, piece)| {
-                let base = first + (p * per_piece) as u64;
-                let mut hashes = Vec::with_capacity(piece.len() / ss);
-                let mut i = 0;
-                let n = piece.len() / ss;
-                while i < n {
-                    if is_hole(&piece[i * ss..(i + 1) * ss]) {
-                        hashes.push((0, 0));
-                        i += 1;
-                        continue;
-                    }
-                    let mut j = i;
-                    while j < n && !is_hole(&piece[j * ss..(j + 1) * ss]) {
-                        j += 1;
-                    }
-                    let run = &mut piece[i * ss..j * ss];
-                    let olds: Vec<u64> = run.chunks(ss).map(sector_hash).collect();
-                    self.old
-                        .decrypt_sectors(SectorIndex(base + i as u64), run)?;
-                    self.new
-                        .encrypt_sectors(SectorIndex(base + i as u64), run)?;
-                    hashes.extend(olds.into_iter().zip(run.chunks(ss).map(sector_hash)));
-                    i = j;
-                }
-                Ok(hashes)
-            })
-            .collect();
-        let mut all = Vec::with_capacity(buf.len() / ss);
-        for p in pieces {
-            all.extend(p.map_err(|e| self.crypto(e))?);
-        }
-        if let Some(i) = all.iter().position(|(o, n)| (*o, *n) != (0, 0) && o == n) {
-            return Err(ManagerError::Refused(format!(
-                "volume {}: sector {} hashes alike under both keys (a 2^-64 chance); nothing of this chunk was written, run the command again",
-                self.name,
-                first + i as u64
-            )));
-        }
-        Ok(all)
+    /// Byte offset in the store of sector `s`.
+    fn at(&self, s: u64) -> u64 {
+        DATA_OFFSET + s * self.sector as u64
     }
 
-    /// Re-encrypts `count` sectors from `start` as journal record `seq`.
-    fn chunk(&self, seq: u64, start: u64, count: u64) -> Result<u64, ManagerError> {
-        let ss = self.sector;
-        let at = DATA_OFFSET + start * ss as u64;
-        let mut buf = vec![0u8; count as usize * ss];
+    /// The `len` bytes of the store from sector `start`: mapped where the store can, else read
+    /// into `buf`.
+    fn area<'b>(
+        &self,
+        start: u64,
+        len: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<Area<'b>, ManagerError> {
+        let at = self.at(start);
+        if let Some(m) = self
+            .store
+            .map_range(at, len)
+            .map_err(self.io("cannot map the data area"))?
+        {
+            return Ok(Area::Mapped(m));
+        }
+        buf.resize(len, 0);
         self.store
-            .read_at(&mut buf, at)
+            .read_at(buf, at)
             .map_err(self.io("cannot read the data area"))?;
-        let hashes = self.transform(start, &mut buf)?;
-        let holes = hashes.iter().filter(|h| **h == (0, 0)).count() as u64;
-        let record = Record {
-            job: self.job,
-            seq,
-            start,
-            hashes,
-        };
-        self.store
-            .write_durable_at(&record.encode(), JOURNAL_AT + (seq % 2) * SLOT_BYTES as u64)
-            .map_err(self.io("cannot write the re-key journal"))?;
-        crate::faults::crash_point(&format!("reencrypt-after-record:{seq}"));
-        let half = buf.len() / 2 / ss * ss;
-        self.store
-            .write_at(&buf[..half], at)
-            .map_err(self.io("cannot write the data area"))?;
+        Ok(Area::Buffer(buf))
+    }
+
+    /// Writes the `runs` of `out` (the chunk from sector `start`) and syncs: the chunk's new
+    /// ciphertext is durable. Holes are not written (they would be allocated).
+    fn commit(&self, seq: u64, start: u64, out: &[u8], runs: &Runs) -> Result<(), ManagerError> {
+        let half = out.len() / 2 / self.sector * self.sector;
+        let at = self.at(start);
+        let write = self.io("cannot write the data area");
+        // Runs split at `half`, for the crash point between the two halves.
+        let pieces = runs.iter().flat_map(|&(a, b)| {
+            if a < half && half < b {
+                vec![(a, half), (half, b)]
+            } else {
+                vec![(a, b)]
+            }
+        });
+        let (first, second): (Vec<_>, Vec<_>) = pieces.partition(|&(a, _)| a < half);
+        for (a, b) in first {
+            self.store
+                .write_at(&out[a..b], at + a as u64)
+                .map_err(&write)?;
+        }
         crate::faults::crash_point(&format!("reencrypt-mid-data:{seq}"));
-        self.store
-            .write_at(&buf[half..], at + half as u64)
-            .map_err(self.io("cannot write the data area"))?;
+        for (a, b) in second {
+            self.store
+                .write_at(&out[a..b], at + a as u64)
+                .map_err(&write)?;
+        }
         self.store
             .sync()
             .map_err(self.io("cannot sync the data area"))?;
         crate::faults::crash_point(&format!("reencrypt-after-data:{seq}"));
-        Ok(holes)
+        Ok(())
     }
 
-    /// The chunk of an interrupted run's newest record: each sector is new, old (done again)
-    /// or neither (refused).
+    /// Old ciphertext `src` → new ciphertext `dst`, in parallel, out of place (plaintext exists
+    /// only in `dst`, private memory, never in the page cache). Returns the old fingerprint of
+    /// every unit, the runs that hold ciphertext and the number of hole sectors.
+    fn transform(
+        &self,
+        first: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(Vec<u64>, Runs, u64), ManagerError> {
+        let ss = self.sector;
+        let per_piece = (PIECE_BYTES / ss).max(1) * ss;
+        let pieces: Result<Vec<(Vec<u64>, Runs, u64)>, crypto::CryptoError> = src
+            .par_chunks(per_piece)
+            .zip(dst.par_chunks_mut(per_piece))
+            .enumerate()
+            .map(|(p, (src, dst))| {
+                let base = first + (p * per_piece / ss) as u64;
+                let n = src.len() / ss;
+                let units = fingerprints(src);
+                let (mut i, mut holes, mut runs) = (0, 0u64, Runs::new());
+                while i < n {
+                    if is_hole(&src[i * ss..(i + 1) * ss]) {
+                        holes += 1;
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < n && !is_hole(&src[j * ss..(j + 1) * ss]) {
+                        j += 1;
+                    }
+                    let (from, to) = (i * ss, j * ss);
+                    let index = SectorIndex(base + i as u64);
+                    self.old
+                        .decrypt_sectors_to(index, &src[from..to], &mut dst[from..to])?;
+                    self.new.encrypt_sectors(index, &mut dst[from..to])?;
+                    runs.push((p * per_piece + from, p * per_piece + to));
+                    i = j;
+                }
+                Ok((units, runs, holes))
+            })
+            .collect();
+        let mut runs = Runs::new();
+        let mut holes = 0;
+        let mut units = Vec::with_capacity(src.len() / UNIT);
+        for (piece_units, piece_runs, h) in pieces.map_err(|e| self.crypto(e))? {
+            units.extend(piece_units);
+            holes += h;
+            for (a, b) in piece_runs {
+                match runs.last_mut() {
+                    Some(last) if last.1 == a => last.1 = b,
+                    _ => runs.push((a, b)),
+                }
+            }
+        }
+        Ok((units, runs, holes))
+    }
+
+    /// The chunk of an interrupted run's newest record: each sector is old (all its units
+    /// match their fingerprints: re-encrypted now), new (none does) or torn (refused).
     fn repair(&self, rec: &Record) -> Result<(), ManagerError> {
         let ss = self.sector;
-        let at = DATA_OFFSET + rec.start * ss as u64;
-        let mut buf = vec![0u8; rec.hashes.len() * ss];
-        self.store
-            .read_at(&mut buf, at)
-            .map_err(self.io("cannot read the data area"))?;
-        let mut changed = false;
-        for (i, (sector, (old, new))) in buf.chunks_mut(ss).zip(&rec.hashes).enumerate() {
-            if (*old, *new) == (0, 0) || is_hole(sector) {
+        let per = ss / UNIT;
+        let mut inbuf = Vec::new();
+        let area = self.area(rec.start, rec.bytes(), &mut inbuf)?;
+        let mut out = area.bytes().to_vec();
+        drop(area);
+        let mut runs = Runs::new();
+        for (i, sector) in out.chunks_mut(ss).enumerate() {
+            if is_hole(sector) {
                 continue;
             }
             let index = SectorIndex(rec.start + i as u64);
-            let h = sector_hash(sector);
-            if h == *new {
+            let olds = rec.units[i * per..(i + 1) * per]
+                .iter()
+                .zip(sector.chunks(UNIT))
+                .filter(|(fp, unit)| unit_fingerprint(unit) == **fp)
+                .count();
+            if olds == 0 {
                 continue;
             }
-            if h != *old {
+            if olds < per {
                 return Err(ManagerError::Refused(format!(
-                    "volume {}: sector {} of the interrupted chunk matches neither its old nor its new ciphertext (a torn sector write); re-encryption cannot go on safely: restore the volume from a backup",
+                    "volume {}: sector {} of the interrupted chunk is part old, part new ciphertext (a torn sector write); re-encryption cannot go on safely: restore the volume from a backup",
                     self.name, index.0
                 )));
             }
@@ -297,17 +384,94 @@ impl Job<'_> {
             self.new
                 .encrypt_sectors(index, sector)
                 .map_err(|e| self.crypto(e))?;
-            changed = true;
+            match runs.last_mut() {
+                Some(last) if last.1 == i * ss => last.1 += ss,
+                _ => runs.push((i * ss, (i + 1) * ss)),
+            }
         }
-        if changed {
-            self.store
-                .write_at(&buf, at)
-                .map_err(self.io("cannot write the data area"))?;
-            self.store
-                .sync()
-                .map_err(self.io("cannot sync the data area"))?;
+        if !runs.is_empty() {
+            self.commit(rec.seq, rec.start, &out, &runs)?;
         }
         Ok(())
+    }
+
+    /// Re-encrypts sectors `from..total` as records `seq`, `seq + 1`, …, one chunk each;
+    /// `done` gets the sectors finished so far. `Ok((false, _))`: `stop` ended it at a chunk
+    /// boundary.
+    ///
+    /// Pipelined: while chunk k is fingerprinted and transformed (into private memory), chunk
+    /// k-1's new ciphertext is written and synced; then record k is written. So record k is
+    /// durable only after chunk k-1 is, and chunk k is written only after record k: at most
+    /// the newest record's chunk is ever mixed.
+    fn run(
+        &self,
+        from: u64,
+        mut seq: u64,
+        total: u64,
+        mut done: impl FnMut(u64),
+        stop: &AtomicBool,
+    ) -> Result<(bool, u64), ManagerError> {
+        struct Pending {
+            seq: u64,
+            start: u64,
+            len: usize,
+            runs: Runs,
+        }
+        let ss = self.sector as u64;
+        let per_chunk = CHUNK_BYTES / ss;
+        let (mut start, mut holes) = (from, 0u64);
+        let (mut inbuf, mut cur, mut prev) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pending: Option<Pending> = None;
+        let mut finished = true;
+        while start < total {
+            if stop.load(Ordering::Relaxed) {
+                finished = false;
+                break;
+            }
+            let len = (per_chunk.min(total - start) * ss) as usize;
+            let area = self.area(start, len, &mut inbuf)?;
+            cur.resize(len, 0);
+            let (made, committed) = rayon::join(
+                || self.transform(start, area.bytes(), &mut cur),
+                || -> Result<(), ManagerError> {
+                    match &pending {
+                        Some(p) => self.commit(p.seq, p.start, &prev[..p.len], &p.runs),
+                        None => Ok(()),
+                    }
+                },
+            );
+            drop(area);
+            committed?;
+            if let Some(p) = pending.take() {
+                done(p.start + (p.len as u64) / ss);
+            }
+            let (units, runs, h) = made?;
+            holes += h;
+            let record = Record {
+                job: self.job,
+                seq,
+                start,
+                units,
+            };
+            self.store
+                .write_durable_at(&record.encode(), JOURNAL_AT + (seq % 2) * SLOT_BYTES as u64)
+                .map_err(self.io("cannot write the re-key journal"))?;
+            crate::faults::crash_point(&format!("reencrypt-after-record:{seq}"));
+            pending = Some(Pending {
+                seq,
+                start,
+                len,
+                runs,
+            });
+            std::mem::swap(&mut cur, &mut prev);
+            start += (len as u64) / ss;
+            seq += 1;
+        }
+        if let Some(p) = pending {
+            self.commit(p.seq, p.start, &prev[..p.len], &p.runs)?;
+            done(p.start + (p.len as u64) / ss);
+        }
+        Ok((finished, holes))
     }
 }
 
@@ -443,12 +607,15 @@ impl Manager<'_> {
             job: rekey.job,
         };
         let total_sectors = h.size / sector as u64;
+        let mapped = store
+            .map_range(DATA_OFFSET, sector)
+            .is_ok_and(|m| m.is_some());
         let (mut next, mut seq, mut resumed_at) = (0u64, 1u64, None);
         let journal = newest_record(store.as_ref(), rekey.job)
             .map_err(job.io("cannot read the re-key journal"))?;
         if let Some(rec) = journal {
             job.repair(&rec)?;
-            next = rec.start + rec.hashes.len() as u64;
+            next = rec.start + (rec.bytes() / sector) as u64;
             seq = rec.seq + 1;
             resumed_at = Some(next * sector as u64);
         } else if resuming {
@@ -461,22 +628,24 @@ impl Manager<'_> {
                 "resuming an interrupted reencrypt"
             );
         }
-        let per_chunk = CHUNK_BYTES / sector as u64;
-        let mut holes = 0u64;
         progress(next * sector as u64, h.size);
-        while next < total_sectors {
-            if stop.load(Ordering::Relaxed) {
-                return Err(ManagerError::Reencrypting {
-                    volume: name.into(),
-                    done: next * sector as u64,
-                    size: h.size,
-                });
-            }
-            let count = per_chunk.min(total_sectors - next);
-            holes += job.chunk(seq, next, count)?;
-            next += count;
-            seq += 1;
-            progress(next * sector as u64, h.size);
+        let mut reached = next;
+        let (finished, holes) = job.run(
+            next,
+            seq,
+            total_sectors,
+            |d| {
+                reached = d;
+                progress(d * sector as u64, h.size);
+            },
+            stop,
+        )?;
+        if !finished {
+            return Err(ManagerError::Reencrypting {
+                volume: name.into(),
+                done: reached * sector as u64,
+                size: h.size,
+            });
         }
         crate::faults::crash_point("reencrypt-before-finish");
         let header = self.finish_rekey(name, store.as_ref(), &rekey)?;
@@ -486,6 +655,7 @@ impl Manager<'_> {
             header,
             resumed_at,
             holes,
+            mapped,
         })
     }
 
@@ -559,7 +729,9 @@ mod tests {
             job: 9,
             seq: 4,
             start: 16384,
-            hashes: (0..16384u64).map(|i| (i, i * 3 + 1)).collect(),
+            units: (0..(CHUNK_BYTES as usize / UNIT) as u64)
+                .map(|i| i * 3 + 1)
+                .collect(),
         };
         let bytes = r.encode();
         assert!(bytes.len() <= SLOT_BYTES);
@@ -575,13 +747,17 @@ mod tests {
     }
 
     #[test]
-    fn sector_hash_sees_either_half() {
-        let a = vec![7u8; 4096];
-        let mut b = a.clone();
-        b[4095] ^= 1;
-        let mut c = a.clone();
-        c[0] ^= 1;
-        assert_ne!(sector_hash(&a), sector_hash(&b));
-        assert_ne!(sector_hash(&a), sector_hash(&c));
+    fn unit_fingerprint_changes_with_either_end_of_the_unit() {
+        let mut a = vec![0u8; UNIT];
+        getrandom::fill(&mut a).unwrap();
+        let base = unit_fingerprint(&a);
+        for i in [0, 7, UNIT - 8, UNIT - 1] {
+            let mut b = a.clone();
+            b[i] ^= 1;
+            assert_ne!(unit_fingerprint(&b), base, "byte {i}");
+        }
+        let mut other = vec![0u8; UNIT];
+        getrandom::fill(&mut other).unwrap();
+        assert_ne!(unit_fingerprint(&other), base);
     }
 }
