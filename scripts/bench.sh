@@ -146,7 +146,7 @@ SERVERS=(nbdcrypt nbdkit-memory nbdkit-file nbdkit-luks qemu-nbd-luks nbdcrypt-t
     nbdcrypt-metrics)
 declare -A JOBS=([nbdcrypt]="$FULL" [nbdkit-memory]="$FULL" [nbdkit-file]="$FULL"
     [nbdkit-luks]="$FULL" [qemu-nbd-luks]="$FULL" [nbdcrypt-tls]="$SWEEP"
-    [nbdkit-memory-tls]="$SWEEP" [nbdcrypt-metrics]="randread randwrite mc4")
+    [nbdkit-memory-tls]="$SWEEP" [nbdcrypt-metrics]="$FULL")
 w=1
 while ((w < CORES)); do
     SERVERS+=("nbdcrypt-w$w")

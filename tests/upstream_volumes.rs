@@ -33,7 +33,9 @@ fn a_persistent_volume_moves_between_nodes_on_an_nbdkit_upstream() {
 /// A managed volume on an nbdkit export (local KMS): without `--size` it takes the export less
 /// the 1 MiB header area; a second volume on the same export is refused; `volume delete` while
 /// it is served is refused (no lock exists on an NBD export: the fresh lease refuses it), and
-/// after the server stops it shreds the header in the export and leaves the ciphertext.
+/// after the server stops it shreds the header in the export and leaves the ciphertext. On
+/// the way, `volume reencrypt` re-keys it in the export and `volume resize` says that the
+/// export must be grown by its owner.
 #[test]
 fn a_managed_volume_lives_in_the_export_with_its_header() {
     if !available() {
@@ -76,6 +78,44 @@ fn a_managed_volume_lives_in_the_export_with_its_header() {
         "{busy:?}"
     );
     server.stop();
+    // Re-keying works on an export too (reads and writes, no mapping): the ciphertext in the
+    // export changes, the data does not.
+    let ciphertext = |at: u64| {
+        let mut b = vec![0u8; 256 << 10];
+        NbdStore::open(&uri).unwrap().read_at(&mut b, at).unwrap();
+        b
+    };
+    let before = ciphertext(1 << 20);
+    let out = run_ok(cli().args(["volume", "reencrypt", "v", "--json"]));
+    assert!(out.contains("\"event\":\"done\""), "{out}");
+    assert!(
+        ciphertext(1 << 20) != before,
+        "the ciphertext did not change"
+    );
+    let server = common::Server::try_start(
+        &dir,
+        &[],
+        &["--volume", "v"],
+        &[("NBDCRYPT_STATE_DIR", state.to_str().unwrap())],
+    )
+    .unwrap();
+    let mut s = common::raw_connect(&server.addr, "v");
+    assert!(
+        common::raw_read(&mut s, 1, 0, 256 << 10) == data,
+        "data changed by reencrypt"
+    );
+    drop(s);
+    server.stop();
+    // An export cannot be grown by nbdcrypt: resize says who must grow it.
+    let grow = cli()
+        .args(["volume", "resize", "v", "--size", "128M"])
+        .output()
+        .unwrap();
+    assert!(!grow.status.success());
+    assert!(
+        String::from_utf8_lossy(&grow.stderr).contains("cannot be grown by nbdcrypt"),
+        "{grow:?}"
+    );
     let out = run_ok(cli().args(["volume", "delete", "v"]));
     assert!(out.contains("stays in the upstream export"), "{out}");
     // The header in the export says deleted and holds no wrapped key; the data area is

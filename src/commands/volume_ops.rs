@@ -103,6 +103,7 @@ pub fn reencrypt(
             "size": r.header.size,
             "resumed_at": r.resumed_at,
             "holes_kept_sectors": r.holes,
+            "read_through_mapping": r.mapped,
             "seconds": secs,
         });
         writeln!(out, "{line}")?;

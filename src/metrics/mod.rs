@@ -10,7 +10,10 @@
 //! outcomes, configured upstream URIs, fixed reason words. No client address, offset or key id
 //! of a request is ever a label. [`http`] serves the text at `/metrics`.
 
+mod histogram;
 pub mod http;
+
+pub use histogram::LatencyHistogram;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -25,11 +28,6 @@ use prometheus_client::registry::Registry;
 
 use crate::protocol::consts::err;
 
-/// Request latency buckets, seconds: 10 µs to 10 s.
-const LATENCY_BUCKETS: [f64; 16] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.5, 2.5, 10.0,
-];
 /// KMS call latency buckets, seconds: 100 µs to 30 s (AWS retries included).
 const KMS_BUCKETS: [f64; 12] = [
     0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
@@ -136,10 +134,6 @@ struct BuildLabels {
     target_arch: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
-}
-
 fn kms_histogram() -> Histogram {
     Histogram::new(KMS_BUCKETS)
 }
@@ -153,7 +147,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    latency: HistogramFamily<CommandLabels>,
+    latency: Family<CommandLabels, LatencyHistogram>,
     read_bytes: Family<ExportLabels, Counter>,
     written_bytes: Family<ExportLabels, Counter>,
     in_flight: Family<ExportLabels, Gauge>,
@@ -189,7 +183,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("nbdcrypt");
         let m = Metrics {
             requests: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram),
+            latency: Family::default(),
             read_bytes: Family::default(),
             written_bytes: Family::default(),
             in_flight: Family::default(),
@@ -465,7 +459,7 @@ impl Drop for ConnectionGuard {
 #[derive(Debug)]
 struct CommandHandles {
     ok: Counter,
-    latency: Histogram,
+    latency: LatencyHistogram,
 }
 
 /// One export's per-request handles.
@@ -526,9 +520,8 @@ impl RequestMark {
     pub fn finish(&self, errno: u32) {
         let e = &self.export;
         e.count(self.command, errno);
-        e.commands[self.command]
-            .latency
-            .observe(self.started.elapsed().as_secs_f64());
+        let ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        e.commands[self.command].latency.observe_ns(ns);
         if errno == 0 {
             match self.command {
                 0 => e.read_bytes.inc_by(u64::from(self.payload)),
