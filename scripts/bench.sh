@@ -29,6 +29,7 @@
 #                         [--bin PATH]
 #                         [--base-bin PATH]   (another build, served as nbdcrypt-base)
 #                         [--servers "NAME ..."]   (a subset, e.g. "nbdcrypt nbdkit-memory")
+#                         [--jobs "JOB ..."]   (only these jobs, e.g. "randread", for A/B runs)
 #   --quick   one round, 1 s jobs, 64 MiB volumes, debug binary: a smoke run for CI.
 # Output: a table on stdout, and in OUT (default target/bench, target/bench-proxy,
 # target/bench-ceph): results.json, table.md,
@@ -47,6 +48,7 @@ BIN=""
 # same run, for before/after ratios.
 BASE_BIN="${NBDCRYPT_BENCH_BASE_BIN:-}"
 ONLY=""
+JOBS_ONLY=""
 MODE=local
 while (($#)); do
     case "$1" in
@@ -59,6 +61,7 @@ while (($#)); do
         --bin) BIN="$2"; shift ;;
         --base-bin) BASE_BIN="$2"; shift ;;
         --servers) ONLY="$2"; shift ;;
+        --jobs) JOBS_ONLY="$2"; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -176,6 +179,9 @@ fi
 if [[ -n "$ONLY" ]]; then
     read -ra SERVERS <<<"$ONLY"
     for s in "${SERVERS[@]}"; do [[ -n "${JOBS[$s]:-}" ]] || JOBS[$s]="$SWEEP"; done
+fi
+if [[ -n "$JOBS_ONLY" ]]; then
+    for s in "${SERVERS[@]}"; do JOBS[$s]="$JOBS_ONLY"; done
 fi
 
 UP_SOCK="$WORK/upstream.sock"

@@ -128,6 +128,8 @@ scripts/bench.sh --quick --out "$ROOT/target/bench-quick"
 log "benchmark smoke runs of the proxy and Ceph cases (bench.sh --quick --proxy, --quick --ceph)"
 scripts/bench.sh --quick --proxy --out "$ROOT/target/bench-quick-proxy"
 scripts/bench.sh --quick --ceph --out "$ROOT/target/bench-quick-ceph"
+log "benchmark smoke run of volume reencrypt against dd (scripts/bench-reencrypt.sh --quick)"
+scripts/bench-reencrypt.sh --quick --out "$ROOT/target/bench-quick-reencrypt"
 
 log "the working tree is as clean as before the run"
 TREE_AFTER="$(tree_state)"
