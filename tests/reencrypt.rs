@@ -12,7 +12,22 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::volumes::{cli_err, cli_ok, create_on, oracle_decrypt, read_through, serve};
-use common::{Rng, TempDir, nbdcrypt_cli, raw_connect, raw_flush, raw_write, seed};
+use common::{
+    Rng, TempDir, have, nbdcrypt_cli, peer_available, raw_connect, raw_flush, raw_write, seed,
+};
+use nbdcrypt::volume::header::{HEADER_COPY_BYTES, Header};
+
+/// The wrapped data key in each of the two header copies of `backing`.
+fn wrapped_keys(backing: &Path) -> Vec<Vec<u8>> {
+    let raw = std::fs::read(backing).unwrap();
+    (0..2)
+        .map(|i| {
+            Header::decode(&raw[i * HEADER_COPY_BYTES..(i + 1) * HEADER_COPY_BYTES])
+                .unwrap()
+                .wrapped_key
+        })
+        .collect()
+}
 
 const MIB: usize = 1 << 20;
 
@@ -125,6 +140,8 @@ fn reencrypt_killed_at_each_step_then_resumed() {
     let data = fill(&dir, &state, "r", &mut rng);
     let old_key = export_key(&dir, &state, "r", "r-old.key");
     let header_before = std::fs::read(&backing).unwrap()[..8192].to_vec();
+    let old_wrapped = wrapped_keys(&backing);
+    assert_eq!(old_wrapped[0], old_wrapped[1]);
 
     // Each run dies at a later step. Journal records are numbered from 1, one per 16 MiB
     // chunk (0..16, 16..32, 32..40 MiB). Record k is written once chunk k-1 is durable, and
@@ -169,6 +186,17 @@ fn reencrypt_killed_at_each_step_then_resumed() {
     assert!(last["resumed_at"].as_u64().is_some(), "{done}");
     check_rekeyed(&dir, &state, "r", &data, &old_key);
     assert_ne!(std::fs::read(&backing).unwrap()[..8192], header_before[..]);
+    // The old wrapped key is gone from both header copies, and from the whole reserved area.
+    let now = wrapped_keys(&backing);
+    assert_eq!(now[0], now[1], "the two copies disagree");
+    assert_ne!(now[0], old_wrapped[0]);
+    let head = std::fs::read(&backing).unwrap()[..1 << 20].to_vec();
+    assert!(
+        !head
+            .windows(old_wrapped[0].len())
+            .any(|w| w == old_wrapped[0]),
+        "the old wrapped key survives in the header area"
+    );
 
     // The audit log: the operation's start and end, and its KMS calls with their purpose.
     let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
@@ -257,4 +285,31 @@ fn reencrypt_is_refused_while_served_and_a_torn_sector_is_not_papered_over() {
         err.contains("sector 5 of the interrupted chunk is part old, part new ciphertext"),
         "{err}"
     );
+}
+
+#[test]
+fn reencrypt_draws_a_progress_bar_on_a_terminal() {
+    // util-linux `script` gives the command a pseudo-terminal.
+    if !peer_available("script (util-linux)", have("script")) {
+        return;
+    }
+    let dir = TempDir::new("reencrypt-bar");
+    let state = dir.path("state");
+    let (ok, _, err) = create_on(&state, "b", "64M", &dir.path("b.img"), &["--preallocate"]);
+    assert!(ok, "{err}");
+    let cmd = format!(
+        "{} --log warn volume reencrypt b",
+        env!("CARGO_BIN_EXE_nbdcrypt")
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("NBDCRYPT_STATE_DIR", &state)
+        .env("NBDCRYPT_XTS_BACKEND", "portable")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("re-encrypting ["), "{text}");
+    assert!(text.contains("64.00 MiB"), "{text}");
+    assert!(text.contains("re-encrypted under a new data key"), "{text}");
 }

@@ -1,23 +1,23 @@
 //! `volume resize` and `volume reencrypt`: the commands that change a volume's size or its
-//! data key in place.
+//! data key in place. Generic over the caller's error type, so that this file does not depend
+//! on `commands::volume`, which dispatches to it.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use super::volume::VolumeCommandError;
 use crate::crypto::BackendChoice;
 use crate::human::iec_bytes;
-use crate::volume::manager::Manager;
+use crate::volume::manager::{Manager, ManagerError};
 
 /// `volume resize NAME --size S`.
-pub fn resize(
+pub fn resize<E: From<ManagerError> + From<std::io::Error>>(
     m: &Manager<'_>,
     name: &str,
     size: u64,
     out: &mut impl Write,
-) -> Result<(), VolumeCommandError> {
+) -> Result<(), E> {
     let r = m.resize(name, size)?;
     if r.old_size == r.header.size {
         writeln!(out, "volume {name} is already {}", iec_bytes(r.old_size))?;
@@ -60,13 +60,13 @@ impl<W: Write> JsonProgress<'_, W> {
 
 /// `volume reencrypt NAME [--json]`: a progress bar on a terminal, JSON lines with `--json`;
 /// Ctrl-C stops at a chunk boundary (resumable).
-pub fn reencrypt(
+pub fn reencrypt<E: From<ManagerError> + From<std::io::Error>>(
     m: &Manager<'_>,
     name: &str,
     json: bool,
     backend: BackendChoice,
     out: &mut impl Write,
-) -> Result<(), VolumeCommandError> {
+) -> Result<(), E> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {

@@ -174,7 +174,7 @@ impl ServingLease {
             if h.rekey.is_some() {
                 return Err(ManagerError::Reencrypting {
                     volume: name.into(),
-                    done: super::reencrypt::checkpoint(store.as_ref(), h),
+                    done: super::journal::checkpoint(store.as_ref(), h),
                     size: h.size,
                 });
             }

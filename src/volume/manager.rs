@@ -289,7 +289,7 @@ impl<'k> Manager<'k> {
         if h.rekey.is_some() {
             return Err(ManagerError::Reencrypting {
                 volume: name.into(),
-                done: super::reencrypt::checkpoint(store.as_ref(), &h),
+                done: super::journal::checkpoint(store.as_ref(), &h),
                 size: h.size,
             });
         }

@@ -25,6 +25,7 @@ mod existing;
 mod fill;
 pub mod header;
 mod holes;
+mod journal;
 pub mod lease;
 pub mod lifecycle;
 mod locks;
