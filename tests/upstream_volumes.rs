@@ -57,13 +57,7 @@ fn a_managed_volume_lives_in_the_export_with_its_header() {
         String::from_utf8_lossy(&second.stderr).contains("backing store of volume v"),
         "{second:?}"
     );
-    let server = common::Server::try_start(
-        &dir,
-        &[],
-        &["--volume", "v"],
-        &[("NBDCRYPT_STATE_DIR", state.to_str().unwrap())],
-    )
-    .unwrap();
+    let server = common::volumes::serve(&dir, &state, &["--volume", "v"]).unwrap();
     let mut rng = Rng::new(seed("upstream managed"));
     let data = rng.bytes(256 << 10);
     let mut s = common::raw_connect(&server.addr, "v");
@@ -92,13 +86,7 @@ fn a_managed_volume_lives_in_the_export_with_its_header() {
         ciphertext(1 << 20) != before,
         "the ciphertext did not change"
     );
-    let server = common::Server::try_start(
-        &dir,
-        &[],
-        &["--volume", "v"],
-        &[("NBDCRYPT_STATE_DIR", state.to_str().unwrap())],
-    )
-    .unwrap();
+    let server = common::volumes::serve(&dir, &state, &["--volume", "v"]).unwrap();
     let mut s = common::raw_connect(&server.addr, "v");
     assert!(
         common::raw_read(&mut s, 1, 0, 256 << 10) == data,

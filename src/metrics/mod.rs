@@ -10,8 +10,10 @@
 //! outcomes, configured upstream URIs, fixed reason words. No client address, offset or key id
 //! of a request is ever a label. [`http`] serves the text at `/metrics`.
 
+mod classic;
 mod histogram;
 pub mod http;
+mod labels;
 
 pub use histogram::LatencyHistogram;
 
@@ -19,7 +21,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,6 +28,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::protocol::consts::err;
+use classic::to_classic;
+use labels::{
+    BuildLabels, CommandLabels, ExportInfoLabels, ExportLabels, KmsLabels, KmsOpLabels,
+    ReasonLabels, RequestLabels, TlsLabels, UpstreamLabels,
+};
 
 /// KMS call latency buckets, seconds: 100 µs to 30 s (AWS retries included).
 const KMS_BUCKETS: [f64; 12] = [
@@ -74,64 +80,6 @@ pub fn result_name(errno: u32) -> &'static str {
         err::ESHUTDOWN => "ESHUTDOWN",
         _ => "other",
     }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    export: String,
-    command: &'static str,
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CommandLabels {
-    export: String,
-    command: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ExportLabels {
-    export: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ExportInfoLabels {
-    export: String,
-    backend: String,
-    sector_size: String,
-    cipher: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TlsLabels {
-    tls: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KmsLabels {
-    operation: &'static str,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KmsOpLabels {
-    operation: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct UpstreamLabels {
-    upstream: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-    target_arch: &'static str,
 }
 
 fn kms_histogram() -> Histogram {
@@ -408,40 +356,6 @@ impl Metrics {
             })
             .inc();
     }
-}
-
-/// OpenMetrics text → Prometheus text 0.0.4 (see [`Metrics::encode_classic`]).
-fn to_classic(open: &str) -> String {
-    let mut counters = std::collections::HashSet::new();
-    for l in open.lines() {
-        if let Some(rest) = l.strip_prefix("# TYPE ")
-            && let Some(name) = rest.strip_suffix(" counter")
-        {
-            counters.insert(name.to_owned());
-        }
-    }
-    let mut out = String::with_capacity(open.len());
-    for l in open.lines() {
-        if l == "# EOF" || l.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| l.strip_prefix(p).map(|rest| (p, rest)));
-        match meta {
-            Some((p, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                if counters.contains(name) {
-                    out.push_str(&format!("{p}{name}_total {tail}"));
-                } else {
-                    out.push_str(l);
-                }
-            }
-            None => out.push_str(l),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// Decrements the open-connections gauge when the connection ends.

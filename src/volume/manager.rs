@@ -286,13 +286,7 @@ impl<'k> Manager<'k> {
                 size: h.size,
             });
         }
-        if h.rekey.is_some() {
-            return Err(ManagerError::Reencrypting {
-                volume: name.into(),
-                done: super::journal::checkpoint(store.as_ref(), &h),
-                size: h.size,
-            });
-        }
+        // A volume under re-encryption is refused by the lease, under the header lock.
         let held = ServingLease::acquire(Arc::clone(&store), name, lease)
             .map_err(|e| e.at(&entry.backing))?;
         match self.unwrap_engine(name, &h, backend).and_then(|engine| {
