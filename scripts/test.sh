@@ -19,7 +19,11 @@ if [[ "${1:-}" == "--quick" ]]; then
     export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}" NBDCRYPT_SKIP_MISSING_PEERS=1
     SKIPPED="$ROOT/target/tmp/skipped-peers.txt"
     rm -f "$SKIPPED"
-    log "cargo fmt --check"
+    # Disk is what a CI runner runs out of first: say what there is, and what the run used.
+disk_report() { log "disk: $(df -h --output=avail "$ROOT" | tail -1 | tr -d ' ') free where target/ lives; target/ holds $(du -sh "$ROOT/target" 2>/dev/null | cut -f1 || echo 0)"; }
+disk_report
+
+log "cargo fmt --check"
     cargo fmt --all -- --check
     log "cargo clippy --all-targets -- -D warnings"
     cargo clippy --locked --all-targets -- -D warnings
@@ -130,6 +134,8 @@ scripts/bench.sh --quick --proxy --out "$ROOT/target/bench-quick-proxy"
 scripts/bench.sh --quick --ceph --out "$ROOT/target/bench-quick-ceph"
 log "benchmark smoke run of volume reencrypt against dd (scripts/bench-reencrypt.sh --quick)"
 scripts/bench-reencrypt.sh --quick --out "$ROOT/target/bench-quick-reencrypt"
+
+disk_report
 
 log "the working tree is as clean as before the run"
 TREE_AFTER="$(tree_state)"
