@@ -11,6 +11,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 log() { printf '\n==> %s\n' "$*"; }
+# Disk is what a CI runner runs out of first: say what there is, and what the run used.
+disk_report() {
+    log "disk: $(df -h --output=avail "$ROOT" | tail -1 | tr -d ' ') free where target/ lives; target/ holds $(du -sh "$ROOT/target" 2>/dev/null | cut -f1 || echo nothing)"
+}
 
 # --quick: the contributor's loop (a few minutes, no installs, no root): formatting, lints, the
 # unit tests and the integration tests that need no peer. Peers that are missing are skipped
@@ -19,11 +23,7 @@ if [[ "${1:-}" == "--quick" ]]; then
     export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}" NBDCRYPT_SKIP_MISSING_PEERS=1
     SKIPPED="$ROOT/target/tmp/skipped-peers.txt"
     rm -f "$SKIPPED"
-    # Disk is what a CI runner runs out of first: say what there is, and what the run used.
-disk_report() { log "disk: $(df -h --output=avail "$ROOT" | tail -1 | tr -d ' ') free where target/ lives; target/ holds $(du -sh "$ROOT/target" 2>/dev/null | cut -f1 || echo 0)"; }
-disk_report
-
-log "cargo fmt --check"
+    log "cargo fmt --check"
     cargo fmt --all -- --check
     log "cargo clippy --all-targets -- -D warnings"
     cargo clippy --locked --all-targets -- -D warnings
@@ -99,6 +99,7 @@ fi
 qemu_consistent
 log "peer versions: $(qemu-io --version | head -1); $(qemu-system-x86_64 --version | head -1); $(nbdinfo --version | head -1); $(fio --version); $(nbdkit --version)"
 
+disk_report
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
