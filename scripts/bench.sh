@@ -27,7 +27,8 @@
 #
 # Usage: scripts/bench.sh [--quick] [--proxy|--ceph] [--rounds N] [--runtime SECONDS] [--out DIR]
 #                         [--bin PATH]
-#                         [--base-bin PATH]   (another build, served as nbdcrypt-base)
+#                         [--base-bin PATH]   (another build, served as nbdcrypt-base, or
+#                                              nbdcrypt-base-proxy / -rbd with --proxy / --ceph)
 #                         [--servers "NAME ..."]   (a subset, e.g. "nbdcrypt nbdkit-memory")
 #                         [--jobs "JOB ..."]   (only these jobs, e.g. "randread", for A/B runs)
 #   --quick   one round, 1 s jobs, 64 MiB volumes, debug binary: a smoke run for CI.
@@ -168,9 +169,11 @@ fi
 if [[ "$MODE" == proxy ]]; then
     SERVERS=(nbdcrypt-proxy nbdkit-proxy nbdkit-luks-proxy qemu-nbd-luks-proxy)
     for s in "${SERVERS[@]}"; do JOBS[$s]="$FULL"; done
+    [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-proxy)
     ((QUICK)) && for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite randread"; done
 elif [[ "$MODE" == ceph ]]; then
     SERVERS=(nbdcrypt-rbd qemu-nbd-rbd)
+    [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-rbd)
     for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite seqread randread"; done
     log "starting a single-node Ceph cluster"
     "$ROOT/scripts/ceph-single-node.sh" start "$WORK/ceph" --osd-mib $((SIZE_MIB * 3 + 512)) >/dev/null
@@ -212,8 +215,10 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     # The LUKS proxies read a LUKS image: copy it into the (empty) upstream first.
     [[ "$name" == *luks-proxy ]] && nbdcopy "$LUKS" "$UP_URI"
     case "$name" in
-        nbdcrypt-proxy | nbdcrypt-rbd)
-            "$BIN" --log warn serve --listen "127.0.0.1:$port" \
+        nbdcrypt-proxy | nbdcrypt-rbd | nbdcrypt-base-proxy | nbdcrypt-base-rbd)
+            local bin="$BIN"
+            [[ "$name" == nbdcrypt-base-* ]] && bin="$BASE_BIN"
+            "$bin" --log warn serve --listen "127.0.0.1:$port" \
                 --export "name=bench,file=$UP_URI,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;

@@ -70,6 +70,25 @@ fn store_round_trips_through_nbdkit_in_pieces_within_its_block_sizes() {
     let mut back = vec![0u8; data.len()];
     store.read_at(&mut back, 3 * 512).unwrap();
     assert!(back == data, "read back differs");
+    // In place: each reply buffer is handed over as it is, piece by piece, in order.
+    let mut seen = vec![0u8; 1 << 20];
+    let mut pieces = Vec::new();
+    let whole = store
+        .read_in_place(3 * 512, 1 << 20, &mut |at, bytes| {
+            seen[at..at + bytes.len()].copy_from_slice(bytes);
+            pieces.push((at, bytes.len()));
+        })
+        .unwrap();
+    assert!(whole && seen == data[..1 << 20], "in-place read differs");
+    assert_eq!(
+        pieces,
+        (0..16).map(|i| (i * 65536, 65536)).collect::<Vec<_>>()
+    );
+    // Not past the end of the export (the caller reads, which gives zeroes there).
+    let past = store
+        .read_in_place((8 << 20) - 4096, 8192, &mut |_, _| panic!("called"))
+        .unwrap();
+    assert!(!past);
     // WRITE_ZEROES (nbdkit memory has it): the range reads as zeroes, the rest stays.
     store.punch_hole(4096, 65536 * 2).unwrap();
     let mut z = vec![1u8; 65536 * 2];

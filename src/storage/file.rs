@@ -1,11 +1,15 @@
 //! A regular file or block device as ciphertext storage. No `unsafe`: the system calls beyond
-//! std's (`lseek` with `SEEK_DATA`, `fallocate`, OFD locks, `posix_fadvise`) go through `nix`.
+//! std's (`lseek` with `SEEK_DATA`, `fallocate`, OFD locks, `posix_fadvise`) go through `nix`;
+//! the read mapping of a regular file is [`super::view`]'s.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, PoisonError, RwLock};
+
+use super::view::{ReadView, ViewRead};
 use super::{Extent, Storage, StoreLock};
 
 /// A file or block device.
@@ -19,6 +23,16 @@ pub struct FileStorage {
     dsync: Option<File>,
     path: PathBuf,
     block_device: bool,
+    /// The mapping serving reads decrypt from (regular files only): made on first use,
+    /// replaced when the file has grown past it, retired for good after a fault.
+    view: RwLock<View>,
+}
+
+#[derive(Debug)]
+enum View {
+    Unopened,
+    Open(Arc<ReadView>),
+    Off,
 }
 
 fn flock(lock: StoreLock, l_type: libc::c_int) -> libc::flock {
@@ -60,11 +74,21 @@ impl FileStorage {
                     .open(path)?,
             )
         };
+        // NBDCRYPT_NO_MAPPED_READS=1: read with pread only (a diagnostic switch, and the
+        // "before" of the benchmark that measures the mapping).
+        let view = if block_device
+            || std::env::var_os("NBDCRYPT_NO_MAPPED_READS").is_some_and(|v| v == "1")
+        {
+            View::Off
+        } else {
+            View::Unopened
+        };
         Ok(FileStorage {
             file,
             dsync,
             path: path.to_owned(),
             block_device,
+            view: RwLock::new(view),
         })
     }
 
@@ -103,6 +127,59 @@ impl FileStorage {
     /// Whether the store has zero length.
     pub fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
+    }
+
+    /// The current read mapping, made (or replaced by a longer one) when `need` bytes are not
+    /// all inside it; `None` when reads go through `pread`.
+    fn view(&self, need: u64) -> Option<Arc<ReadView>> {
+        let fits = |v: &ReadView| u64::try_from(v.len()).is_ok_and(|l| l >= need);
+        match &*self.view.read().unwrap_or_else(PoisonError::into_inner) {
+            View::Open(v) if fits(v) => return Some(Arc::clone(v)),
+            View::Off => return None,
+            _ => {}
+        }
+        let mut state = self.view.write().unwrap_or_else(PoisonError::into_inner);
+        match &*state {
+            View::Open(v) if fits(v) => return Some(Arc::clone(v)),
+            View::Off => return None,
+            _ => {}
+        }
+        // Map the whole file as it is now; a read past it (the file is shorter than the
+        // volume says) goes through pread, which reads zeroes there.
+        let len = self.len().ok().and_then(|l| usize::try_from(l).ok())?;
+        if let View::Open(v) = &*state
+            && v.len() >= len
+        {
+            return None;
+        }
+        match ReadView::new(&self.file, len) {
+            Ok(Some(v)) => {
+                let v = Arc::new(v);
+                *state = View::Open(Arc::clone(&v));
+                fits(&v).then_some(v)
+            }
+            Ok(None) => {
+                *state = View::Off;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "could not map the backing file; reads use pread");
+                *state = View::Off;
+                None
+            }
+        }
+    }
+
+    /// Retires the read mapping after a fault: every later read goes through `pread`.
+    fn retire_view(&self) {
+        let mut state = self.view.write().unwrap_or_else(PoisonError::into_inner);
+        if !matches!(*state, View::Off) {
+            tracing::warn!(path = %self.path.display(),
+                "a read of the mapped backing file faulted (an I/O error, or the file was \
+                 truncated); this volume's reads use pread from now on");
+            *state = View::Off;
+        }
     }
 
     /// `SEEK_DATA`/`SEEK_HOLE` from `offset`; `None` when there is none after it. It moves the
@@ -194,6 +271,25 @@ impl Storage for FileStorage {
 
     fn has_locks(&self) -> bool {
         true
+    }
+
+    fn read_in_place(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(usize, &[u8]),
+    ) -> io::Result<bool> {
+        let Some(view) = self.view(offset.saturating_add(len as u64)) else {
+            return Ok(false);
+        };
+        match view.read_with(offset, len, &mut |bytes| f(0, bytes)) {
+            ViewRead::Done => Ok(true),
+            ViewRead::Declined => Ok(false),
+            ViewRead::Faulted => {
+                self.retire_view();
+                Ok(false)
+            }
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -333,6 +429,34 @@ mod tests {
         b.unlock(StoreLock::Serving).unwrap();
         let c = FileStorage::open(&p, 0, false).unwrap();
         assert!(c.lock(StoreLock::Serving, false).unwrap());
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Reads in place see what `pwrite` wrote (one page cache), follow the file when it grows,
+    /// and decline past its end.
+    #[test]
+    fn file_storage_reads_in_place_what_was_written_and_follows_growth() {
+        let p = temp("inplace");
+        let s = FileStorage::open(&p, 1 << 20, false).unwrap();
+        let read = |offset: u64, len: usize| {
+            let mut got = None;
+            let done = s
+                .read_in_place(offset, len, &mut |at, b| {
+                    assert_eq!(at, 0);
+                    got = Some(b.to_vec());
+                })
+                .unwrap();
+            done.then(|| got.unwrap())
+        };
+        s.write_at(&[5u8; 8192], 4096).unwrap();
+        assert_eq!(read(4096, 8192), Some(vec![5u8; 8192]));
+        s.write_at(&[6u8; 100], 5000).unwrap();
+        let got = read(4096, 8192).unwrap();
+        assert!(got[904..1004].iter().all(|&b| b == 6) && got[1004] == 5);
+        assert_eq!(read((1 << 20) - 4096, 8192), None);
+        s.extend_to(2 << 20).unwrap();
+        s.write_at(&[7u8; 4096], (2 << 20) - 4096).unwrap();
+        assert_eq!(read((2 << 20) - 8192, 8192).unwrap()[4096..], [7u8; 4096]);
         std::fs::remove_file(p).unwrap();
     }
 

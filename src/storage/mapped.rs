@@ -7,9 +7,10 @@
 //! a `kill -9` could make it durable. Writes go through `pwrite`, which a kill interrupts only
 //! between pages.
 //!
-//! Not for serving: an I/O error or a truncation of a mapped file arrives as `SIGBUS`, which
-//! kills the process. A pass that uses mappings must therefore be crash-safe and resumable by
-//! design (the re-key journal is), so that `SIGBUS` costs no more than a `kill -9`.
+//! Not for serving (serving reads use [`super::view`], whose mapping is guarded): an I/O error
+//! or a truncation of a mapped file arrives here as `SIGBUS`, which kills the process. A pass
+//! that uses these mappings must therefore be crash-safe and resumable by design (the re-key
+//! journal is), so that `SIGBUS` costs no more than a `kill -9`.
 #![allow(unsafe_code)]
 
 use std::fs::File;

@@ -1,14 +1,18 @@
 //! Ciphertext bytes on a backing store. This module knows no keys and never sees plaintext.
 //!
 //! [`FileStorage`] serves a regular file (sparse or preallocated) or a raw block device through
-//! positional I/O (`pread`/`pwrite`), so concurrent requests need no shared file offset and no
-//! lock. mmap is deliberately not used: it turns `ENOSPC`/`EIO` into `SIGBUS`, which would take
-//! the whole server down; positional I/O turns them into error values that become NBD error
-//! replies.
+//! positional I/O (`pwrite`, `pread`), so concurrent requests need no shared file offset and no
+//! lock. Reads of a regular file decrypt from a read-only mapping of it instead (one pass over
+//! the bytes instead of two); an `EIO` or a truncation there, which mmap turns into `SIGBUS`,
+//! is caught and becomes the same error reply a `pread` gives ([`view`], [`sigbus`]). Writes
+//! never go through a mapping: a failed write-back there (`ENOSPC`) could not be reported to
+//! the write's client at all.
 
 mod file;
 mod mapped;
 mod memory;
+mod sigbus;
+mod view;
 
 pub use file::FileStorage;
 pub use mapped::MappedRange;
@@ -112,6 +116,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = (offset, len);
         Ok(None)
     }
+    /// Calls `f(at, bytes)` with the stored bytes of `offset..offset+len` where they already
+    /// are (a mapping of the page cache, a reply buffer), piece by piece in order; `at` is the
+    /// piece's place in the range, a multiple of 4096. `Ok(false)`, and `f` not called or its
+    /// work to be discarded, where the store cannot (the caller then reads).
+    fn read_in_place(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(usize, &[u8]),
+    ) -> std::io::Result<bool> {
+        let _ = (offset, len, f);
+        Ok(false)
+    }
 }
 
 /// A shared store (tests keep a handle to inspect the ciphertext a volume wrote).
@@ -157,6 +174,14 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn unlock(&self, lock: StoreLock) -> std::io::Result<()> {
         (**self).unlock(lock)
+    }
+    fn read_in_place(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(usize, &[u8]),
+    ) -> std::io::Result<bool> {
+        (**self).read_in_place(offset, len, f)
     }
     fn has_locks(&self) -> bool {
         (**self).has_locks()

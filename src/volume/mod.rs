@@ -301,6 +301,23 @@ impl EncryptedVolume {
     /// All-zero ciphertext sectors stay zero (holes).
     fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let sector = self.sector();
+        let mut result = Ok(());
+        let at = self.config.data_offset + first * sector;
+        let sb = sector as usize;
+        if self
+            .storage
+            .read_in_place(at, buf.len(), &mut |piece, src| {
+                if result.is_ok() {
+                    result = self.decrypt_from(
+                        first + (piece / sb) as u64,
+                        src,
+                        &mut buf[piece..piece + src.len()],
+                    );
+                }
+            })?
+        {
+            return result;
+        }
         self.storage
             .read_at(buf, self.config.data_offset + first * sector)?;
         let sb = sector as usize;
@@ -318,6 +335,34 @@ impl EncryptedVolume {
             }
             self.with_engine(|e| {
                 e.decrypt_sectors(SectorIndex(first + i as u64), &mut buf[i * sb..j * sb])
+            })?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Decrypts whole sectors `src` (ciphertext of sectors `first..`) into `dst`; all-zero
+    /// sectors become zero.
+    fn decrypt_from(&self, first: u64, src: &[u8], dst: &mut [u8]) -> Result<(), VolumeError> {
+        let sb = self.sector() as usize;
+        let n = src.len() / sb;
+        let mut i = 0;
+        while i < n {
+            if is_zero(&src[i * sb..(i + 1) * sb]) {
+                dst[i * sb..(i + 1) * sb].fill(0);
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && !is_zero(&src[j * sb..(j + 1) * sb]) {
+                j += 1;
+            }
+            self.with_engine(|e| {
+                e.decrypt_sectors_to(
+                    SectorIndex(first + i as u64),
+                    &src[i * sb..j * sb],
+                    &mut dst[i * sb..j * sb],
+                )
             })?;
             i = j;
         }
