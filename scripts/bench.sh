@@ -31,6 +31,9 @@
 #                                              nbdcrypt-base-proxy / -rbd with --proxy / --ceph)
 #                         [--servers "NAME ..."]   (a subset, e.g. "nbdcrypt nbdkit-memory")
 #                         [--jobs "JOB ..."]   (only these jobs, e.g. "randread", for A/B runs)
+#                         [--pin]   (with --ceph: the cluster and qemu-nbd on the last CPU, fio
+#                                    and nbdcrypt on CPU 0, as if the cluster had machines of
+#                                    its own; unpinned, nbdcrypt's CPU comes out of the OSD's)
 #   --quick   one round, 1 s jobs, 64 MiB volumes, debug binary: a smoke run for CI.
 # Output: a table on stdout, and in OUT (default target/bench, target/bench-proxy,
 # target/bench-ceph): results.json, table.md,
@@ -51,6 +54,7 @@ BASE_BIN="${NBDCRYPT_BENCH_BASE_BIN:-}"
 ONLY=""
 JOBS_ONLY=""
 MODE=local
+PIN=0
 while (($#)); do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -63,6 +67,7 @@ while (($#)); do
         --base-bin) BASE_BIN="$2"; shift ;;
         --servers) ONLY="$2"; shift ;;
         --jobs) JOBS_ONLY="$2"; shift ;;
+        --pin) PIN=1 ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -123,6 +128,8 @@ free_port() {
 }
 
 CORES="$(nproc)"
+PIN_CLUSTER=()
+PIN_CLIENT=()
 PASS=bench-passphrase
 LUKS="$WORK/luks.img"
 log "making the LUKS image (qemu-img, aes-xts-plain64, ${SIZE_MIB} MiB)"
@@ -169,7 +176,7 @@ fi
 if [[ "$MODE" == proxy ]]; then
     SERVERS=(nbdcrypt-proxy nbdkit-proxy nbdkit-luks-proxy qemu-nbd-luks-proxy)
     for s in "${SERVERS[@]}"; do JOBS[$s]="$FULL"; done
-    [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-proxy)
+    [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-proxy) && JOBS[nbdcrypt-base-proxy]="$FULL"
     ((QUICK)) && for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite randread"; done
 elif [[ "$MODE" == ceph ]]; then
     SERVERS=(nbdcrypt-rbd qemu-nbd-rbd)
@@ -177,6 +184,15 @@ elif [[ "$MODE" == ceph ]]; then
     for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite seqread randread"; done
     log "starting a single-node Ceph cluster"
     "$ROOT/scripts/ceph-single-node.sh" start "$WORK/ceph" --osd-mib $((SIZE_MIB * 3 + 512)) >/dev/null
+    if ((PIN)); then
+        ((CORES >= 2)) || die "--pin needs two CPUs"
+        PIN_CLUSTER=(taskset -c $((CORES - 1)))
+        PIN_CLIENT=(taskset -c 0)
+        for f in "$WORK/ceph/run/"*.pid; do
+            taskset -a -p -c $((CORES - 1)) "$(cat "$f")" >/dev/null
+        done
+        log "pinned: Ceph daemons and qemu-nbd on CPU $((CORES - 1)), fio and nbdcrypt on CPU 0"
+    fi
     rbd -c "$WORK/ceph/ceph.conf" create --size $((SIZE_MIB + 1)) rbd/bench
 fi
 if [[ -n "$ONLY" ]]; then
@@ -193,7 +209,7 @@ start_upstream() { # KIND -> sets UP_PID; the upstream of the proxy and Ceph ser
     rm -f "$UP_SOCK"
     case "$1" in
         memory) nbdkit -f -U "$UP_SOCK" memory "$((SIZE_MIB + 64))M" >"$WORK/upstream.log" 2>&1 & ;;
-        rbd) qemu-nbd --persistent --shared=8 --cache=none --format=raw --socket="$UP_SOCK" \
+        rbd) "${PIN_CLUSTER[@]}" qemu-nbd --persistent --shared=8 --cache=none --format=raw --socket="$UP_SOCK" \
             "rbd:rbd/bench:conf=$WORK/ceph/ceph.conf" >"$WORK/upstream.log" 2>&1 & ;;
     esac
     UP_PID=$!
@@ -218,7 +234,7 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
         nbdcrypt-proxy | nbdcrypt-rbd | nbdcrypt-base-proxy | nbdcrypt-base-rbd)
             local bin="$BIN"
             [[ "$name" == nbdcrypt-base-* ]] && bin="$BASE_BIN"
-            "$bin" --log warn serve --listen "127.0.0.1:$port" \
+            "${PIN_CLIENT[@]}" "$bin" --log warn serve --listen "127.0.0.1:$port" \
                 --export "name=bench,file=$UP_URI,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;
@@ -357,14 +373,14 @@ for round in $(seq 1 "$ROUNDS"); do
         mkdir -p "$dir"
         start_server "$name" "$(free_port)"
         # Prefill: every read job reads written (encrypted) data, not holes.
-        fio --name=prefill --ioengine=nbd "--uri=$URI" --rw=write --bs=1M --iodepth=16 \
+        "${PIN_CLIENT[@]}" fio --name=prefill --ioengine=nbd "--uri=$URI" --rw=write --bs=1M --iodepth=16 \
             --size="${SIZE_MIB}M" --output-format=terse >/dev/null
         for job in ${JOBS[$name]}; do
             before=$(cpu_ticks)
             # A per-job time limit: a job that hangs (a connection that never finishes closing)
             # becomes a failed cell in the table instead of losing the whole run.
             # shellcheck disable=SC2046
-            if ! timeout -k 10 "$JOB_LIMIT" fio --name="$job" $(fio_job "$job") \
+            if ! timeout -k 10 "$JOB_LIMIT" "${PIN_CLIENT[@]}" fio --name="$job" $(fio_job "$job") \
                 --output="$dir/$job.json" >"$dir/$job.fio-out" 2>&1; then
                 log "$name/$job failed or exceeded ${JOB_LIMIT}s; recorded as a failed cell"
                 { echo "fio exit or timeout after ${JOB_LIMIT}s"; tail -5 "$dir/$job.fio-out"; } >"$dir/$job.failed"
