@@ -380,7 +380,7 @@ for round in $(seq 1 "$ROUNDS"); do
             # A per-job time limit: a job that hangs (a connection that never finishes closing)
             # becomes a failed cell in the table instead of losing the whole run.
             # shellcheck disable=SC2046
-            if ! timeout -k 10 "$JOB_LIMIT" "${PIN_CLIENT[@]}" fio --name="$job" $(fio_job "$job") \
+            if ! "${PIN_CLIENT[@]}" timeout -k 10 "$JOB_LIMIT" fio --name="$job" $(fio_job "$job") \
                 --output="$dir/$job.json" >"$dir/$job.fio-out" 2>&1; then
                 log "$name/$job failed or exceeded ${JOB_LIMIT}s; recorded as a failed cell"
                 { echo "fio exit or timeout after ${JOB_LIMIT}s"; tail -5 "$dir/$job.fio-out"; } >"$dir/$job.failed"
