@@ -34,6 +34,7 @@ mod ondisk;
 pub mod probe;
 pub mod reencrypt;
 pub mod resize;
+mod span;
 
 use std::io;
 
@@ -41,6 +42,7 @@ use crate::crypto::{CryptoError, SectorIndex, SectorSize, XtsEngine};
 use crate::storage::Storage;
 
 use locks::StripeLocks;
+use span::Span;
 
 /// Static properties of a volume.
 #[derive(Debug, Clone)]
@@ -118,43 +120,6 @@ pub struct EncryptedVolume {
 pub struct Sealed<'d> {
     offset: u64,
     data: &'d [u8],
-}
-
-/// A byte range split at sector boundaries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Span {
-    /// First sector touched.
-    first: u64,
-    /// Sectors touched.
-    count: u64,
-    /// Offset of the range inside the first sector.
-    head_skip: usize,
-    /// The first sector is only partly covered.
-    head_partial: bool,
-    /// The last sector is only partly covered.
-    tail_partial: bool,
-}
-
-impl Span {
-    fn new(offset: u64, len: u64, sector: u64) -> Span {
-        let first = offset / sector;
-        let end = offset + len;
-        let last_excl = end.div_ceil(sector);
-        let head_skip = (offset % sector) as usize;
-        let count = last_excl - first;
-        Span {
-            first,
-            count,
-            head_skip,
-            head_partial: head_skip != 0 || (count == 1 && !end.is_multiple_of(sector)),
-            tail_partial: !end.is_multiple_of(sector),
-        }
-    }
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    let (chunks, rest) = buf.as_chunks::<8>();
-    chunks.iter().all(|c| u64::from_ne_bytes(*c) == 0) && rest.iter().all(|&b| b == 0)
 }
 
 impl EncryptedVolume {
@@ -297,46 +262,35 @@ impl EncryptedVolume {
         }
     }
 
-    /// Reads and decrypts whole sectors `first..` into `buf` (a multiple of the sector size).
-    /// All-zero ciphertext sectors stay zero (holes).
+    /// Reads and decrypts whole sectors `first..` into `buf` (a multiple of the sector size):
+    /// straight from where the store holds them when it can ([`Storage::read_in_place`]),
+    /// else read into `buf` and decrypted there. All-zero ciphertext sectors read as zeroes
+    /// (holes).
     fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        let sector = self.sector();
+        let sb = self.sector() as usize;
+        let at = self.config.data_offset + first * sb as u64;
         let mut result = Ok(());
-        let at = self.config.data_offset + first * sector;
-        let sb = sector as usize;
-        if self
+        let in_place = self
             .storage
             .read_in_place(at, buf.len(), &mut |piece, src| {
                 if result.is_ok() {
-                    result = self.decrypt_from(
-                        first + (piece / sb) as u64,
-                        src,
-                        &mut buf[piece..piece + src.len()],
-                    );
+                    let dst = &mut buf[piece..piece + src.len()];
+                    result = self.decrypt_from(first + (piece / sb) as u64, src, dst);
                 }
-            })?
-        {
+            })?;
+        if in_place {
             return result;
         }
-        self.storage
-            .read_at(buf, self.config.data_offset + first * sector)?;
-        let sb = sector as usize;
-        let n = buf.len() / sb;
+        self.storage.read_at(buf, at)?;
         let mut i = 0;
-        while i < n {
-            if is_zero(&buf[i * sb..(i + 1) * sb]) {
-                i += 1;
-                continue;
+        while i < buf.len() / sb {
+            let (end, zero) = span::run_at(buf, sb, i);
+            if !zero {
+                // The whole run of non-zero sectors in one call (batching).
+                let run = &mut buf[i * sb..end * sb];
+                self.with_engine(|e| e.decrypt_sectors(SectorIndex(first + i as u64), run))?;
             }
-            // Decrypt the whole run of non-zero sectors in one call (batching).
-            let mut j = i + 1;
-            while j < n && !is_zero(&buf[j * sb..(j + 1) * sb]) {
-                j += 1;
-            }
-            self.with_engine(|e| {
-                e.decrypt_sectors(SectorIndex(first + i as u64), &mut buf[i * sb..j * sb])
-            })?;
-            i = j;
+            i = end;
         }
         Ok(())
     }
@@ -345,26 +299,18 @@ impl EncryptedVolume {
     /// sectors become zero.
     fn decrypt_from(&self, first: u64, src: &[u8], dst: &mut [u8]) -> Result<(), VolumeError> {
         let sb = self.sector() as usize;
-        let n = src.len() / sb;
         let mut i = 0;
-        while i < n {
-            if is_zero(&src[i * sb..(i + 1) * sb]) {
-                dst[i * sb..(i + 1) * sb].fill(0);
-                i += 1;
-                continue;
+        while i < src.len() / sb {
+            let (end, zero) = span::run_at(src, sb, i);
+            let (from, to) = (&src[i * sb..end * sb], &mut dst[i * sb..end * sb]);
+            if zero {
+                to.fill(0);
+            } else {
+                self.with_engine(|e| {
+                    e.decrypt_sectors_to(SectorIndex(first + i as u64), from, to)
+                })?;
             }
-            let mut j = i + 1;
-            while j < n && !is_zero(&src[j * sb..(j + 1) * sb]) {
-                j += 1;
-            }
-            self.with_engine(|e| {
-                e.decrypt_sectors_to(
-                    SectorIndex(first + i as u64),
-                    &src[i * sb..j * sb],
-                    &mut dst[i * sb..j * sb],
-                )
-            })?;
-            i = j;
+            i = end;
         }
         Ok(())
     }
