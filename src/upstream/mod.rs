@@ -16,6 +16,8 @@
 //! `nbds://` and `nbds+unix://` add TLS (`NBD_OPT_STARTTLS`, [`tls`]).
 
 pub mod client;
+#[cfg(test)]
+mod fake;
 mod negotiate;
 pub mod session;
 mod sock;
@@ -23,14 +25,14 @@ pub mod target;
 pub mod tls;
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use client::{Client, ExportInfo};
 pub use session::{DEFAULT_TIMEOUT, Session};
 pub use target::{Address, BadUri, Target, is_uri};
 
-use crate::protocol::consts::{cmd, cmd_flag, flag};
+use crate::protocol::consts::{cmd, cmd_flag, err, flag};
 use crate::storage::{Extent, Storage};
 
 /// What went wrong with an upstream; every variant names it.
@@ -106,6 +108,19 @@ pub enum UpstreamError {
         #[source]
         last: Box<UpstreamError>,
     },
+    /// Requests kept failing on every new connection for the whole upstream timeout.
+    #[error(
+        "upstream {upstream}: the request kept failing for {seconds:.0} s (--upstream-timeout), on new connections too; last error: {last}"
+    )]
+    Failing {
+        /// The upstream's URI.
+        upstream: String,
+        /// The timeout.
+        seconds: f64,
+        /// The last error.
+        #[source]
+        last: Box<UpstreamError>,
+    },
     /// A FLUSH after a reconnect that may have lost acknowledged, unflushed writes.
     #[error(
         "upstream {upstream}: the connection was lost after writes that no flush covered; they may not be durable, so this flush fails"
@@ -162,7 +177,7 @@ impl From<UpstreamError> for io::Error {
                 io::ErrorKind::InvalidInput
             }
             UpstreamError::Lost { .. } => io::ErrorKind::NotConnected,
-            UpstreamError::GaveUp { .. } => io::ErrorKind::TimedOut,
+            UpstreamError::GaveUp { .. } | UpstreamError::Failing { .. } => io::ErrorKind::TimedOut,
             UpstreamError::Unflushed { .. } => io::ErrorKind::Other,
             UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } => {
                 io::ErrorKind::InvalidData
@@ -203,7 +218,14 @@ pub struct NbdStore {
     /// The next connection to use (round robin).
     next: AtomicUsize,
     target: Target,
+    /// Whether reads longer than [`DF_ALWAYS`] still ask for an unfragmented reply (until the
+    /// upstream refuses one).
+    large_df: AtomicBool,
 }
+
+/// Reads up to this long always carry `DF` where the upstream offers it: the spec obliges a
+/// server to honour it up to here.
+const DF_ALWAYS: u32 = 65536;
 
 impl NbdStore {
     /// Connects to the export at `uri` and negotiates, with [`Options::default`].
@@ -232,6 +254,7 @@ impl NbdStore {
             sessions,
             next: AtomicUsize::new(0),
             target,
+            large_df: AtomicBool::new(true),
         })
     }
 
@@ -241,20 +264,44 @@ impl NbdStore {
         &self.sessions[i]
     }
 
-    /// Reads of up to 64 KiB ask the upstream not to fragment its reply (`DF`) where it offers
-    /// that: one data chunk, and no search for holes on its side. nbdcrypt has no use for the
-    /// upstream's holes (it finds all-zero sectors itself), and qemu-nbd answers a fragmentable
-    /// read by asking its block driver for allocation status first, which on RBD is another
-    /// round trip into the cluster per read (4 KiB random reads over RBD: 2.3x with `DF`,
-    /// BENCHMARKING.md). Up to 64 KiB only: the spec lets a server refuse a longer unfragmented
-    /// read with `EOVERFLOW`, and must serve it up to 65,536 bytes; a large read amortizes the
-    /// status query anyway.
+    /// Reads ask the upstream not to fragment its reply (`DF`) where it offers that: one data
+    /// chunk, and no search for holes on its side. nbdcrypt has no use for the upstream's holes
+    /// (it finds all-zero sectors itself), and qemu-nbd answers a fragmentable read by asking
+    /// its block driver for allocation status first, which on RBD is another round trip into
+    /// the cluster per read (over RBD: 4 KiB random reads 2.4x, 1 MiB sequential reads 1.3x
+    /// with `DF`, BENCHMARKING.md). The spec obliges a server to honour `DF` up to 65,536
+    /// bytes and lets it refuse a longer unfragmented read with `EOVERFLOW`: the first such
+    /// refusal turns `DF` off for reads above 64 KiB ([`read_piece`](Self::read_piece)).
     fn read_flags(&self, len: u32) -> u16 {
-        if len <= 65536 && self.info().has(flag::SEND_DF) {
+        let wanted = len <= DF_ALWAYS || self.large_df.load(Ordering::Relaxed);
+        if wanted && self.info().has(flag::SEND_DF) {
             cmd_flag::DF
         } else {
             0
         }
+    }
+
+    /// One upstream read of at most [`piece`](Self::piece) bytes, and the connection whose
+    /// buffer it is (give it back with [`Session::recycle`]).
+    fn read_piece(&self, at: u64, n: u32) -> Result<(Vec<u8>, &Session), UpstreamError> {
+        let flags = self.read_flags(n);
+        let session = self.client();
+        let data = match session.request(cmd::READ, flags, at, n, None) {
+            Err(UpstreamError::Errno { errno, .. })
+                if errno == err::EOVERFLOW && flags & cmd_flag::DF != 0 && n > DF_ALWAYS =>
+            {
+                if self.large_df.swap(false, Ordering::Relaxed) {
+                    tracing::info!(
+                        upstream = self.target.uri,
+                        length = n,
+                        "the upstream refuses unfragmented reads above 64 KiB (EOVERFLOW): longer reads go without DF"
+                    );
+                }
+                session.request(cmd::READ, 0, at, n, None)?
+            }
+            other => other?,
+        };
+        Ok((data, session))
     }
 
     /// Connections in use.
@@ -339,10 +386,9 @@ impl Storage for NbdStore {
         let (head, _) = buf.split_at_mut(inside);
         self.pieces(offset, head.len(), |at, r| {
             let n = u32::try_from(r.len()).unwrap_or(u32::MAX);
-            let data = self
-                .client()
-                .request(cmd::READ, self.read_flags(n), at, n, None)?;
+            let (data, from) = self.read_piece(at, n)?;
             head[r].copy_from_slice(&data);
+            from.recycle(data);
             Ok(())
         })?;
         Ok(())
@@ -365,10 +411,9 @@ impl Storage for NbdStore {
         }
         self.pieces(offset, len, |at, r| {
             let n = u32::try_from(r.len()).unwrap_or(u32::MAX);
-            let data = self
-                .client()
-                .request(cmd::READ, self.read_flags(n), at, n, None)?;
+            let (data, from) = self.read_piece(at, n)?;
             f(r.start, &data);
+            from.recycle(data);
             Ok(())
         })?;
         Ok(true)

@@ -87,6 +87,11 @@ impl Session {
         (c.0, Arc::clone(&c.1))
     }
 
+    /// Gives a read's buffer back for reuse ([`Client::recycle`]).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        self.current().1.recycle(buf);
+    }
+
     /// [`Client::request`], sent again on a new connection when the connection fails, for at
     /// most the upstream timeout.
     pub fn request(
@@ -98,6 +103,8 @@ impl Session {
         payload: Option<&[u8]>,
     ) -> Result<Vec<u8>, UpstreamError> {
         let deadline = Instant::now() + self.timeout;
+        // A request that fails again on a new connection waits before the next one.
+        let (mut retried, mut pause) = (false, BACKOFF.0);
         loop {
             let (generation, client) = self.current();
             if kind == cmd::FLUSH && self.unflushed_lost.swap(false, Ordering::SeqCst) {
@@ -121,6 +128,24 @@ impl Session {
                 }
                 Err(e) if e.connection_failed() => {
                     drop(client);
+                    let now = Instant::now();
+                    if now >= deadline {
+                        // Connections come up but the request keeps failing on them (a server
+                        // that breaks the protocol the same way each time): give up as when the
+                        // upstream stays away, instead of reconnecting forever.
+                        tracing::error!(upstream = self.target.uri, reason = %e, "upstream requests keep failing: failing the request (EIO)");
+                        crate::metrics::global().upstream_gave_up(&self.target.uri);
+                        return Err(UpstreamError::Failing {
+                            upstream: self.target.uri.clone(),
+                            seconds: self.timeout.as_secs_f64(),
+                            last: Box::new(e),
+                        });
+                    }
+                    if retried {
+                        std::thread::sleep(pause.min(deadline - now));
+                        pause = (pause * 2).min(BACKOFF.1);
+                    }
+                    retried = true;
                     self.reconnect(generation, deadline, &e)?;
                 }
                 Err(e) => return Err(e),
