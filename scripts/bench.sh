@@ -132,20 +132,23 @@ PIN_CLUSTER=()
 PIN_CLIENT=()
 PASS=bench-passphrase
 LUKS="$WORK/luks.img"
-log "making the LUKS image (qemu-img, aes-xts-plain64, ${SIZE_MIB} MiB)"
-# qemu-img calibrates the PBKDF on CPU time and, on a busy machine, can fail with "Unable to
-# get accurate CPU usage": try again with a longer calibration before giving up.
-made=0
-for iter_ms in 10 100 500; do
-    if qemu-img create -q -f luks --object "secret,id=sec0,data=$PASS" \
-        -o "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=$iter_ms" \
-        "$LUKS" "${SIZE_MIB}M"; then
-        made=1
-        break
-    fi
-    rm -f "$LUKS"
-done
-((made)) || die "qemu-img could not make the LUKS image"
+# The LUKS peers' image (the Ceph mode has no LUKS peer).
+if [[ "$MODE" != ceph ]]; then
+    log "making the LUKS image (qemu-img, aes-xts-plain64, ${SIZE_MIB} MiB)"
+    # qemu-img calibrates the PBKDF on CPU time and, on a busy machine, can fail with "Unable to
+    # get accurate CPU usage": try again with a longer calibration before giving up.
+    made=0
+    for iter_ms in 10 100 500; do
+        if qemu-img create -q -f luks --object "secret,id=sec0,data=$PASS" \
+            -o "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=$iter_ms" \
+            "$LUKS" "${SIZE_MIB}M"; then
+            made=1
+            break
+        fi
+        rm -f "$LUKS"
+    done
+    ((made)) || die "qemu-img could not make the LUKS image"
+fi
 "$BIN" keygen "$WORK/volume.key" >/dev/null
 # TLS: the same PKI for nbdcrypt and nbdkit (GnuTLS layout); no client certificates.
 "$ROOT/scripts/tls-certs.sh" "$WORK/pki" >/dev/null

@@ -276,6 +276,8 @@ fn served_over_an_upstream_fio_verifies_and_only_ciphertext_goes_up() {
     );
     assert_eq!(common::placed(&log, "inline"), 0, "{log}");
     assert!(common::placed(&log, "blocking") > 0, "{log}");
+    // fio's 4 KiB reads went upstream without a thread waiting for each.
+    assert!(common::placed(&log, "submitted") > 0, "{log}");
     let raw = NbdStore::open(&kit.uri("")).unwrap();
     let mut all = vec![0u8; 64 << 20];
     raw.read_at(&mut all, 0).unwrap();

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use super::negotiate::ALLOCATION_CONTEXT_ID;
 use super::pipeline::{
     Permits, Placement, Reply, Resources, Work, errno_of, error_reply, ok_reply, placement,
+    read_reply,
 };
 use super::validate::Command;
 use crate::protocol::transmission;
@@ -49,16 +50,62 @@ pub async fn dispatch(
                 let _ = tx.blocking_send(reply);
             });
         }
-        Placement::Blocking => {
-            let (tx, volume, res) = (tx.clone(), Arc::clone(volume), resources.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut reply = execute_guarded(&volume, &res, work);
-                reply.permits = Some(permits);
-                let _ = tx.blocking_send(reply);
-            });
-        }
+        Placement::Blocking => blocking(volume, resources, work, permits, tx),
+        Placement::Submitted => submit(volume, resources, work, permits, tx),
     }
     Ok(place)
+}
+
+/// Runs `work` on the blocking pool; its reply goes to `tx`.
+fn blocking(
+    volume: &Arc<EncryptedVolume>,
+    resources: &Resources,
+    work: Work,
+    permits: Permits,
+    tx: &mpsc::Sender<Reply>,
+) {
+    let (tx, volume, res) = (tx.clone(), Arc::clone(volume), resources.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut reply = execute_guarded(&volume, &res, work);
+        reply.permits = Some(permits);
+        let _ = tx.blocking_send(reply);
+    });
+}
+
+/// Submits a read (`Placement::Submitted`): the thread that receives the store's reply
+/// decrypts it and queues the reply; whatever that path cannot do (a failed read, a dead
+/// connection, a withdrawn key, a panic) runs again on the blocking pool, the waiting way.
+fn submit(
+    volume: &Arc<EncryptedVolume>,
+    resources: &Resources,
+    work: Work,
+    permits: Permits,
+    tx: &mpsc::Sender<Reply>,
+) {
+    let Command::Read { offset, len } = work.cmd else {
+        return blocking(volume, resources, work, permits, tx);
+    };
+    let (structured, cookie) = (work.structured, work.cookie);
+    let (tx, vol, res) = (tx.clone(), Arc::clone(volume), resources.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let data = resources.buffers.take(len as usize);
+    volume.submit_read(offset, data, move |read| match read {
+        Ok(data) => {
+            let mut reply = read_reply(structured, cookie, offset, len, data);
+            reply.permits = Some(permits);
+            // Never blocks the receiving thread: a full queue (the writer is behind) hands
+            // the reply to a task instead.
+            if let Err(mpsc::error::TrySendError::Full(reply)) = tx.try_send(reply) {
+                runtime.spawn(async move {
+                    let _ = tx.send(reply).await;
+                });
+            }
+        }
+        Err(_) => {
+            let _enter = runtime.enter();
+            blocking(&vol, &res, work, permits, &tx);
+        }
+    });
 }
 
 /// [`execute`], with a panic turned into an `EIO` reply for this request alone: logged with the
@@ -107,20 +154,7 @@ pub fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> R
                 volume.read(offset, &mut data)
             };
             match done {
-                Ok(()) => {
-                    let mut header = Vec::with_capacity(32);
-                    if structured {
-                        transmission::offset_data_header(&mut header, cookie, offset, len, true);
-                    } else {
-                        transmission::SimpleReply { error: 0, cookie }.encode(&mut header);
-                    }
-                    return Reply {
-                        header,
-                        data: Some(data),
-                        permits: None,
-                        errno: 0,
-                    };
-                }
+                Ok(()) => return read_reply(structured, cookie, offset, len, data),
                 Err(e) => Err(e),
             }
         }

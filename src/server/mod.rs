@@ -338,6 +338,7 @@ async fn connection(
         inline,
         workers,
         blocking,
+        submitted,
     } = stats;
     let why = match &end {
         transmit::End::Clean => "client disconnected",
@@ -353,6 +354,7 @@ async fn connection(
             inline,
             workers,
             blocking,
+            submitted,
             "connection dropped"
         ),
         _ => tracing::info!(
@@ -362,6 +364,7 @@ async fn connection(
             inline,
             workers,
             blocking,
+            submitted,
             "connection closed"
         ),
     }

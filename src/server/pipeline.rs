@@ -38,6 +38,9 @@ pub enum Placement {
     Workers,
     /// On tokio's blocking pool (may wait for the disk).
     Blocking,
+    /// Sent to the remote store without waiting; decrypted and answered by the thread that
+    /// receives the store's reply.
+    Submitted,
 }
 
 /// Where `cmd` runs, and whether it is split across the workers.
@@ -58,7 +61,9 @@ pub enum Placement {
 ///   workers (each would wait a round trip, capping the requests in flight upstream at their
 ///   number): everything goes to the blocking pool, one thread per request in flight, unsplit.
 ///   Measured in the proxy benchmark (BENCHMARKING.md): seq 1 MiB reads QD16 gained, the rest
-///   stayed within noise.
+///   stayed within noise. Except small reads (below the split threshold): they are submitted
+///   (`Volume::submit_read`) and no thread waits for them; their decryption is cheap enough
+///   for the thread that receives the upstream's reply.
 pub fn placement(
     cmd: &Command,
     workers: &Workers,
@@ -66,8 +71,14 @@ pub fn placement(
     serial_writes: bool,
     remote: bool,
 ) -> (Placement, bool) {
-    if remote && !matches!(cmd, Command::Disc) {
-        return (Placement::Blocking, false);
+    if remote {
+        match *cmd {
+            Command::Disc => {}
+            Command::Read { len, .. } if workers.inline(len as usize) => {
+                return (Placement::Submitted, false);
+            }
+            _ => return (Placement::Blocking, false),
+        }
     }
     local_placement(cmd, workers, pipelined, serial_writes)
 }
@@ -127,6 +138,22 @@ pub struct Reply {
     pub permits: Option<Permits>,
     /// The NBD error value the reply carries (0: success).
     pub errno: u32,
+}
+
+/// The reply to a successful read of `data` (`len` bytes at `offset`).
+pub fn read_reply(structured: bool, cookie: u64, offset: u64, len: u32, data: Buffer) -> Reply {
+    let mut header = Vec::with_capacity(32);
+    if structured {
+        transmission::offset_data_header(&mut header, cookie, offset, len, true);
+    } else {
+        transmission::SimpleReply { error: 0, cookie }.encode(&mut header);
+    }
+    Reply {
+        header,
+        data: Some(data),
+        permits: None,
+        errno: 0,
+    }
 }
 
 /// An error reply (structured: an error chunk carrying `msg`).
@@ -212,14 +239,17 @@ mod tests {
             len: 4096,
             req_one: false,
         };
-        for cmd in [small_read, status] {
+        for (cmd, remote) in [
+            (small_read, Placement::Submitted),
+            (status, Placement::Blocking),
+        ] {
             assert_eq!(
                 placement(&cmd, &workers, true, false, false).0,
                 Placement::Inline
             );
             assert_eq!(
                 placement(&cmd, &workers, true, false, true).0,
-                Placement::Blocking,
+                remote,
                 "{cmd:?}"
             );
         }

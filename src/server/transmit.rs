@@ -58,6 +58,8 @@ pub struct Stats {
     pub workers: u64,
     /// On tokio's blocking pool.
     pub blocking: u64,
+    /// Submitted to a remote store without waiting.
+    pub submitted: u64,
 }
 
 /// Why a connection ended.
@@ -263,6 +265,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
             Ok(Placement::Inline) => stats.inline += 1,
             Ok(Placement::Workers) => stats.workers += 1,
             Ok(Placement::Blocking) => stats.blocking += 1,
+            Ok(Placement::Submitted) => stats.submitted += 1,
             Err(_) => break End::Error("reply writer stopped".into()),
         }
     };

@@ -129,7 +129,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = (offset, len, f);
         Ok(false)
     }
+    /// Starts reading `offset..offset+len` without waiting for it: `done` runs later, on
+    /// another thread, with the stored bytes, or with `None` if the read failed (the caller
+    /// then reads the waiting way, which reports the error). Stores that have nothing to wait
+    /// for on a network (files, devices, memory) hand `done` back, as does a store that cannot
+    /// start this read.
+    fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        let _ = (offset, len);
+        Err(done)
+    }
 }
+
+/// The completion of [`Storage::submit_read`].
+pub type ReadDone = Box<dyn FnOnce(Option<&[u8]>) + Send>;
 
 /// A shared store (tests keep a handle to inspect the ciphertext a volume wrote).
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -182,6 +194,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
         f: &mut dyn FnMut(usize, &[u8]),
     ) -> std::io::Result<bool> {
         (**self).read_in_place(offset, len, f)
+    }
+    fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        (**self).submit_read(offset, len, done)
     }
     fn has_locks(&self) -> bool {
         (**self).has_locks()

@@ -48,7 +48,94 @@ struct Waiter {
     filled: Vec<std::ops::Range<usize>>,
     /// An error chunk seen before the last one.
     error: Option<(u32, String)>,
-    done: mpsc::SyncSender<Outcome>,
+    /// Taken when the request completes; a submitted read dropped uncompleted (its connection
+    /// failed mid-reply) is told `None` by `Drop`.
+    done: Option<Done>,
+}
+
+/// Who is told when a request completes.
+enum Done {
+    /// A thread waiting in [`Client::request`].
+    Wait(mpsc::SyncSender<Outcome>),
+    /// A read submitted with [`Client::submit_read`]: called on the reader thread with the data,
+    /// or `None` when the read failed.
+    Call(ReadDone),
+}
+
+/// The completion of a submitted read: the bytes, or `None` if the read failed (the caller
+/// then reads again the waiting way, which reconnects, retries and reports the error).
+pub use crate::storage::ReadDone;
+
+impl Waiter {
+    /// Tells whoever waits; a submitted read's buffer goes back to `spare` afterwards.
+    fn complete(mut self, outcome: Outcome, spare: &Spare) {
+        match self.done.take() {
+            Some(Done::Wait(tx)) => {
+                let _ = tx.try_send(outcome);
+            }
+            Some(Done::Call(f)) => match outcome {
+                Ok(data) => {
+                    f(Some(&data));
+                    spare.put(data);
+                }
+                Err(_) => f(None),
+            },
+            None => {}
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(Done::Call(f)) = self.done.take() {
+            f(None);
+        }
+    }
+}
+
+/// Read buffers given back for reuse, so that a read does not allocate and zero a new buffer
+/// each time (a 1 MiB read's memset cost 8 % of the server's CPU on the proxy path).
+#[derive(Default)]
+struct Spare(Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    fn put(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_BYTES {
+            return;
+        }
+        let mut spare = lock(&self.0);
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    }
+
+    /// A buffer of `len` bytes: a recycled one (its old contents are overwritten by the
+    /// reply, which must cover it) or a new one.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = {
+            let mut spare = lock(&self.0);
+            match spare.iter().position(|b| b.len() == len) {
+                Some(i) => Some(spare.swap_remove(i)),
+                None => spare.pop(),
+            }
+        };
+        match reused {
+            Some(mut b) => {
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0u8; len],
+        }
+    }
+}
+
+/// Request headers of submitted reads, written by the connection's sender thread: a caller on
+/// a tokio worker never waits for the socket (a write ahead of it may be a 1 MiB payload, or
+/// the upstream may have stopped reading). Headers that pile up go out in one write.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<(Vec<u8>, bool)>,
+    ready: std::sync::Condvar,
 }
 
 #[derive(Default)]
@@ -64,16 +151,17 @@ pub struct Client {
     info: ExportInfo,
     structured: bool,
     /// The socket, or the TLS session over it.
-    writer: Mutex<Box<dyn Write + Send>>,
+    writer: Arc<Mutex<Box<dyn Write + Send>>>,
     /// Shut down on drop, which wakes the reader.
     socket: Sock,
     pending: Arc<Mutex<Pending>>,
-    /// Read buffers given back by callers ([`Client::recycle`]), so that a read does not
-    /// allocate and zero a new buffer each time (a 1 MiB read's memset cost 8 % of the
-    /// server's CPU on the proxy path).
-    spare: Mutex<Vec<Vec<u8>>>,
+    /// Read buffers given back by callers ([`Client::recycle`]) and by submitted reads.
+    spare: Arc<Spare>,
+    outbox: Arc<Outbox>,
     next_cookie: AtomicU64,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Started by the first [`Client::submit_read`].
+    sender: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -151,24 +239,27 @@ impl Client {
             .set_timeouts(None)
             .map_err(io("cannot set a timeout"))?;
         let pending = Arc::new(Mutex::new(Pending::default()));
+        let spare = Arc::new(Spare::default());
         let reader = {
-            let pending = Arc::clone(&pending);
+            let (pending, spare) = (Arc::clone(&pending), Arc::clone(&spare));
             let uri = target.uri.clone();
             std::thread::Builder::new()
                 .name("nbdcrypt-upstream".into())
-                .spawn(move || read_replies(read_half, &pending, &uri))
+                .spawn(move || read_replies(read_half, &pending, &spare, &uri))
                 .map_err(io("cannot start the reply reader"))?
         };
         Ok(Client {
             target: target.uri.clone(),
             info,
             structured,
-            writer: Mutex::new(writer),
+            writer: Arc::new(Mutex::new(writer)),
             socket,
             pending,
-            spare: Mutex::new(Vec::new()),
+            spare,
+            outbox: Arc::new(Outbox::default()),
             next_cookie: AtomicU64::new(1),
             reader: Some(reader),
+            sender: Mutex::new(None),
         })
     }
 
@@ -200,7 +291,7 @@ impl Client {
                 return Err(self.dead(why));
             }
             let data = if kind == cmd::READ {
-                self.read_buffer(length as usize)
+                self.spare.take(length as usize)
             } else {
                 Vec::new()
             };
@@ -211,7 +302,7 @@ impl Client {
                     data,
                     filled: Vec::new(),
                     error: None,
-                    done,
+                    done: Some(Done::Wait(done)),
                 },
             );
         }
@@ -254,31 +345,78 @@ impl Client {
 
     /// Gives a read's buffer back for a later read to reuse.
     pub fn recycle(&self, buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_BYTES {
-            return;
-        }
-        let mut spare = lock(&self.spare);
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(buf);
-        }
+        self.spare.put(buf);
     }
 
-    /// A buffer of `len` bytes for a read: a recycled one (its old contents are overwritten
-    /// by the reply, which must cover it) or a new one.
-    fn read_buffer(&self, len: usize) -> Vec<u8> {
-        let reused = {
-            let mut spare = lock(&self.spare);
-            match spare.iter().position(|b| b.len() == len) {
-                Some(i) => Some(spare.swap_remove(i)),
-                None => spare.pop(),
+    /// Sends a read without waiting for it: `done` runs on the reply reader thread with the
+    /// data, or with `None` if the read fails or the connection dies first. Hands `done` back
+    /// when the connection is already dead. Never blocks on the socket: the header goes out
+    /// through the sender thread.
+    pub fn submit_read(
+        &self,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let mut header = Vec::with_capacity(28);
+        Request {
+            flags,
+            kind: cmd::READ,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut header);
+        if !self.sender_running() {
+            return Err(done);
+        }
+        {
+            let mut p = lock(&self.pending);
+            if p.dead.is_some() {
+                return Err(done);
             }
+            p.waiters.insert(
+                cookie,
+                Waiter {
+                    offset,
+                    data: self.spare.take(length as usize),
+                    filled: Vec::new(),
+                    error: None,
+                    done: Some(Done::Call(done)),
+                },
+            );
+        }
+        let mut q = lock(&self.outbox.queue);
+        let wake = q.0.is_empty();
+        q.0.extend_from_slice(&header);
+        drop(q);
+        if wake {
+            self.outbox.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Starts the sender thread if it is not running yet; false if it cannot be started.
+    fn sender_running(&self) -> bool {
+        let mut sender = lock(&self.sender);
+        if sender.is_some() {
+            return true;
+        }
+        let Ok(socket) = self.socket.try_clone() else {
+            return false;
         };
-        match reused {
-            Some(mut b) => {
-                b.resize(len, 0);
-                b
+        let (outbox, writer) = (Arc::clone(&self.outbox), Arc::clone(&self.writer));
+        match std::thread::Builder::new()
+            .name("nbdcrypt-upsend".into())
+            .spawn(move || send_queued(&outbox, &writer, &socket))
+        {
+            Ok(t) => {
+                *sender = Some(t);
+                true
             }
-            None => vec![0u8; len],
+            Err(_) => false,
         }
     }
 
@@ -292,6 +430,11 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        lock(&self.outbox.queue).1 = true;
+        self.outbox.ready.notify_one();
+        if let Some(t) = lock(&self.sender).take() {
+            let _ = t.join();
+        }
         let mut disc = Vec::with_capacity(28);
         Request {
             flags: 0,
@@ -309,6 +452,36 @@ impl Drop for Client {
         }
         if let Some(r) = self.reader.take() {
             let _ = r.join();
+        }
+    }
+}
+
+/// The sender thread: writes queued request headers until the client closes the outbox. A
+/// failed write shuts the socket down, so the reader fails every waiting request.
+fn send_queued(outbox: &Outbox, writer: &Mutex<Box<dyn Write + Send>>, socket: &Sock) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut q = lock(&outbox.queue);
+            while q.0.is_empty() && !q.1 {
+                q = outbox
+                    .ready
+                    .wait(q)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if q.0.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut q.0, &mut batch);
+        }
+        let sent = {
+            let mut w = lock(writer);
+            w.write_all(&batch).and_then(|()| w.flush())
+        };
+        batch.clear();
+        if sent.is_err() {
+            socket.shutdown();
+            return;
         }
     }
 }
@@ -349,10 +522,10 @@ const SPARE_MAX_BYTES: usize = 4 << 20;
 /// (a 4 KiB read's reply is four pieces), and a large payload bypasses it.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-fn read_replies(sock: Box<dyn Read + Send>, pending: &Mutex<Pending>, uri: &str) {
+fn read_replies(sock: Box<dyn Read + Send>, pending: &Mutex<Pending>, spare: &Spare, uri: &str) {
     let mut sock = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, sock);
     let why = loop {
-        match read_one(&mut sock, pending) {
+        match read_one(&mut sock, pending, spare) {
             Ok(()) => {}
             Err(e) => break e,
         }
@@ -371,12 +544,12 @@ fn read_replies(sock: Box<dyn Read + Send>, pending: &Mutex<Pending>, uri: &str)
         );
     }
     for (_, w) in waiters {
-        let _ = w.done.try_send(Err(Failed::Dead(why.clone())));
+        w.complete(Err(Failed::Dead(why.clone())), spare);
     }
 }
 
 /// Reads one simple reply or one structured chunk; completes its waiter when it is the last.
-fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>) -> Result<(), String> {
+fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>, spare: &Spare) -> Result<(), String> {
     let mut head = [0u8; CHUNK_HEADER_LEN];
     sock.read_exact(&mut head[..4])
         .map_err(|e| format!("reading a reply: {e}"))?;
@@ -394,13 +567,14 @@ fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>) -> Result<(), String
             let r = SimpleReply::decode(&head[..SIMPLE_REPLY_LEN]).map_err(|e| e.to_string())?;
             let mut w = take(r.cookie)?;
             if r.error != 0 {
-                let _ = w.done.try_send(Err(Failed::Errno(r.error, String::new())));
+                w.complete(Err(Failed::Errno(r.error, String::new())), spare);
                 return Ok(());
             }
             // A read's data follows (the request said how long); other commands have none.
             sock.read_exact(&mut w.data)
                 .map_err(|e| format!("reading read data: {e}"))?;
-            let _ = w.done.try_send(Ok(w.data));
+            let data = std::mem::take(&mut w.data);
+            w.complete(Ok(data), spare);
             Ok(())
         }
         STRUCTURED_REPLY_MAGIC => {
@@ -414,13 +588,13 @@ fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>) -> Result<(), String
                     Some((errno, msg)) => Err(Failed::Errno(errno, msg)),
                     None => {
                         if let Err(why) = covered(&mut w) {
-                            let _ = w.done.try_send(Err(Failed::Dead(why.clone())));
+                            w.complete(Err(Failed::Dead(why.clone())), spare);
                             return Err(why);
                         }
                         Ok(std::mem::take(&mut w.data))
                     }
                 };
-                let _ = w.done.try_send(outcome);
+                w.complete(outcome, spare);
             } else {
                 lock(pending).waiters.insert(h.cookie, w);
             }

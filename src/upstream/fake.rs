@@ -27,6 +27,8 @@ enum Script {
     Gap,
     /// Two data chunks: the first half, then the first half again.
     Overlap,
+    /// Closes the connection instead of answering a read.
+    Hangup,
 }
 
 /// The byte the fake export holds at `offset`.
@@ -136,6 +138,7 @@ fn session(mut s: TcpStream, script: Script, seen: &Mutex<Vec<(u16, u32)>>) -> s
                 seen.lock().unwrap().push((r.flags, r.length));
                 let quarter = r.length / 4;
                 match script {
+                    Script::Hangup => return Ok(()),
                     Script::RefuseLargeDf if r.flags & cmd_flag::DF != 0 && r.length > 65536 => {
                         let mut p = Vec::new();
                         p.put_u32(err::EOVERFLOW);
@@ -240,4 +243,67 @@ fn a_read_reply_with_a_gap_or_an_overlap_fails_instead_of_returning_stale_bytes(
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(buf.iter().all(|&b| b == 0xAA), "nothing was handed on");
     }
+}
+
+/// Reads submitted without waiting complete on the reply reader thread, in any order, each
+/// with its own bytes (through recycled buffers), and nothing waits for them.
+#[test]
+fn submitted_reads_complete_on_the_reader_thread_with_their_own_bytes() {
+    let (uri, _) = serve(Script::RefuseLargeDf);
+    let store = NbdStore::open(&uri).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let count = 200u64;
+    for i in 0..count {
+        let (offset, len) = ((i * 37 % 2000) * 4096, 4096 * (1 + (i % 16) as usize));
+        let tx = tx.clone();
+        let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            let _ = tx.send((offset, len, data.map(<[u8]>::to_vec), thread));
+        });
+        assert!(
+            store.submit_read(offset, len, done).is_ok(),
+            "read {i} started"
+        );
+    }
+    for _ in 0..count {
+        let (offset, len, data, thread) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("every submitted read completes");
+        let data = data.expect("the read succeeded");
+        assert_eq!(data.len(), len);
+        assert!(data == expected(offset, len), "{len} bytes at {offset}");
+        assert_eq!(thread, "nbdcrypt-upstream");
+    }
+    // Past the export's end or unaligned: handed back, for the waiting read.
+    let noop: crate::storage::ReadDone = Box::new(|_| {});
+    assert!(store.submit_read(SIZE - 4096, 8192, noop).is_err());
+}
+
+/// A submitted read whose connection dies before its reply is told so (`None`), and a read
+/// submitted on the dead connection is handed back: nothing is left waiting forever.
+#[test]
+fn a_submitted_read_on_a_dying_connection_is_told_it_failed() {
+    let (uri, _) = serve(Script::Hangup);
+    let store = NbdStore::open(&uri).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+        let _ = tx.send(data.is_some());
+    });
+    assert!(store.submit_read(0, 4096, done).is_ok());
+    let ok = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the read is completed when its connection dies");
+    assert!(!ok, "a read the server never answered failed");
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+        let _ = tx.send(data.is_some());
+    });
+    if let Err(back) = store.submit_read(0, 4096, done) {
+        back(None);
+    }
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(false),
+        "handed back (or failed): never left waiting"
+    );
 }

@@ -33,7 +33,7 @@ pub use session::{DEFAULT_TIMEOUT, Session};
 pub use target::{Address, BadUri, Target, is_uri};
 
 use crate::protocol::consts::{cmd, cmd_flag, err, flag};
-use crate::storage::{Extent, Storage};
+use crate::storage::{Extent, ReadDone, Storage};
 
 /// What went wrong with an upstream; every variant names it.
 #[derive(Debug, thiserror::Error)]
@@ -417,6 +417,24 @@ impl Storage for NbdStore {
             Ok(())
         })?;
         Ok(true)
+    }
+
+    fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        // One request, inside the export and within the upstream's block sizes; anything
+        // else is read the waiting way.
+        let fits = len <= self.piece()
+            && self.aligned(offset, len as u64).is_ok()
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.info().size);
+        let Ok(n) = u32::try_from(len) else {
+            return Err(done);
+        };
+        if !fits || n == 0 {
+            return Err(done);
+        }
+        self.client()
+            .submit_read(self.read_flags(n), offset, n, done)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -87,6 +87,19 @@ impl Session {
         (c.0, Arc::clone(&c.1))
     }
 
+    /// [`Client::submit_read`] on the current connection: no retry here; a failed read tells
+    /// `done` `None`, and the caller reads again with [`request`](Self::request), which
+    /// reconnects and retries.
+    pub fn submit_read(
+        &self,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        done: super::client::ReadDone,
+    ) -> Result<(), super::client::ReadDone> {
+        self.current().1.submit_read(flags, offset, length, done)
+    }
+
     /// Gives a read's buffer back for reuse ([`Client::recycle`]).
     pub fn recycle(&self, buf: Vec<u8>) {
         self.current().1.recycle(buf);

@@ -35,6 +35,7 @@ pub mod probe;
 pub mod reencrypt;
 pub mod resize;
 mod span;
+mod submit;
 
 use std::io;
 
