@@ -7,127 +7,26 @@
 //! whose cookie each names. So a caller blocks only on its own round trip, and the server sees
 //! as many requests in flight as there are callers (the crypto workers, the blocking pool).
 //! These are plain threads and blocking sockets: no tokio worker ever waits on the upstream.
+//! Small reads can also be submitted without waiting ([`Client::submit_read`]): their headers
+//! go out through the connection's sender thread and the reader thread runs their completion
+//! (`replies`).
 //!
 //! A connection that fails (EOF, a socket error, a reply the client cannot parse) is dead:
 //! every waiting and later request fails with an error naming the upstream and the reason.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use super::UpstreamError;
 pub use super::negotiate::ExportInfo;
-use super::negotiate::{MAX_OPTION_REPLY, NEGOTIATE_TIMEOUT, greet, haggle, start_tls};
+use super::negotiate::{NEGOTIATE_TIMEOUT, greet, haggle, start_tls};
+pub use super::replies::ReadDone;
+use super::replies::{Done, Failed, Pending, Spare, Waiter, lock, read_replies};
 use super::sock::Sock;
 use super::target::Target;
-use crate::protocol::consts::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk, cmd};
-use crate::protocol::transmission::{CHUNK_HEADER_LEN, SIMPLE_REPLY_LEN};
-use crate::protocol::{ChunkHeader, Reader, Request, SimpleReply};
-
-/// The outcome of one request: its data (reads) or the server's error value.
-type Outcome = Result<Vec<u8>, Failed>;
-
-/// Why a request did not succeed.
-#[derive(Debug, Clone)]
-enum Failed {
-    /// The server answered with an NBD error value (and maybe a message).
-    Errno(u32, String),
-    /// The connection is dead.
-    Dead(String),
-}
-
-/// One request waiting for its reply.
-struct Waiter {
-    /// Volume offset of the request (reads: where `data` starts).
-    offset: u64,
-    /// A read's destination, filled chunk by chunk. It may be a recycled buffer holding an
-    /// earlier read's bytes: `filled` proves that the reply replaced every one of them.
-    data: Vec<u8>,
-    /// The parts of `data` that structured-reply chunks filled, in arrival order.
-    filled: Vec<std::ops::Range<usize>>,
-    /// An error chunk seen before the last one.
-    error: Option<(u32, String)>,
-    /// Taken when the request completes; a submitted read dropped uncompleted (its connection
-    /// failed mid-reply) is told `None` by `Drop`.
-    done: Option<Done>,
-}
-
-/// Who is told when a request completes.
-enum Done {
-    /// A thread waiting in [`Client::request`].
-    Wait(mpsc::SyncSender<Outcome>),
-    /// A read submitted with [`Client::submit_read`]: called on the reader thread with the data,
-    /// or `None` when the read failed.
-    Call(ReadDone),
-}
-
-/// The completion of a submitted read: the bytes, or `None` if the read failed (the caller
-/// then reads again the waiting way, which reconnects, retries and reports the error).
-pub use crate::storage::ReadDone;
-
-impl Waiter {
-    /// Tells whoever waits; a submitted read's buffer goes back to `spare` afterwards.
-    fn complete(mut self, outcome: Outcome, spare: &Spare) {
-        match self.done.take() {
-            Some(Done::Wait(tx)) => {
-                let _ = tx.try_send(outcome);
-            }
-            Some(Done::Call(f)) => match outcome {
-                Ok(data) => {
-                    f(Some(&data));
-                    spare.put(data);
-                }
-                Err(_) => f(None),
-            },
-            None => {}
-        }
-    }
-}
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        if let Some(Done::Call(f)) = self.done.take() {
-            f(None);
-        }
-    }
-}
-
-/// Read buffers given back for reuse, so that a read does not allocate and zero a new buffer
-/// each time (a 1 MiB read's memset cost 8 % of the server's CPU on the proxy path).
-#[derive(Default)]
-struct Spare(Mutex<Vec<Vec<u8>>>);
-
-impl Spare {
-    fn put(&self, buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > SPARE_MAX_BYTES {
-            return;
-        }
-        let mut spare = lock(&self.0);
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(buf);
-        }
-    }
-
-    /// A buffer of `len` bytes: a recycled one (its old contents are overwritten by the
-    /// reply, which must cover it) or a new one.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let reused = {
-            let mut spare = lock(&self.0);
-            match spare.iter().position(|b| b.len() == len) {
-                Some(i) => Some(spare.swap_remove(i)),
-                None => spare.pop(),
-            }
-        };
-        match reused {
-            Some(mut b) => {
-                b.resize(len, 0);
-                b
-            }
-            None => vec![0u8; len],
-        }
-    }
-}
+use crate::protocol::Request;
+use crate::protocol::consts::cmd;
 
 /// Request headers of submitted reads, written by the connection's sender thread: a caller on
 /// a tokio worker never waits for the socket (a write ahead of it may be a 1 MiB payload, or
@@ -136,13 +35,6 @@ impl Spare {
 struct Outbox {
     queue: Mutex<(Vec<u8>, bool)>,
     ready: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct Pending {
-    waiters: HashMap<u64, Waiter>,
-    /// Set once the connection has failed; no new request is accepted.
-    dead: Option<String>,
 }
 
 /// One negotiated connection.
@@ -172,10 +64,6 @@ impl std::fmt::Debug for Client {
             .field("structured", &self.structured)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Client {
@@ -511,194 +399,4 @@ fn cmd_name(kind: u16) -> &'static str {
         cmd::WRITE_ZEROES => "WRITE_ZEROES",
         _ => "a command",
     }
-}
-
-/// Read buffers kept for reuse per connection, and the largest kept.
-const SPARE_BUFFERS: usize = 32;
-const SPARE_MAX_BYTES: usize = 4 << 20;
-
-/// The reader thread: completes waiters until the connection ends, then fails the rest.
-/// Reply headers are read through this much buffer: one `recv` takes several small replies
-/// (a 4 KiB read's reply is four pieces), and a large payload bypasses it.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-
-fn read_replies(sock: Box<dyn Read + Send>, pending: &Mutex<Pending>, spare: &Spare, uri: &str) {
-    let mut sock = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, sock);
-    let why = loop {
-        match read_one(&mut sock, pending, spare) {
-            Ok(()) => {}
-            Err(e) => break e,
-        }
-    };
-    let waiters = {
-        let mut p = lock(pending);
-        p.dead = Some(why.clone());
-        std::mem::take(&mut p.waiters)
-    };
-    if !waiters.is_empty() {
-        tracing::warn!(
-            upstream = uri,
-            reason = why,
-            failed = waiters.len(),
-            "upstream connection lost with requests in flight"
-        );
-    }
-    for (_, w) in waiters {
-        w.complete(Err(Failed::Dead(why.clone())), spare);
-    }
-}
-
-/// Reads one simple reply or one structured chunk; completes its waiter when it is the last.
-fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>, spare: &Spare) -> Result<(), String> {
-    let mut head = [0u8; CHUNK_HEADER_LEN];
-    sock.read_exact(&mut head[..4])
-        .map_err(|e| format!("reading a reply: {e}"))?;
-    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-    let take = |cookie: u64| -> Result<Waiter, String> {
-        lock(pending)
-            .waiters
-            .remove(&cookie)
-            .ok_or_else(|| format!("a reply for unknown cookie {cookie}"))
-    };
-    match magic {
-        SIMPLE_REPLY_MAGIC => {
-            sock.read_exact(&mut head[4..SIMPLE_REPLY_LEN])
-                .map_err(|e| format!("reading a reply: {e}"))?;
-            let r = SimpleReply::decode(&head[..SIMPLE_REPLY_LEN]).map_err(|e| e.to_string())?;
-            let mut w = take(r.cookie)?;
-            if r.error != 0 {
-                w.complete(Err(Failed::Errno(r.error, String::new())), spare);
-                return Ok(());
-            }
-            // A read's data follows (the request said how long); other commands have none.
-            sock.read_exact(&mut w.data)
-                .map_err(|e| format!("reading read data: {e}"))?;
-            let data = std::mem::take(&mut w.data);
-            w.complete(Ok(data), spare);
-            Ok(())
-        }
-        STRUCTURED_REPLY_MAGIC => {
-            sock.read_exact(&mut head[4..])
-                .map_err(|e| format!("reading a reply chunk: {e}"))?;
-            let h = ChunkHeader::decode(&head).map_err(|e| e.to_string())?;
-            let mut w = take(h.cookie)?;
-            read_chunk(sock, &h, &mut w)?;
-            if h.flags & chunk::FLAG_DONE != 0 {
-                let outcome = match w.error.take() {
-                    Some((errno, msg)) => Err(Failed::Errno(errno, msg)),
-                    None => {
-                        if let Err(why) = covered(&mut w) {
-                            w.complete(Err(Failed::Dead(why.clone())), spare);
-                            return Err(why);
-                        }
-                        Ok(std::mem::take(&mut w.data))
-                    }
-                };
-                w.complete(outcome, spare);
-            } else {
-                lock(pending).waiters.insert(h.cookie, w);
-            }
-            Ok(())
-        }
-        m => Err(format!("a reply with bad magic {m:#010x}")),
-    }
-}
-
-/// Reads one chunk's payload into its waiter.
-fn read_chunk(sock: &mut impl Read, h: &ChunkHeader, w: &mut Waiter) -> Result<(), String> {
-    let len = h.length as usize;
-    match h.kind {
-        chunk::NONE if len == 0 => Ok(()),
-        chunk::OFFSET_DATA if len >= 8 => {
-            let mut off = [0u8; 8];
-            sock.read_exact(&mut off)
-                .map_err(|e| format!("reading a data chunk: {e}"))?;
-            let at = u64::from_be_bytes(off);
-            let range = slot(w, at, len - 8)?;
-            sock.read_exact(&mut w.data[range.clone()])
-                .map_err(|e| format!("reading a data chunk: {e}"))?;
-            w.filled.push(range);
-            Ok(())
-        }
-        chunk::OFFSET_HOLE if len == 12 => {
-            let mut p = [0u8; 12];
-            sock.read_exact(&mut p)
-                .map_err(|e| format!("reading a hole chunk: {e}"))?;
-            let mut r = Reader::new(&p);
-            let (at, n) = (
-                r.u64().map_err(|e| e.to_string())?,
-                r.u32().map_err(|e| e.to_string())?,
-            );
-            let range = slot(w, at, n as usize)?;
-            w.data[range.clone()].fill(0);
-            w.filled.push(range);
-            Ok(())
-        }
-        k if k & (1 << 15) != 0 && (6..=MAX_OPTION_REPLY as usize).contains(&len) => {
-            let mut p = vec![0u8; len];
-            sock.read_exact(&mut p)
-                .map_err(|e| format!("reading an error chunk: {e}"))?;
-            let mut r = Reader::new(&p);
-            let errno = r.u32().map_err(|e| e.to_string())?;
-            let n = r.u16().map_err(|e| e.to_string())?;
-            let msg = r
-                .take(usize::from(n).min(r.remaining()))
-                .map(|m| String::from_utf8_lossy(m).into_owned())
-                .unwrap_or_default();
-            // EIO when the server sends 0 in an error chunk (a server bug).
-            w.error = Some((if errno == 0 { 5 } else { errno }, msg));
-            Ok(())
-        }
-        k => Err(format!("an unexpected reply chunk: type {k}, {len} bytes")),
-    }
-}
-
-/// A successful structured read must have been answered by data and hole chunks that cover
-/// the whole request, without overlapping (the spec's rule): otherwise the buffer would hand
-/// on bytes the reply never sent.
-fn covered(w: &mut Waiter) -> Result<(), String> {
-    let len = w.data.len();
-    if len == 0 {
-        return Ok(());
-    }
-    w.filled.sort_unstable_by_key(|r| r.start);
-    let mut end = 0;
-    for r in &w.filled {
-        if r.start != end {
-            return Err(format!(
-                "a read reply for {}+{len} {} at byte {end} of the request",
-                w.offset,
-                if r.start < end {
-                    "overlapped itself"
-                } else {
-                    "left a gap"
-                }
-            ));
-        }
-        end = r.end;
-    }
-    if end != len {
-        return Err(format!(
-            "a read reply for {}+{len} covered only its first {end} bytes",
-            w.offset
-        ));
-    }
-    Ok(())
-}
-
-/// Where `n` bytes at volume offset `at` go in the waiter's buffer; a chunk outside the
-/// request is a protocol violation.
-fn slot(w: &Waiter, at: u64, n: usize) -> Result<std::ops::Range<usize>, String> {
-    let start = at
-        .checked_sub(w.offset)
-        .and_then(|s| usize::try_from(s).ok())
-        .filter(|s| s.checked_add(n).is_some_and(|e| e <= w.data.len()))
-        .ok_or_else(|| {
-            format!(
-                "a chunk at {at}+{n} outside its request {}+{}",
-                w.offset,
-                w.data.len()
-            )
-        })?;
-    Ok(start..start + n)
 }
