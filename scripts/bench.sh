@@ -17,8 +17,10 @@
 #   nbdkit-luks-proxy    nbdkit --filter=luks nbd (the LUKS image copied into the upstream)
 #   qemu-nbd-luks-proxy  qemu-nbd with a LUKS image whose file is the NBD upstream
 # With --ceph: a single-node Ceph cluster (scripts/ceph-single-node.sh) and qemu-nbd exporting
-# an RBD image; qemu-nbd-rbd is fio straight to it (the reference), nbdcrypt-rbd nbdcrypt in
-# front of it. Volumes are 256 MiB there (the memstore OSD holds them in RAM).
+# an RBD image; qemu-nbd-rbd is fio straight to it over its Unix socket (the reference),
+# nbdcrypt-rbd nbdcrypt in front of it with fio over TCP, and nbdcrypt-rbd-unix the same with fio
+# over a Unix socket, the reference's transport (like for like: on two shared vCPUs loopback
+# TCP's extra cost is visible). Volumes are 256 MiB there (the memstore OSD holds them in RAM).
 # Jobs (fio, nbd engine): seq 1 MiB write/read at QD16, 4 KiB randread/randwrite at QD32, a 70/30
 # 4 KiB mix at QD32, and 4 KiB randread at QD32 over 1, 2 and 4 connections (numjobs).
 # Each round starts every server in turn (fresh, prefilled), runs every job against it, and
@@ -182,7 +184,7 @@ if [[ "$MODE" == proxy ]]; then
     [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-proxy) && JOBS[nbdcrypt-base-proxy]="$FULL"
     ((QUICK)) && for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite randread"; done
 elif [[ "$MODE" == ceph ]]; then
-    SERVERS=(nbdcrypt-rbd qemu-nbd-rbd)
+    SERVERS=(nbdcrypt-rbd nbdcrypt-rbd-unix qemu-nbd-rbd)
     [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-rbd)
     for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite seqread randread"; done
     log "starting a single-node Ceph cluster"
@@ -234,10 +236,14 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     # The LUKS proxies read a LUKS image: copy it into the (empty) upstream first.
     [[ "$name" == *luks-proxy ]] && nbdcopy "$LUKS" "$UP_URI"
     case "$name" in
-        nbdcrypt-proxy | nbdcrypt-rbd | nbdcrypt-base-proxy | nbdcrypt-base-rbd)
-            local bin="$BIN"
+        nbdcrypt-proxy | nbdcrypt-rbd | nbdcrypt-base-proxy | nbdcrypt-base-rbd | nbdcrypt-rbd-unix)
+            local bin="$BIN" listen=(--listen "127.0.0.1:$port")
             [[ "$name" == nbdcrypt-base-* ]] && bin="$BASE_BIN"
-            "${PIN_CLIENT[@]}" "$bin" --log warn serve --listen "127.0.0.1:$port" \
+            if [[ "$name" == *-unix ]]; then
+                rm -f "$WORK/nbdcrypt.sock"
+                listen=(--unix "$WORK/nbdcrypt.sock")
+            fi
+            "${PIN_CLIENT[@]}" "$bin" --log warn serve "${listen[@]}" \
                 --export "name=bench,file=$UP_URI,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;
@@ -318,6 +324,15 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     # same either way.
     [[ "$name" == *-tls ]] && URI="nbds://localhost:$port/bench?tls-verify-peer=false"
     local i
+    if [[ "$name" == *-unix ]]; then
+        URI="nbd+unix:///bench?socket=$WORK/nbdcrypt.sock"
+        for i in $(seq 1 200); do
+            [[ -S "$WORK/nbdcrypt.sock" ]] && return 0
+            kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "$name exited at start"; }
+            sleep 0.05
+        done
+        die "$name did not create its socket"
+    fi
     for i in $(seq 1 200); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
         kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "$name exited at start"; }

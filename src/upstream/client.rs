@@ -339,7 +339,12 @@ impl Drop for Client {
             self.socket.shutdown();
         }
         if let Some(r) = self.reader.take() {
-            let _ = r.join();
+            // The last owner of a volume can be a submitted read's completion, which runs on
+            // the reader thread: dropping the store there drops this client there. The
+            // reader ends by itself once the socket is shut; it cannot wait for itself.
+            if r.thread().id() != std::thread::current().id() {
+                let _ = r.join();
+            }
         }
     }
 }

@@ -29,6 +29,8 @@ enum Script {
     Overlap,
     /// Closes the connection instead of answering a read.
     Hangup,
+    /// Answers each read after 300 ms.
+    Slow,
 }
 
 /// The byte the fake export holds at `offset`.
@@ -139,6 +141,10 @@ fn session(mut s: TcpStream, script: Script, seen: &Mutex<Vec<(u16, u32)>>) -> s
                 let quarter = r.length / 4;
                 match script {
                     Script::Hangup => return Ok(()),
+                    Script::Slow => {
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        data_chunk(&mut out, true, r.cookie, r.offset, r.length);
+                    }
                     Script::RefuseLargeDf if r.flags & cmd_flag::DF != 0 && r.length > 65536 => {
                         let mut p = Vec::new();
                         p.put_u32(err::EOVERFLOW);
@@ -305,5 +311,29 @@ fn a_submitted_read_on_a_dying_connection_is_told_it_failed() {
         rx.recv_timeout(std::time::Duration::from_secs(10)),
         Ok(false),
         "handed back (or failed): never left waiting"
+    );
+}
+
+/// The completion of a submitted read can hold the last reference to the store (a volume
+/// dropped while its read was in flight): the store, and so the connection, is then dropped on
+/// the reader thread itself, which must not wait for its own end.
+#[test]
+fn a_store_dropped_by_its_own_read_completion_shuts_down_cleanly() {
+    // The reply comes after this thread has dropped its reference.
+    let (uri, _) = serve(Script::Slow);
+    let store = std::sync::Arc::new(NbdStore::open(&uri).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let last = std::sync::Arc::clone(&store);
+    let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+        let ok = data.is_some();
+        drop(last);
+        let _ = tx.send(ok);
+    });
+    assert!(store.submit_read(0, 4096, done).is_ok());
+    drop(store);
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(true),
+        "the completion ran to its end after dropping the store"
     );
 }
