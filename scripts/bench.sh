@@ -231,7 +231,7 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     local name="$1" port="$2"
     case "$name" in
         *-proxy) start_upstream memory ;;
-        *-rbd) start_upstream rbd ;;
+        *-rbd | *-rbd-unix) start_upstream rbd ;;
     esac
     # The LUKS proxies read a LUKS image: copy it into the (empty) upstream first.
     [[ "$name" == *luks-proxy ]] && nbdcopy "$LUKS" "$UP_URI"
