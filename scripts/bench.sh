@@ -218,13 +218,17 @@ start_upstream() { # KIND -> sets UP_PID; the upstream of the proxy and Ceph ser
             "rbd:rbd/bench:conf=$WORK/ceph/ceph.conf" >"$WORK/upstream.log" 2>&1 & ;;
     esac
     UP_PID=$!
+    wait_for_socket "$UP_SOCK" "$UP_PID" "$WORK/upstream.log" "the $1 upstream"
+}
+
+wait_for_socket() { # SOCKET PID LOG WHAT: until SOCKET exists; dies if PID exits first
     local i
     for i in $(seq 1 300); do
-        [[ -S "$UP_SOCK" ]] && return 0
-        kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/upstream.log" >&2; die "the $1 upstream exited at start"; }
+        [[ -S "$1" ]] && return 0
+        kill -0 "$2" 2>/dev/null || { cat "$3" >&2; die "$4 exited at start"; }
         sleep 0.05
     done
-    die "the $1 upstream did not come up"
+    die "$4 did not create $1"
 }
 
 start_server() { # NAME PORT -> sets SERVER_PID, URI
@@ -326,12 +330,8 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     local i
     if [[ "$name" == *-unix ]]; then
         URI="nbd+unix:///bench?socket=$WORK/nbdcrypt.sock"
-        for i in $(seq 1 200); do
-            [[ -S "$WORK/nbdcrypt.sock" ]] && return 0
-            kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "$name exited at start"; }
-            sleep 0.05
-        done
-        die "$name did not create its socket"
+        wait_for_socket "$WORK/nbdcrypt.sock" "$SERVER_PID" "$WORK/server.log" "$name"
+        return 0
     fi
     for i in $(seq 1 200); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
