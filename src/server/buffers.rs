@@ -119,12 +119,6 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-impl AsMut<[u8]> for Buffer {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
-    }
-}
-
 impl Drop for Buffer {
     fn drop(&mut self) {
         self.pool.give_back(std::mem::take(&mut self.data));

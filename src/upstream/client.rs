@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex, mpsc};
 use super::UpstreamError;
 pub use super::negotiate::ExportInfo;
 use super::negotiate::{NEGOTIATE_TIMEOUT, greet, haggle, start_tls};
-pub use super::replies::ReadDone;
 use super::replies::{Done, Failed, Pending, Spare, Waiter, lock, read_replies};
 use super::sock::Sock;
 use super::target::Target;
 use crate::protocol::Request;
 use crate::protocol::consts::cmd;
+use crate::storage::ReadDone;
 
 /// Request headers of submitted reads, written by the connection's sender thread: a caller on
 /// a tokio worker never waits for the socket (a write ahead of it may be a 1 MiB payload, or
@@ -52,8 +52,8 @@ pub struct Client {
     outbox: Arc<Outbox>,
     next_cookie: AtomicU64,
     reader: Option<std::thread::JoinHandle<()>>,
-    /// Started by the first [`Client::submit_read`].
-    sender: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Writes the headers queued in `outbox`.
+    sender: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -136,18 +136,28 @@ impl Client {
                 .spawn(move || read_replies(read_half, &pending, &spare, &uri))
                 .map_err(io("cannot start the reply reader"))?
         };
+        let writer = Arc::new(Mutex::new(writer));
+        let outbox = Arc::new(Outbox::default());
+        let sender = {
+            let (outbox, writer) = (Arc::clone(&outbox), Arc::clone(&writer));
+            let socket = socket.try_clone().map_err(io("cannot clone the socket"))?;
+            std::thread::Builder::new()
+                .name("nbdcrypt-upsend".into())
+                .spawn(move || send_queued(&outbox, &writer, &socket))
+                .map_err(io("cannot start the request sender"))?
+        };
         Ok(Client {
             target: target.uri.clone(),
             info,
             structured,
-            writer: Arc::new(Mutex::new(writer)),
+            writer,
             socket,
             pending,
             spare,
-            outbox: Arc::new(Outbox::default()),
+            outbox,
             next_cookie: AtomicU64::new(1),
             reader: Some(reader),
-            sender: Mutex::new(None),
+            sender: Some(sender),
         })
     }
 
@@ -248,18 +258,6 @@ impl Client {
         done: ReadDone,
     ) -> Result<(), ReadDone> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let mut header = Vec::with_capacity(28);
-        Request {
-            flags,
-            kind: cmd::READ,
-            cookie,
-            offset,
-            length,
-        }
-        .encode(&mut header);
-        if !self.sender_running() {
-            return Err(done);
-        }
         {
             let mut p = lock(&self.pending);
             if p.dead.is_some() {
@@ -278,34 +276,19 @@ impl Client {
         }
         let mut q = lock(&self.outbox.queue);
         let wake = q.0.is_empty();
-        q.0.extend_from_slice(&header);
+        Request {
+            flags,
+            kind: cmd::READ,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut q.0);
         drop(q);
         if wake {
             self.outbox.ready.notify_one();
         }
         Ok(())
-    }
-
-    /// Starts the sender thread if it is not running yet; false if it cannot be started.
-    fn sender_running(&self) -> bool {
-        let mut sender = lock(&self.sender);
-        if sender.is_some() {
-            return true;
-        }
-        let Ok(socket) = self.socket.try_clone() else {
-            return false;
-        };
-        let (outbox, writer) = (Arc::clone(&self.outbox), Arc::clone(&self.writer));
-        match std::thread::Builder::new()
-            .name("nbdcrypt-upsend".into())
-            .spawn(move || send_queued(&outbox, &writer, &socket))
-        {
-            Ok(t) => {
-                *sender = Some(t);
-                true
-            }
-            Err(_) => false,
-        }
     }
 
     fn dead(&self, why: &str) -> UpstreamError {
@@ -320,7 +303,7 @@ impl Drop for Client {
     fn drop(&mut self) {
         lock(&self.outbox.queue).1 = true;
         self.outbox.ready.notify_one();
-        if let Some(t) = lock(&self.sender).take() {
+        if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
         let mut disc = Vec::with_capacity(28);

@@ -154,6 +154,13 @@ impl NbdStore {
         Ok((data, session))
     }
 
+    /// Whether `offset..offset+len` lies inside the export.
+    fn inside(&self, offset: u64, len: usize) -> bool {
+        offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.info().size)
+    }
+
     /// Connections in use.
     pub fn connections(&self) -> usize {
         self.sessions.len()
@@ -253,10 +260,7 @@ impl Storage for NbdStore {
         // The reply buffers are handed to `f` as they arrive, instead of being copied into the
         // caller's buffer first. Only where every piece starts on a 4096-byte boundary and the
         // whole range is inside the export (past the end reads as zeroes: the caller's read).
-        let inside = offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= self.info().size);
-        if !inside || !self.piece().is_multiple_of(4096) {
+        if !self.inside(offset, len) || !self.piece().is_multiple_of(4096) {
             return Ok(false);
         }
         self.pieces(offset, len, |at, r| {
@@ -272,17 +276,13 @@ impl Storage for NbdStore {
     fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
         // One request, inside the export and within the upstream's block sizes; anything
         // else is read the waiting way.
-        let fits = len <= self.piece()
+        let fits = len > 0
+            && len <= self.piece()
             && self.aligned(offset, len as u64).is_ok()
-            && offset
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= self.info().size);
-        let Ok(n) = u32::try_from(len) else {
+            && self.inside(offset, len);
+        let (true, Ok(n)) = (fits, u32::try_from(len)) else {
             return Err(done);
         };
-        if !fits || n == 0 {
-            return Err(done);
-        }
         self.client()
             .submit_read(self.read_flags(n), offset, n, done)
     }

@@ -10,6 +10,7 @@ use super::negotiate::MAX_OPTION_REPLY;
 use crate::protocol::consts::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk};
 use crate::protocol::transmission::{CHUNK_HEADER_LEN, SIMPLE_REPLY_LEN};
 use crate::protocol::{ChunkHeader, Reader, SimpleReply};
+use crate::storage::ReadDone;
 
 /// The outcome of one request: its data (reads) or the server's error value.
 pub(super) type Outcome = Result<Vec<u8>, Failed>;
@@ -47,10 +48,6 @@ pub(super) enum Done {
     /// or `None` when the read failed.
     Call(ReadDone),
 }
-
-/// The completion of a submitted read: the bytes, or `None` if the read failed (the caller
-/// then reads again the waiting way, which reconnects, retries and reports the error).
-pub use crate::storage::ReadDone;
 
 impl Waiter {
     /// Tells whoever waits; a submitted read's buffer goes back to `spare` afterwards.

@@ -95,8 +95,8 @@ impl Session {
         flags: u16,
         offset: u64,
         length: u32,
-        done: super::client::ReadDone,
-    ) -> Result<(), super::client::ReadDone> {
+        done: crate::storage::ReadDone,
+    ) -> Result<(), crate::storage::ReadDone> {
         self.current().1.submit_read(flags, offset, length, done)
     }
 

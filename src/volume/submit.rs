@@ -15,10 +15,10 @@ impl EncryptedVolume {
     /// this one: `Ok(out)` decrypted, or `Err(out)` for "read it with [`read`](Self::read)".
     pub fn submit_read<B, F>(self: &Arc<Self>, offset: u64, mut out: B, done: F)
     where
-        B: AsMut<[u8]> + Send + 'static,
+        B: std::ops::DerefMut<Target = [u8]> + Send + 'static,
         F: FnOnce(Result<B, B>) + Send + 'static,
     {
-        let len = out.as_mut().len();
+        let len = out.len();
         let sector = self.sector();
         let aligned = offset.is_multiple_of(sector) && (len as u64).is_multiple_of(sector);
         if len == 0 || !aligned || self.check(offset, len as u64).is_err() {
@@ -32,7 +32,7 @@ impl EncryptedVolume {
             };
             let decrypted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 crate::faults::panic_point(offset);
-                me.decrypt_from(first, src, out.as_mut())
+                me.decrypt_from(first, src, &mut out)
             }));
             match decrypted {
                 Ok(Ok(())) => done(Ok(out)),
