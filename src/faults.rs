@@ -30,3 +30,12 @@ pub fn panic_point(offset: u64) {
         panic!("fault injection: NBDCRYPT_PANIC_AT_OFFSET={offset}");
     }
 }
+
+/// What a caught panic said (its `&str` or `String` payload).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

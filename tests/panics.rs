@@ -92,3 +92,51 @@ fn panics_in_any_placement_answer_eio_and_the_server_carries_on() {
     }
     assert!(log.contains("stopped"), "{log}");
 }
+
+/// The same over an upstream NBD export, where reads and writes are submitted (no thread waits
+/// for them) and a write is encrypted before it is sent: a panic while encrypting a submitted
+/// write, or while decrypting a submitted read, costs that request an `EIO`; nothing of the
+/// write reaches the upstream, and the server carries on.
+#[test]
+fn panics_on_the_submitted_path_answer_eio_and_the_server_carries_on() {
+    if !common::peer_available("nbdkit", common::have("nbdkit")) {
+        return;
+    }
+    let dir = TempDir::new("panics-upstream");
+    let kit = common::nbdkit::Nbdkit::start(&dir, "kit", &["memory", "16M"]);
+    let mut rng = Rng::new(seed("panics upstream"));
+    let (key, _) = key_file(&dir, "k", &mut rng);
+    let spec = format!("name=p,file={},key-file={}", kit.uri(""), key.display());
+    let server = Server::try_start(
+        &dir,
+        &[spec],
+        &[],
+        &[("NBDCRYPT_PANIC_AT_OFFSET", &AT.to_string())],
+    )
+    .unwrap();
+    let mut s = raw_connect(&server.addr, "p");
+    // A small write (encrypted inline) and a large one (on a crypto worker).
+    for (cookie, len) in [(2u64, 4096usize), (3, 1 << 20)] {
+        let mut w = raw_request(cmd::WRITE, cookie, AT, u32::try_from(len).unwrap());
+        w.extend_from_slice(&vec![7u8; len]);
+        s.write_all(&w).unwrap();
+        assert_eq!(reply_error(&mut s, 0), err::EIO, "{len}-byte write");
+    }
+    s.write_all(&raw_request(cmd::READ, 4, AT, 4096)).unwrap();
+    assert_eq!(reply_error(&mut s, 4096), err::EIO);
+    // Everything else still works; the failed writes left the sector as it was.
+    raw_write(&mut s, 5, 8192, &[9u8; 65536], 0);
+    assert_eq!(raw_read(&mut s, 6, 8192, 65536), vec![9u8; 65536]);
+    let log = server.stop();
+    assert!(log.matches("request panicked").count() >= 3, "{log}");
+    assert!(common::placed(&log, "submitted") >= 4, "{log}");
+    // The export is raw (no header): volume offsets are upstream offsets. Nothing of the
+    // failed writes went up (nbdkit's memory starts as zeroes).
+    let store = nbdcrypt::upstream::NbdStore::open(&kit.uri("")).unwrap();
+    let mut up = vec![0xFFu8; 1 << 20];
+    nbdcrypt::storage::Storage::read_at(&store, &mut up, AT).unwrap();
+    assert!(
+        up.iter().all(|&b| b == 0),
+        "a failed write reached the upstream"
+    );
+}

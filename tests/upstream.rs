@@ -344,6 +344,24 @@ fn the_store_reconnects_to_a_restarted_upstream_and_flushes_honestly() {
     let e = store.sync().unwrap_err();
     assert!(e.to_string().contains("may not be durable"), "{e}");
     store.sync().unwrap();
+
+    // The same for a write submitted without waiting: its acknowledgement counts as well.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let data: nbdcrypt::storage::WriteData = Arc::new(rng.bytes(4096));
+    let done: nbdcrypt::storage::ReadDone = Box::new(move |acked| {
+        let _ = tx.send(acked.is_some());
+    });
+    assert!(store.submit_write(3 << 20, data, done).is_ok());
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    let mut kit = _kit;
+    kit.child.kill().unwrap();
+    kit.child.wait().unwrap();
+    let _kit = Nbdkit::start(&dir, "kit", &["file", &file_arg]);
+    store.read_at(&mut first, 0).unwrap();
+    assert_eq!(store.reconnects(), 3);
+    let e = store.sync().unwrap_err();
+    assert!(e.to_string().contains("may not be durable"), "{e}");
+    store.sync().unwrap();
 }
 
 /// Served over an upstream that dies: with `--upstream-timeout 1`, a client's read is answered

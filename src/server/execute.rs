@@ -14,7 +14,7 @@ use super::pipeline::{
 };
 use super::validate::Command;
 use crate::protocol::transmission;
-use crate::volume::EncryptedVolume;
+use crate::volume::{EncryptedVolume, Written};
 
 /// Runs `work` where [`placement`] puts it and sends its reply, with `permits` attached, to
 /// the connection's writer. Inline work is done before this returns; work placed on the
@@ -72,9 +72,12 @@ fn blocking(
     });
 }
 
-/// Submits a read (`Placement::Submitted`): the thread that receives the store's reply
-/// decrypts it and queues the reply; whatever that path cannot do (a failed read, a dead
-/// connection, a withdrawn key, a panic) runs again on the blocking pool, the waiting way.
+/// Submits a read or a write (`Placement::Submitted`): the thread that receives the store's
+/// reply decrypts a read and queues the reply. A write is encrypted first, on this task or
+/// (`split`: a large one) on a crypto worker, which then submits it. Whatever this path cannot
+/// do (a failed request, a dead connection, a withdrawn key, a panic) runs again on the
+/// blocking pool, the waiting way (a write's ciphertext is written as it is, not encrypted
+/// twice).
 fn submit(
     volume: &Arc<EncryptedVolume>,
     resources: &Resources,
@@ -82,30 +85,88 @@ fn submit(
     permits: Permits,
     tx: &mpsc::Sender<Reply>,
 ) {
-    let Command::Read { offset, len } = work.cmd else {
-        return blocking(volume, resources, work, permits, tx);
-    };
     let (structured, cookie) = (work.structured, work.cookie);
     let (tx, vol, res) = (tx.clone(), Arc::clone(volume), resources.clone());
     let runtime = tokio::runtime::Handle::current();
-    let data = resources.buffers.take(len as usize);
-    volume.submit_read(offset, data, move |read| match read {
-        Ok(data) => {
-            let mut reply = read_reply(structured, cookie, offset, len, data);
-            reply.permits = Some(permits);
-            // Never blocks the receiving thread: a full queue (the writer is behind) hands
-            // the reply to a task instead.
-            if let Err(mpsc::error::TrySendError::Full(reply)) = tx.try_send(reply) {
-                runtime.spawn(async move {
-                    let _ = tx.send(reply).await;
+    match work.cmd {
+        Command::Read { offset, len } => {
+            let data = resources.buffers.take(len as usize);
+            volume.submit_read(offset, data, move |read| match read {
+                Ok(data) => {
+                    let reply = read_reply(structured, cookie, offset, len, data);
+                    answer(&runtime, &tx, reply, permits);
+                }
+                Err(_) => {
+                    let _enter = runtime.enter();
+                    blocking(&vol, &res, work, permits, &tx);
+                }
+            });
+        }
+        Command::Write {
+            offset, fua: false, ..
+        } => {
+            let Work { payload, .. } = work;
+            let Some(data) = payload else {
+                return blocking(volume, resources, Work { payload, ..work }, permits, &tx);
+            };
+            let (cmd, on_workers) = (work.cmd, work.split);
+            let volume = Arc::clone(volume);
+            let start = move || {
+                volume.submit_write(offset, data, move |written| {
+                    let result = match written {
+                        Written::Done => Ok(()),
+                        Written::Failed(e) => Err(e),
+                        Written::Declined(data) => {
+                            let work = Work {
+                                structured,
+                                cookie,
+                                cmd,
+                                payload: Some(data),
+                                split: false,
+                            };
+                            let _enter = runtime.enter();
+                            return blocking(&vol, &res, work, permits, &tx);
+                        }
+                        // Never waited for here: this may be the store's reply reader.
+                        Written::Pending(ciphertext) => {
+                            let handle = runtime.clone();
+                            runtime.spawn_blocking(move || {
+                                let done = ciphertext.write();
+                                let reply = outcome_reply(structured, cookie, &cmd, done);
+                                answer(&handle, &tx, reply, permits);
+                            });
+                            return;
+                        }
+                    };
+                    let reply = outcome_reply(structured, cookie, &cmd, result);
+                    answer(&runtime, &tx, reply, permits);
                 });
+            };
+            if on_workers {
+                resources.workers.spawn(start);
+            } else {
+                start();
             }
         }
-        Err(_) => {
-            let _enter = runtime.enter();
-            blocking(&vol, &res, work, permits, &tx);
-        }
-    });
+        _ => blocking(volume, resources, work, permits, &tx),
+    }
+}
+
+/// Queues `reply` (with `permits`) for the connection's writer without ever blocking the
+/// calling thread (the store's reply reader): a full queue hands it to a task instead.
+fn answer(
+    runtime: &tokio::runtime::Handle,
+    tx: &mpsc::Sender<Reply>,
+    mut reply: Reply,
+    permits: Permits,
+) {
+    reply.permits = Some(permits);
+    if let Err(mpsc::error::TrySendError::Full(reply)) = tx.try_send(reply) {
+        let tx = tx.clone();
+        runtime.spawn(async move {
+            let _ = tx.send(reply).await;
+        });
+    }
 }
 
 /// [`execute`], with a panic turned into an `EIO` reply for this request alone: logged with the
@@ -119,11 +180,7 @@ fn execute_guarded(volume: &EncryptedVolume, resources: &Resources, work: Work) 
     })) {
         Ok(reply) => reply,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::faults::panic_message(&*panic);
             tracing::error!(cookie, command = ?cmd, panic = what, "request panicked: answered EIO; the server carries on");
             error_reply(
                 structured,
@@ -212,10 +269,20 @@ pub fn execute(volume: &EncryptedVolume, resources: &Resources, work: Work) -> R
         },
         Command::Disc => Ok(()),
     };
+    outcome_reply(structured, cookie, &cmd, result)
+}
+
+/// The reply to a request that carries no data.
+fn outcome_reply(
+    structured: bool,
+    cookie: u64,
+    cmd: &Command,
+    result: Result<(), crate::volume::VolumeError>,
+) -> Reply {
     match result {
         Ok(()) => ok_reply(structured, cookie),
         Err(e) => {
-            tracing::debug!(cookie, error = %e, "request failed");
+            tracing::debug!(cookie, command = ?cmd, error = %e, "request failed");
             error_reply(structured, cookie, errno_of(&e), &e.to_string())
         }
     }

@@ -118,11 +118,7 @@ impl Workers {
             .thread_name(|i| format!("nbdcrypt-worker-{i}"))
             // Without a handler rayon aborts the process on a panic in a spawned job.
             .panic_handler(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let what = crate::faults::panic_message(&*panic);
                 tracing::error!(
                     panic = what,
                     "a crypto worker job panicked; the worker carries on"

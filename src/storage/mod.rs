@@ -138,10 +138,25 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = (offset, len);
         Err(done)
     }
+    /// Starts writing `data` at `offset` without waiting for it: `done` runs later, on another
+    /// thread, with `Some` once the store acknowledged the write, or with `None` if it failed
+    /// (the caller then writes `data` again the waiting way, which reports the error). The
+    /// store holds on to `data` until it is sent; the caller must not change it meanwhile (it
+    /// is shared, so it cannot). Stores with nothing to wait for on a network hand `done`
+    /// back, as does a store that cannot start this write.
+    fn submit_write(&self, offset: u64, data: WriteData, done: ReadDone) -> Result<(), ReadDone> {
+        let _ = (offset, data);
+        Err(done)
+    }
 }
 
-/// The completion of [`Storage::submit_read`].
+/// The completion of [`Storage::submit_read`] and [`Storage::submit_write`]: `Some` with the
+/// bytes read (empty for a write), or `None` when the request failed.
 pub type ReadDone = Box<dyn FnOnce(Option<&[u8]>) + Send>;
+
+/// The bytes of a submitted write, shared by the store (until they are sent) and the caller
+/// (which writes them again if the write fails).
+pub type WriteData = std::sync::Arc<dyn std::ops::Deref<Target = [u8]> + Send + Sync>;
 
 /// A shared store (tests keep a handle to inspect the ciphertext a volume wrote).
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -197,6 +212,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
         (**self).submit_read(offset, len, done)
+    }
+    fn submit_write(&self, offset: u64, data: WriteData, done: ReadDone) -> Result<(), ReadDone> {
+        (**self).submit_write(offset, data, done)
     }
     fn has_locks(&self) -> bool {
         (**self).has_locks()

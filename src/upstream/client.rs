@@ -7,9 +7,9 @@
 //! whose cookie each names. So a caller blocks only on its own round trip, and the server sees
 //! as many requests in flight as there are callers (the crypto workers, the blocking pool).
 //! These are plain threads and blocking sockets: no tokio worker ever waits on the upstream.
-//! Small reads can also be submitted without waiting ([`Client::submit_read`]): their headers
-//! go out through the connection's sender thread and the reader thread runs their completion
-//! (`replies`).
+//! Reads and writes can also be submitted without waiting ([`Client::submit_read`],
+//! [`Client::submit_write`]): their headers (and a write's payload, uncopied) go out through
+//! the connection's sender thread and the reader thread runs their completion (`replies`).
 //!
 //! A connection that fails (EOF, a socket error, a reply the client cannot parse) is dead:
 //! every waiting and later request fails with an error naming the upstream and the reason.
@@ -26,15 +26,33 @@ use super::sock::Sock;
 use super::target::Target;
 use crate::protocol::Request;
 use crate::protocol::consts::cmd;
-use crate::storage::ReadDone;
+use crate::storage::{ReadDone, WriteData};
 
-/// Request headers of submitted reads, written by the connection's sender thread: a caller on
-/// a tokio worker never waits for the socket (a write ahead of it may be a 1 MiB payload, or
-/// the upstream may have stopped reading). Headers that pile up go out in one write.
+/// Submitted requests (reads, and writes with their payload), written by the connection's
+/// sender thread: a caller on a tokio worker never waits for the socket (a write ahead of it
+/// may be a 1 MiB payload, or the upstream may have stopped reading). Requests that pile up go
+/// out in one vectored write.
 #[derive(Default)]
 struct Outbox {
-    queue: Mutex<(Vec<u8>, bool)>,
+    queue: Mutex<Queued>,
     ready: std::sync::Condvar,
+}
+
+/// What the sender thread has still to write.
+#[derive(Default)]
+struct Queued {
+    /// Request headers, back to back.
+    headers: Vec<u8>,
+    /// Write payloads and where each goes: after the first `.0` bytes of `headers`.
+    payloads: Vec<(usize, WriteData)>,
+    /// The client is closing: the sender ends.
+    closed: bool,
+}
+
+impl Queued {
+    fn is_empty(&self) -> bool {
+        self.headers.is_empty()
+    }
 }
 
 /// One negotiated connection.
@@ -215,7 +233,11 @@ impl Client {
         .encode(&mut header);
         let sent = {
             let mut w = lock(&self.writer);
-            write_all_vectored(&mut *w, &header, payload.unwrap_or_default())
+            let mut slices = [
+                std::io::IoSlice::new(&header),
+                std::io::IoSlice::new(payload.unwrap_or_default()),
+            ];
+            write_all_vectored(&mut *w, &mut slices)
         };
         if let Err(e) = sent {
             // The reader sees the broken socket too; make sure this waiter does not linger.
@@ -274,21 +296,76 @@ impl Client {
                 },
             );
         }
-        let mut q = lock(&self.outbox.queue);
-        let wake = q.0.is_empty();
-        Request {
-            flags,
-            kind: cmd::READ,
-            cookie,
-            offset,
-            length,
+        self.enqueue(
+            Request {
+                flags,
+                kind: cmd::READ,
+                cookie,
+                offset,
+                length,
+            },
+            None,
+        );
+        Ok(())
+    }
+
+    /// Sends a write without waiting for it: `data` goes out from the sender thread (no copy),
+    /// and `done` runs on the reply reader thread with `Some` once the server acknowledged the
+    /// write, or `None` if it failed or the connection died first. Hands `done` back when the
+    /// connection is already dead.
+    pub fn submit_write(
+        &self,
+        flags: u16,
+        offset: u64,
+        data: WriteData,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let Ok(length) = u32::try_from((*data).len()) else {
+            return Err(done);
+        };
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = lock(&self.pending);
+            if p.dead.is_some() {
+                return Err(done);
+            }
+            p.waiters.insert(
+                cookie,
+                Waiter {
+                    offset,
+                    data: Vec::new(),
+                    filled: Vec::new(),
+                    error: None,
+                    done: Some(Done::Call(done)),
+                },
+            );
         }
-        .encode(&mut q.0);
+        self.enqueue(
+            Request {
+                flags,
+                kind: cmd::WRITE,
+                cookie,
+                offset,
+                length,
+            },
+            Some(data),
+        );
+        Ok(())
+    }
+
+    /// Queues a request (and a write's payload) for the sender thread.
+    fn enqueue(&self, request: Request, payload: Option<WriteData>) {
+        let mut q = lock(&self.outbox.queue);
+        let wake = q.is_empty();
+        request.encode(&mut q.headers);
+        if let Some(data) = payload {
+            let at = q.headers.len();
+            q.payloads.push((at, data));
+        }
         drop(q);
         if wake {
             self.outbox.ready.notify_one();
         }
-        Ok(())
     }
 
     fn dead(&self, why: &str) -> UpstreamError {
@@ -301,7 +378,7 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        lock(&self.outbox.queue).1 = true;
+        lock(&self.outbox.queue).closed = true;
         self.outbox.ready.notify_one();
         if let Some(t) = self.sender.take() {
             let _ = t.join();
@@ -332,29 +409,40 @@ impl Drop for Client {
     }
 }
 
-/// The sender thread: writes queued request headers until the client closes the outbox. A
-/// failed write shuts the socket down, so the reader fails every waiting request.
+/// The sender thread: writes queued requests until the client closes the outbox. A failed
+/// write shuts the socket down, so the reader fails every waiting request.
 fn send_queued(outbox: &Outbox, writer: &Mutex<Box<dyn Write + Send>>, socket: &Sock) {
-    let mut batch = Vec::new();
+    let mut batch = Queued::default();
     loop {
         {
             let mut q = lock(&outbox.queue);
-            while q.0.is_empty() && !q.1 {
+            while q.is_empty() && !q.closed {
                 q = outbox
                     .ready
                     .wait(q)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-            if q.0.is_empty() {
+            if q.is_empty() {
                 return;
             }
-            std::mem::swap(&mut q.0, &mut batch);
+            std::mem::swap(&mut q.headers, &mut batch.headers);
+            std::mem::swap(&mut q.payloads, &mut batch.payloads);
         }
         let sent = {
+            let mut slices = Vec::with_capacity(batch.payloads.len() * 2 + 1);
+            let mut from = 0;
+            for (at, data) in &batch.payloads {
+                slices.push(std::io::IoSlice::new(&batch.headers[from..*at]));
+                slices.push(std::io::IoSlice::new(data));
+                from = *at;
+            }
+            slices.push(std::io::IoSlice::new(&batch.headers[from..]));
             let mut w = lock(writer);
-            w.write_all(&batch).and_then(|()| w.flush())
+            write_all_vectored(&mut *w, &mut slices).and_then(|()| w.flush())
         };
-        batch.clear();
+        batch.headers.clear();
+        // The payloads' buffers go back to their owners (or wait for a resend).
+        batch.payloads.clear();
         if sent.is_err() {
             socket.shutdown();
             return;
@@ -362,11 +450,12 @@ fn send_queued(outbox: &Outbox, writer: &Mutex<Box<dyn Write + Send>>, socket: &
     }
 }
 
-/// Writes `a` then `b` with as few (vectored) writes as the socket takes.
-fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> std::io::Result<()> {
-    let mut bufs = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
-    let mut rest = &mut bufs[..];
-    while !rest.is_empty() && rest.iter().any(|s| !s.is_empty()) {
+/// Writes every slice, in order, with as few (vectored) writes as the socket takes.
+fn write_all_vectored(
+    w: &mut impl Write,
+    mut rest: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    while rest.iter().any(|s| !s.is_empty()) {
         let n = w.write_vectored(rest)?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

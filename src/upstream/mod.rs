@@ -5,8 +5,9 @@
 //!
 //! [`NbdStore`] implements [`Storage`] over negotiated [`client::Client`] connections, each kept
 //! up by a [`session::Session`] (reconnects, the upstream timeout, flush honesty): the calls
-//! are synchronous round trips, made from the crypto workers and the blocking pool, and many of
-//! them are in flight on each connection at once. Where the upstream advertises
+//! are synchronous round trips, made from the blocking pool, or submitted without waiting
+//! (small reads, writes without FUA), and many of them are in flight on each connection at
+//! once. Where the upstream advertises
 //! `CAN_MULTI_CONN` (a flush on one connection covers writes completed on all), requests are
 //! spread over [`Options::connections`] connections, round robin; otherwise one connection
 //! carries everything. Requests larger than the upstream's maximum payload are split; offsets
@@ -18,7 +19,7 @@
 pub mod client;
 mod error;
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 mod negotiate;
 mod replies;
 pub mod session;
@@ -36,7 +37,7 @@ pub use session::{DEFAULT_TIMEOUT, Session};
 pub use target::{Address, BadUri, Target, is_uri};
 
 use crate::protocol::consts::{cmd, cmd_flag, err, flag};
-use crate::storage::{Extent, ReadDone, Storage};
+use crate::storage::{Extent, ReadDone, Storage, WriteData};
 
 /// How an upstream is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +162,16 @@ impl NbdStore {
             .is_some_and(|end| end <= self.info().size)
     }
 
+    /// The length of `offset..offset+len` as one request: inside the export and within the
+    /// upstream's block sizes. `None` for anything else (done the waiting way, in pieces).
+    fn one_piece(&self, offset: u64, len: usize) -> Option<u32> {
+        let fits = len > 0
+            && len <= self.piece()
+            && self.aligned(offset, len as u64).is_ok()
+            && self.inside(offset, len);
+        fits.then(|| u32::try_from(len).ok()).flatten()
+    }
+
     /// Connections in use.
     pub fn connections(&self) -> usize {
         self.sessions.len()
@@ -274,17 +285,18 @@ impl Storage for NbdStore {
     }
 
     fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
-        // One request, inside the export and within the upstream's block sizes; anything
-        // else is read the waiting way.
-        let fits = len > 0
-            && len <= self.piece()
-            && self.aligned(offset, len as u64).is_ok()
-            && self.inside(offset, len);
-        let (true, Ok(n)) = (fits, u32::try_from(len)) else {
+        let Some(n) = self.one_piece(offset, len) else {
             return Err(done);
         };
         self.client()
             .submit_read(self.read_flags(n), offset, n, done)
+    }
+
+    fn submit_write(&self, offset: u64, data: WriteData, done: ReadDone) -> Result<(), ReadDone> {
+        if self.one_piece(offset, data.len()).is_none() {
+            return Err(done);
+        }
+        self.client().submit_write(0, offset, data, done)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

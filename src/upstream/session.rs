@@ -40,8 +40,8 @@ pub struct Session {
     current: RwLock<(u64, Arc<Client>)>,
     /// Held while reconnecting, so that one request reconnects and the others wait for it.
     reconnecting: Mutex<()>,
-    /// Writes (and zeroings) acknowledged, counted.
-    written: AtomicU64,
+    /// Writes (and zeroings) acknowledged, counted (also by submitted writes' completions).
+    written: Arc<AtomicU64>,
     /// The value of `written` that the last acknowledged FLUSH covered.
     flushed: AtomicU64,
     /// A connection died after acknowledging writes that no flush covered.
@@ -58,7 +58,7 @@ impl Session {
             timeout,
             current: RwLock::new((0, Arc::new(client))),
             reconnecting: Mutex::new(()),
-            written: AtomicU64::new(0),
+            written: Arc::new(AtomicU64::new(0)),
             flushed: AtomicU64::new(0),
             unflushed_lost: AtomicBool::new(false),
         })
@@ -98,6 +98,26 @@ impl Session {
         done: crate::storage::ReadDone,
     ) -> Result<(), crate::storage::ReadDone> {
         self.current().1.submit_read(flags, offset, length, done)
+    }
+
+    /// [`Client::submit_write`] on the current connection: an acknowledged write counts for
+    /// flush honesty as one sent with [`request`](Self::request) does. No retry here either: a
+    /// failed write tells `done` `None`, and the caller writes again with `request`.
+    pub fn submit_write(
+        &self,
+        flags: u16,
+        offset: u64,
+        data: crate::storage::WriteData,
+        done: crate::storage::ReadDone,
+    ) -> Result<(), crate::storage::ReadDone> {
+        let written = Arc::clone(&self.written);
+        let counted: crate::storage::ReadDone = Box::new(move |acked| {
+            if acked.is_some() {
+                written.fetch_add(1, Ordering::SeqCst);
+            }
+            done(acked);
+        });
+        self.current().1.submit_write(flags, offset, data, counted)
     }
 
     /// Gives a read's buffer back for reuse ([`Client::recycle`]).

@@ -44,6 +44,7 @@ use crate::storage::Storage;
 
 use locks::StripeLocks;
 use span::Span;
+pub use submit::{Ciphertext, Written};
 
 /// Static properties of a volume.
 #[derive(Debug, Clone)]
