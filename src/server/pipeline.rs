@@ -66,9 +66,9 @@ pub enum Placement {
 ///   for the thread that receives the upstream's reply. And writes without FUA: encrypted
 ///   (inline below the split threshold, on a crypto worker above it: `split` then means that)
 ///   and submitted (`Volume::submit_write`), acknowledged by the thread that receives the
-///   upstream's reply. Encrypting 1 MiB writes on the connection's task measured 0.81× of
+///   upstream's reply. Encrypting 1 MiB writes on the connection's task measured 0.95× of
 ///   the waiting way (that task then received and encrypted every request of the connection
-///   in turn); on a worker 1.06× (BENCHMARKING.md).
+///   in turn); on a worker 1.08× (BENCHMARKING.md).
 pub fn placement(
     cmd: &Command,
     workers: &Workers,
