@@ -105,8 +105,7 @@ fn panics_on_the_submitted_path_answer_eio_and_the_server_carries_on() {
     let dir = TempDir::new("panics-upstream");
     let kit = common::nbdkit::Nbdkit::start(&dir, "kit", &["memory", "16M"]);
     let mut rng = Rng::new(seed("panics upstream"));
-    let (key, _) = key_file(&dir, "k", &mut rng);
-    let spec = format!("name=p,file={},key-file={}", kit.uri(""), key.display());
+    let spec = kit.export_spec(&dir, "p", &mut rng);
     let server = Server::try_start(
         &dir,
         &[spec],

@@ -256,8 +256,7 @@ fn served_over_an_upstream_fio_verifies_and_only_ciphertext_goes_up() {
     let dir = TempDir::new("upstream-serve");
     let kit = Nbdkit::start(&dir, "kit", &["memory", "64M"]);
     let mut rng = Rng::new(seed("upstream serve"));
-    let (key, _) = common::key_file(&dir, "k", &mut rng);
-    let spec = format!("name=up,file={},key-file={}", kit.uri(""), key.display());
+    let spec = kit.export_spec(&dir, "up", &mut rng);
     let server = common::Server::start(&dir, &[spec]);
     common::volumes::fio_verify_randrw(&dir, &server.uri("up"), 4, 8, "4k");
     // A plaintext pattern written through the server never reaches nbdkit.
@@ -375,8 +374,7 @@ fn a_served_export_answers_eio_when_its_upstream_stays_away() {
     let dir = TempDir::new("upstream-eio");
     let mut kit = Nbdkit::start(&dir, "kit", &["memory", "8M"]);
     let mut rng = Rng::new(seed("upstream eio"));
-    let (key, _) = common::key_file(&dir, "k", &mut rng);
-    let spec = format!("name=up,file={},key-file={}", kit.uri(""), key.display());
+    let spec = kit.export_spec(&dir, "up", &mut rng);
     let server = common::Server::start_with(&dir, &[spec], &["--upstream-timeout", "1"]);
     let mut s = common::raw_connect(&server.addr, "up");
     assert_eq!(common::raw_read(&mut s, 1, 0, 4096), vec![0u8; 4096]);

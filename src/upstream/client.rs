@@ -17,6 +17,7 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use super::UpstreamError;
 pub use super::negotiate::ExportInfo;
@@ -24,6 +25,7 @@ use super::negotiate::{NEGOTIATE_TIMEOUT, greet, haggle, start_tls};
 use super::replies::{Done, Failed, Pending, Spare, Waiter, lock, read_replies};
 use super::sock::Sock;
 use super::target::Target;
+use super::watchdog::Watchdog;
 use crate::protocol::Request;
 use crate::protocol::consts::cmd;
 use crate::storage::{ReadDone, WriteData};
@@ -70,6 +72,8 @@ pub struct Client {
     outbox: Arc<Outbox>,
     next_cookie: AtomicU64,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Drops the connection when the upstream stops answering; stops with the client.
+    _watchdog: Watchdog,
     /// Writes the headers queued in `outbox`.
     sender: Option<std::thread::JoinHandle<()>>,
 }
@@ -85,8 +89,10 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to `target`, negotiates, and starts the reply reader.
-    pub fn connect(target: &Target) -> Result<Client, UpstreamError> {
+    /// Connects to `target`, negotiates, and starts the reply reader. `limit` bounds the
+    /// negotiation and how long a request may go unanswered before the connection is dropped
+    /// (the upstream timeout).
+    pub fn connect(target: &Target, limit: Duration) -> Result<Client, UpstreamError> {
         let io = |what: &'static str| {
             let uri = target.uri.clone();
             move |source| UpstreamError::Io {
@@ -96,7 +102,7 @@ impl Client {
             }
         };
         let mut sock = Sock::connect(&target.address).map_err(io("cannot connect"))?;
-        sock.set_timeouts(Some(NEGOTIATE_TIMEOUT))
+        sock.set_timeouts(Some(NEGOTIATE_TIMEOUT.min(limit)))
             .map_err(io("cannot set a timeout"))?;
         greet(&mut sock, target)?;
         let socket = sock.try_clone().map_err(io("cannot clone the socket"))?;
@@ -164,6 +170,12 @@ impl Client {
                 .spawn(move || send_queued(&outbox, &writer, &socket))
                 .map_err(io("cannot start the request sender"))?
         };
+        let watchdog = Watchdog::start(
+            limit,
+            Arc::clone(&pending),
+            socket.try_clone().map_err(io("cannot clone the socket"))?,
+        )
+        .map_err(io("cannot start the watchdog"))?;
         Ok(Client {
             target: target.uri.clone(),
             info,
@@ -175,6 +187,7 @@ impl Client {
             outbox,
             next_cookie: AtomicU64::new(1),
             reader: Some(reader),
+            _watchdog: watchdog,
             sender: Some(sender),
         })
     }
@@ -211,16 +224,8 @@ impl Client {
             } else {
                 Vec::new()
             };
-            p.waiters.insert(
-                cookie,
-                Waiter {
-                    offset,
-                    data,
-                    filled: Vec::new(),
-                    error: None,
-                    done: Some(Done::Wait(done)),
-                },
-            );
+            p.waiters
+                .insert(cookie, Waiter::new(offset, data, Done::Wait(done)));
         }
         let mut header = Vec::with_capacity(28);
         Request {
@@ -287,13 +292,7 @@ impl Client {
             }
             p.waiters.insert(
                 cookie,
-                Waiter {
-                    offset,
-                    data: self.spare.take(length as usize),
-                    filled: Vec::new(),
-                    error: None,
-                    done: Some(Done::Call(done)),
-                },
+                Waiter::new(offset, self.spare.take(length as usize), Done::Call(done)),
             );
         }
         self.enqueue(
@@ -329,16 +328,8 @@ impl Client {
             if p.dead.is_some() {
                 return Err(done);
             }
-            p.waiters.insert(
-                cookie,
-                Waiter {
-                    offset,
-                    data: Vec::new(),
-                    filled: Vec::new(),
-                    error: None,
-                    done: Some(Done::Call(done)),
-                },
-            );
+            p.waiters
+                .insert(cookie, Waiter::new(offset, Vec::new(), Done::Call(done)));
         }
         self.enqueue(
             Request {

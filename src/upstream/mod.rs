@@ -26,6 +26,7 @@ pub mod session;
 mod sock;
 pub mod target;
 pub mod tls;
+mod watchdog;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

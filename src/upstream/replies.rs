@@ -38,6 +38,9 @@ pub(super) struct Waiter {
     /// Taken when the request completes; a submitted read dropped uncompleted (its connection
     /// failed mid-reply) is told `None` by `Drop`.
     pub(super) done: Option<Done>,
+    /// When the request was queued: the watchdog drops a connection whose oldest request has
+    /// waited longer than the upstream timeout.
+    pub(super) since: std::time::Instant,
 }
 
 /// Who is told when a request completes.
@@ -50,6 +53,18 @@ pub(super) enum Done {
 }
 
 impl Waiter {
+    /// A request at `offset` (reads: into `data`) that `done` waits for, from now.
+    pub(super) fn new(offset: u64, data: Vec<u8>, done: Done) -> Self {
+        Waiter {
+            offset,
+            data,
+            filled: Vec::new(),
+            error: None,
+            done: Some(done),
+            since: std::time::Instant::now(),
+        }
+    }
+
     /// Tells whoever waits; a submitted read's buffer goes back to `spare` afterwards.
     pub(super) fn complete(mut self, outcome: Outcome, spare: &Spare) {
         match self.done.take() {
@@ -117,6 +132,8 @@ pub(super) struct Pending {
     pub(super) waiters: HashMap<u64, Waiter>,
     /// Set once the connection has failed; no new request is accepted.
     pub(super) dead: Option<String>,
+    /// Why the watchdog dropped the connection (it answered nothing for too long).
+    pub(super) stalled: Option<String>,
 }
 
 /// Read buffers kept for reuse per connection, and the largest kept.
@@ -141,10 +158,11 @@ pub(super) fn read_replies(
             Err(e) => break e,
         }
     };
-    let waiters = {
+    let (why, waiters) = {
         let mut p = lock(pending);
+        let why = p.stalled.take().unwrap_or(why);
         p.dead = Some(why.clone());
-        std::mem::take(&mut p.waiters)
+        (why, std::mem::take(&mut p.waiters))
     };
     if !waiters.is_empty() {
         tracing::warn!(

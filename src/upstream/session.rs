@@ -6,7 +6,9 @@
 //! read, write, zeroing or flush may be repeated: each does the same again). A request that
 //! cannot complete within the upstream timeout (`serve --upstream-timeout`, default 30 s)
 //! fails, and so the client gets EIO instead of waiting forever; the export serves again as
-//! soon as the upstream is back.
+//! soon as the upstream is back. An upstream that keeps its connection open but stops
+//! answering counts as lost once a request has waited the upstream timeout (the connection's
+//! watchdog drops it).
 //!
 //! Durability: a FLUSH is acknowledged only when the upstream acknowledged it. Writes the old
 //! connection acknowledged but no flush covered may have died with the upstream (a restarted
@@ -51,7 +53,7 @@ pub struct Session {
 impl Session {
     /// Connects and negotiates; requests then wait up to `timeout` for a lost upstream.
     pub fn connect(target: Target, timeout: Duration) -> Result<Session, UpstreamError> {
-        let client = Client::connect(&target)?;
+        let client = Client::connect(&target, timeout)?;
         Ok(Session {
             info: client.info(),
             target,
@@ -165,13 +167,29 @@ impl Session {
                     if now >= deadline {
                         // Connections come up but the request keeps failing on them (a server
                         // that breaks the protocol the same way each time): give up as when the
-                        // upstream stays away, instead of reconnecting forever.
-                        tracing::error!(upstream = self.target.uri, reason = %e, "upstream requests keep failing: failing the request (EIO)");
+                        // upstream stays away, instead of reconnecting forever. Failing the
+                        // first time past the deadline: the upstream did not answer in time
+                        // (the watchdog dropped the connection).
                         crate::metrics::global().upstream_gave_up(&self.target.uri);
-                        return Err(UpstreamError::Failing {
-                            upstream: self.target.uri.clone(),
-                            seconds: self.timeout.as_secs_f64(),
-                            last: Box::new(e),
+                        let (upstream, seconds, last) = (
+                            self.target.uri.clone(),
+                            self.timeout.as_secs_f64(),
+                            Box::new(e),
+                        );
+                        return Err(if retried {
+                            tracing::error!(upstream, reason = %last, "upstream requests keep failing: failing the request (EIO)");
+                            UpstreamError::Failing {
+                                upstream,
+                                seconds,
+                                last,
+                            }
+                        } else {
+                            tracing::error!(upstream, reason = %last, "upstream did not answer in time: failing the request (EIO)");
+                            UpstreamError::GaveUp {
+                                upstream,
+                                seconds,
+                                last,
+                            }
                         });
                     }
                     if retried {
@@ -207,7 +225,7 @@ impl Session {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match Client::connect(&self.target) {
+            match Client::connect(&self.target, self.timeout) {
                 Ok(client) if client.info().size != self.info.size => {
                     return Err(UpstreamError::Protocol {
                         upstream: self.target.uri.clone(),

@@ -36,6 +36,17 @@ impl Nbdkit {
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
+
+    /// `serve --export` for a raw encrypted export `name` whose backing is this nbdkit's
+    /// default export, with a fresh key file in `dir`.
+    pub fn export_spec(&self, dir: &TempDir, name: &str, rng: &mut super::Rng) -> String {
+        let (key, _) = super::key_file(dir, &format!("{name}.key"), rng);
+        format!(
+            "name={name},file={},key-file={}",
+            self.uri(""),
+            key.display()
+        )
+    }
 }
 
 impl Drop for Nbdkit {
