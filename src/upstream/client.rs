@@ -284,28 +284,7 @@ impl Client {
         length: u32,
         done: ReadDone,
     ) -> Result<(), ReadDone> {
-        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut p = lock(&self.pending);
-            if p.dead.is_some() {
-                return Err(done);
-            }
-            p.waiters.insert(
-                cookie,
-                Waiter::new(offset, self.spare.take(length as usize), Done::Call(done)),
-            );
-        }
-        self.enqueue(
-            Request {
-                flags,
-                kind: cmd::READ,
-                cookie,
-                offset,
-                length,
-            },
-            None,
-        );
-        Ok(())
+        self.submit(cmd::READ, flags, offset, length, None, done)
     }
 
     /// Sends a write without waiting for it: `data` goes out from the sender thread (no copy),
@@ -322,33 +301,44 @@ impl Client {
         let Ok(length) = u32::try_from((*data).len()) else {
             return Err(done);
         };
+        self.submit(cmd::WRITE, flags, offset, length, Some(data), done)
+    }
+
+    /// Registers a submitted request's completion (a read's with a buffer for its data) and
+    /// queues the request, with a write's payload, for the sender thread.
+    fn submit(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<WriteData>,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut p = lock(&self.pending);
             if p.dead.is_some() {
                 return Err(done);
             }
+            let data = if kind == cmd::READ {
+                self.spare.take(length as usize)
+            } else {
+                Vec::new()
+            };
             p.waiters
-                .insert(cookie, Waiter::new(offset, Vec::new(), Done::Call(done)));
+                .insert(cookie, Waiter::new(offset, data, Done::Call(done)));
         }
-        self.enqueue(
-            Request {
-                flags,
-                kind: cmd::WRITE,
-                cookie,
-                offset,
-                length,
-            },
-            Some(data),
-        );
-        Ok(())
-    }
-
-    /// Queues a request (and a write's payload) for the sender thread.
-    fn enqueue(&self, request: Request, payload: Option<WriteData>) {
         let mut q = lock(&self.outbox.queue);
         let wake = q.is_empty();
-        request.encode(&mut q.headers);
+        Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut q.headers);
         if let Some(data) = payload {
             let at = q.headers.len();
             q.payloads.push((at, data));
@@ -357,6 +347,7 @@ impl Client {
         if wake {
             self.outbox.ready.notify_one();
         }
+        Ok(())
     }
 
     fn dead(&self, why: &str) -> UpstreamError {

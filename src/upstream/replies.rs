@@ -130,10 +130,9 @@ impl Spare {
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) waiters: HashMap<u64, Waiter>,
-    /// Set once the connection has failed; no new request is accepted.
+    /// Set once the connection has failed (by the reader, or by the watchdog before it shuts
+    /// the socket); no new request is accepted.
     pub(super) dead: Option<String>,
-    /// Why the watchdog dropped the connection (it answered nothing for too long).
-    pub(super) stalled: Option<String>,
 }
 
 /// Read buffers kept for reuse per connection, and the largest kept.
@@ -160,8 +159,8 @@ pub(super) fn read_replies(
     };
     let (why, waiters) = {
         let mut p = lock(pending);
-        let why = p.stalled.take().unwrap_or(why);
-        p.dead = Some(why.clone());
+        // The watchdog's reason, when it is what shut the socket.
+        let why = p.dead.get_or_insert(why).clone();
         (why, std::mem::take(&mut p.waiters))
     };
     if !waiters.is_empty() {

@@ -69,7 +69,8 @@ fn watch(limit: Duration, pending: &Mutex<Pending>, socket: &Sock, stop: &(Mutex
         if let Some(waited) = oldest.map(|t| Instant::now().saturating_duration_since(t))
             && waited > limit
         {
-            p.stalled = Some(format!(
+            // Refuses new requests at once; the reader fails those in flight with this reason.
+            p.dead = Some(format!(
                 "no reply for {:.1} s (--upstream-timeout {:.1} s): the connection was dropped",
                 waited.as_secs_f64(),
                 limit.as_secs_f64()

@@ -429,14 +429,20 @@ impl EncryptedVolume {
         let count = sealed.data.len() as u64 / sector;
         {
             let _guard = self.locks.lock_for_write(first, count, false, false);
-            // Withdrawn while it was being sealed: write nothing under a destroyed key's name.
-            if self.is_withdrawn() {
-                return Err(VolumeError::Withdrawn);
-            }
-            self.storage
-                .write_at(sealed.data, self.config.data_offset + sealed.offset)?;
+            self.store_sealed(sealed.offset, sealed.data)?;
         }
         self.finish(fua)
+    }
+
+    /// Stores ciphertext sealed for `offset` (the caller holds its stripes). Withdrawn since
+    /// it was sealed: writes nothing under a destroyed key's name.
+    fn store_sealed(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        if self.is_withdrawn() {
+            return Err(VolumeError::Withdrawn);
+        }
+        self.storage
+            .write_at(data, self.config.data_offset + offset)?;
+        Ok(())
     }
 
     /// `CACHE`: asks the store to read the sectors covering the range ahead (advisory; a store

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use super::locks::Pin;
 use super::{EncryptedVolume, VolumeError};
-use crate::crypto::SectorIndex;
 use crate::storage::WriteData;
 
 /// How a submitted write ended ([`EncryptedVolume::submit_write`]).
@@ -41,15 +40,11 @@ pub struct Ciphertext<B> {
 
 impl<B: std::ops::Deref<Target = [u8]>> Ciphertext<B> {
     /// Writes the ciphertext where it belongs (blocking: in pieces, retrying, reconnecting and
-    /// reporting as every waiting write does). Never on the store's reply reader thread, which
-    /// this would wait for.
+    /// reporting as every waiting write does), under its pin, not the stripe locks (a
+    /// read-modify-write holding one waits for this pin). Never on the store's reply reader
+    /// thread, which this would wait for.
     pub fn write(self) -> Result<(), VolumeError> {
-        if self.volume.is_withdrawn() {
-            return Err(VolumeError::Withdrawn);
-        }
-        let at = self.volume.config.data_offset + self.offset;
-        self.volume.storage.write_at(&self.data, at)?;
-        Ok(())
+        self.volume.store_sealed(self.offset, &self.data)
     }
 }
 
@@ -123,14 +118,14 @@ impl EncryptedVolume {
         else {
             return done(Written::Declined(data));
         };
-        let first = SectorIndex(offset / sector);
         // A withdrawn key fails before the engine touches a byte; one withdrawn while this
         // was encrypted sends nothing under the destroyed key's name. A panic costs this
         // write an error (its plaintext is half encrypted: nothing is written) and nothing
         // else, as on every other path.
         let sealed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             crate::faults::panic_point(offset);
-            self.with_engine(|e| e.encrypt_sectors(first, &mut data))
+            self.seal_aligned(offset, &mut data, |buf, encrypt| encrypt(0, buf))
+                .map(drop)
         }))
         .unwrap_or_else(|panic| {
             let what = crate::faults::panic_message(&*panic);
@@ -142,9 +137,12 @@ impl EncryptedVolume {
             );
             Err(VolumeError::Io(std::io::Error::other("internal error")))
         })
-        .and_then(|()| match self.is_withdrawn() {
-            true => Err(VolumeError::Withdrawn),
-            false => Ok(()),
+        .and_then(|()| {
+            if self.is_withdrawn() {
+                Err(VolumeError::Withdrawn)
+            } else {
+                Ok(())
+            }
         });
         if let Err(e) = sealed {
             self.locks.unpin(&pin);
