@@ -255,7 +255,7 @@ impl Storage for FileStorage {
         if self.block_device {
             return Ok(None);
         }
-        super::MappedRange::new(&self.file, offset, len).map(Some)
+        super::MappedRange::new(&self.file, offset, len)
     }
 
     fn extend_to(&self, len: u64) -> io::Result<()> {

@@ -24,8 +24,11 @@
 //! the mapping itself: plaintext and half-written sectors would sit in the page cache, where
 //! write-back or a `kill -9` could make them durable; a `pwrite` is interrupted by a kill only
 //! between pages. Elsewhere (block devices, upstream exports) the chunk is read into a buffer.
-//! An I/O error on a mapping (`SIGBUS`) ends the process like a crash, which the journal is
-//! made for.
+//! An I/O error on a mapping (or a file truncated under it) raises `SIGBUS`, which the
+//! guard of `storage::sigbus` turns into a mark on the mapping: the pass discards what it
+//! computed from that chunk and reads it again with `pread`, which reports the error (the
+//! command then fails naming the volume, and can be run again) or reads a shorter file's
+//! zeroes. It never ends the process.
 //!
 //! **Holes** (all-zero ciphertext, reading as zeroes) stay holes: re-encrypting them would
 //! allocate the whole backing file.

@@ -42,6 +42,12 @@ impl Area<'_> {
             Area::Buffer(b) => b,
         }
     }
+
+    /// Whether an access to the mapping faulted (an I/O error, a truncation): what was read
+    /// through it is void.
+    fn faulted(&self) -> bool {
+        matches!(self, Area::Mapped(m) if m.faulted())
+    }
 }
 
 /// Byte ranges of a chunk that hold ciphertext (not holes), in order.
@@ -84,11 +90,38 @@ impl Job<'_> {
         {
             return Ok(Area::Mapped(m));
         }
+        Ok(Area::Buffer(self.read_area(start, len, buf)?))
+    }
+
+    /// The `len` bytes of the store from sector `start`, read into `buf`.
+    fn read_area<'b>(
+        &self,
+        start: u64,
+        len: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], ManagerError> {
         buf.resize(len, 0);
         self.store
-            .read_at(buf, at)
+            .read_at(buf, self.at(start))
             .map_err(self.io("cannot read the data area"))?;
-        Ok(Area::Buffer(buf))
+        Ok(buf)
+    }
+
+    /// After an access to the mapping of sectors `start..` faulted: says so, and reads the
+    /// range again with `pread`, which reports the error (or reads a shorter file's zeroes).
+    fn reread<'b>(
+        &self,
+        start: u64,
+        len: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], ManagerError> {
+        tracing::warn!(
+            volume = self.name,
+            at = self.at(start),
+            len,
+            "reading the mapped data area faulted (an I/O error, or the file was truncated): reading it again without the mapping"
+        );
+        self.read_area(start, len, buf)
     }
 
     /// Writes the `runs` of `out` (the chunk from sector `start`) and syncs: the chunk's new
@@ -189,7 +222,11 @@ impl Job<'_> {
         let mut inbuf = Vec::new();
         let area = self.area(rec.start, rec.bytes(), &mut inbuf)?;
         let mut out = area.bytes().to_vec();
+        let faulted = area.faulted();
         drop(area);
+        if faulted {
+            out = self.reread(rec.start, rec.bytes(), &mut inbuf)?.to_vec();
+        }
         let mut runs = Runs::new();
         for (i, sector) in out.chunks_mut(ss).enumerate() {
             if is_hole(sector) {
@@ -272,11 +309,18 @@ impl Job<'_> {
                     }
                 },
             );
+            let faulted = area.faulted();
             drop(area);
             committed?;
             if let Some(p) = pending.take() {
                 done(p.start + (p.len as u64) / ss);
             }
+            let made = if faulted {
+                let again = self.reread(start, len, &mut inbuf)?;
+                self.transform(start, again, &mut cur)
+            } else {
+                made
+            };
             let (units, runs, h) = made?;
             holes += h;
             let record = Record {
@@ -304,5 +348,145 @@ impl Job<'_> {
             done(p.start + (p.len as u64) / ss);
         }
         Ok((finished, holes))
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+mod tests {
+    use super::*;
+    use crate::crypto::{BackendChoice, SectorSize, VolumeKey};
+    use crate::storage::{FileStorage, MappedRange};
+
+    fn engine(seed: u8) -> XtsEngine {
+        let mut raw: Vec<u8> = (0..64u8)
+            .map(|i| i.wrapping_mul(29).wrapping_add(seed))
+            .collect();
+        let key = VolumeKey::take_from(&mut raw).unwrap();
+        XtsEngine::new(&key, SectorSize::S4096, BackendChoice::Auto).unwrap()
+    }
+
+    const MIB: usize = 1 << 20;
+    /// A chunk and a half.
+    const DATA_LEN: usize = 24 * MIB;
+    /// What is left of the data area after the truncation.
+    const KEPT: usize = 8 * MIB;
+
+    /// A file holding `plain` under `old`, truncated to `KEPT` bytes of data.
+    fn truncated(tag: &str, plain: &[u8], old: &XtsEngine) -> (std::path::PathBuf, FileStorage) {
+        let path = std::env::temp_dir().join(format!("nbdcrypt-pass-{tag}-{}", std::process::id()));
+        let mut cipher = plain.to_vec();
+        old.encrypt_sectors(SectorIndex(0), &mut cipher).unwrap();
+        let store = FileStorage::open(&path, 0, false).unwrap();
+        store.write_at(&cipher, DATA_OFFSET).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(DATA_OFFSET + KEPT as u64)
+            .unwrap();
+        assert!(
+            store
+                .map_range(DATA_OFFSET, CHUNK_BYTES as usize)
+                .unwrap()
+                .is_some(),
+            "the test needs the mapped path"
+        );
+        (path, store)
+    }
+
+    fn job<'a>(store: &'a dyn Storage, old: XtsEngine, new: XtsEngine) -> Job<'a> {
+        Job {
+            name: "pass-test",
+            store,
+            old,
+            new,
+            sector: 4096,
+            job: 1,
+        }
+    }
+
+    fn plain() -> Vec<u8> {
+        (0..DATA_LEN).map(|i| ((i * 7 + 3) % 251) as u8).collect()
+    }
+
+    /// A backing file truncated under the pass: its mapping faults past the new end. The
+    /// guard turns that into a re-read with `pread` (the missing part reads as zeroes, i.e.
+    /// holes), so the pass finishes instead of the process dying of `SIGBUS`; what is still
+    /// there is re-encrypted under the new key, and nothing is written past the end.
+    #[test]
+    fn a_file_truncated_under_the_pass_faults_but_never_kills() {
+        let plain = plain();
+        let (path, store) = truncated("trunc", &plain, &engine(1));
+        let job = job(&store, engine(1), engine(2));
+        let total = (DATA_LEN / 4096) as u64;
+        let (finished, holes) = job
+            .run(0, 1, total, |_| {}, &AtomicBool::new(false))
+            .unwrap();
+        assert!(finished);
+        assert_eq!(holes, ((DATA_LEN - KEPT) / 4096) as u64);
+        let mut back = std::fs::read(&path)
+            .unwrap()
+            .split_off(DATA_OFFSET as usize);
+        assert_eq!(back.len(), KEPT, "nothing written past the end");
+        job.new.decrypt_sectors(SectorIndex(0), &mut back).unwrap();
+        assert!(back == plain[..KEPT]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A store whose data area cannot be read with `pread` (an I/O error), mapped like the
+    /// file under it.
+    #[derive(Debug)]
+    struct Unreadable(FileStorage);
+
+    impl Storage for Unreadable {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            if offset >= DATA_OFFSET {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.0.sync()
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.0.punch_hole(offset, len)
+        }
+        fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<crate::storage::Extent>> {
+            self.0.extents(offset, len)
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            self.0.size()
+        }
+        fn map_range(&self, offset: u64, len: usize) -> std::io::Result<Option<MappedRange>> {
+            self.0.map_range(offset, len)
+        }
+    }
+
+    /// The faulted page reads as zeroes through the mapping: taken for holes, the sectors
+    /// under it would keep their old ciphertext while the header moves to the new key. The
+    /// pass must not use them: it reads the chunk again, and the read's error ends the pass
+    /// with an error naming the volume and what failed.
+    #[test]
+    fn a_faulted_mapping_is_never_taken_for_holes() {
+        let plain = plain();
+        let (path, store) = truncated("eio", &plain, &engine(1));
+        let store = Unreadable(store);
+        let job = job(&store, engine(1), engine(2));
+        let total = (DATA_LEN / 4096) as u64;
+        let err = job
+            .run(0, 1, total, |_| {}, &AtomicBool::new(false))
+            .expect_err("an unreadable chunk fails the pass");
+        let msg = err.to_string();
+        assert!(msg.contains("cannot read the data area"), "{msg}");
+        assert!(msg.contains("pass-test"), "{msg}");
+        std::fs::remove_file(path).unwrap();
     }
 }
