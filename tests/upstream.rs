@@ -350,7 +350,7 @@ fn the_store_reconnects_to_a_restarted_upstream_and_flushes_honestly() {
     let done: nbdcrypt::storage::ReadDone = Box::new(move |acked| {
         let _ = tx.send(acked.is_some());
     });
-    assert!(store.submit_write(3 << 20, data, done).is_ok());
+    assert!(store.submit_write(3 << 20, data, false, done).is_ok());
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
     let mut kit = _kit;
     kit.child.kill().unwrap();

@@ -102,9 +102,7 @@ fn submit(
                 }
             });
         }
-        Command::Write {
-            offset, fua: false, ..
-        } => {
+        Command::Write { offset, fua, .. } => {
             let Work { payload, .. } = work;
             let Some(data) = payload else {
                 return blocking(volume, resources, Work { payload, ..work }, permits, &tx);
@@ -112,7 +110,7 @@ fn submit(
             let (cmd, on_workers) = (work.cmd, work.split);
             let volume = Arc::clone(volume);
             let start = move || {
-                volume.submit_write(offset, data, move |written| {
+                volume.submit_write(offset, data, fua, move |written| {
                     let result = match written {
                         Written::Done => Ok(()),
                         Written::Failed(e) => Err(e),

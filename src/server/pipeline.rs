@@ -63,12 +63,13 @@ pub enum Placement {
 ///   Measured in the proxy benchmark (BENCHMARKING.md): seq 1 MiB reads QD16 gained, the rest
 ///   stayed within noise. Except small reads (below the split threshold): they are submitted
 ///   (`Volume::submit_read`) and no thread waits for them; their decryption is cheap enough
-///   for the thread that receives the upstream's reply. And writes without FUA: encrypted
-///   (inline below the split threshold, on a crypto worker above it: `split` then means that)
-///   and submitted (`Volume::submit_write`), acknowledged by the thread that receives the
-///   upstream's reply. Encrypting 1 MiB writes on the connection's task measured 0.95× of
-///   the waiting way (that task then received and encrypted every request of the connection
-///   in turn); on a worker 1.08× (BENCHMARKING.md).
+///   for the thread that receives the upstream's reply. And writes: encrypted (inline below
+///   the split threshold, on a crypto worker above it: `split` then means that) and submitted
+///   (`Volume::submit_write`), acknowledged by the thread that receives the upstream's reply;
+///   `FUA` goes upstream as the write's flag (an upstream without it declines, and the write
+///   waits for a flush on the blocking pool). Encrypting 1 MiB writes on the connection's
+///   task measured 0.95× of the waiting way (that task then received and encrypted every
+///   request of the connection in turn); on a worker 1.08× (BENCHMARKING.md).
 pub fn placement(
     cmd: &Command,
     workers: &Workers,
@@ -82,9 +83,7 @@ pub fn placement(
             Command::Read { len, .. } if workers.inline(len as usize) => {
                 return (Placement::Submitted, false);
             }
-            Command::Write {
-                len, fua: false, ..
-            } => {
+            Command::Write { len, .. } => {
                 return (Placement::Submitted, !workers.inline(len as usize));
             }
             _ => return (Placement::Blocking, false),
@@ -287,9 +286,14 @@ mod tests {
             placement(&Command::Disc, &workers, true, false, true).0,
             Placement::Inline
         );
-        // A FUA write waits for its flush on the blocking pool, as it does locally.
+        // A FUA write is submitted with its flag (the upstream acknowledges it durable); it
+        // waits for a flush on the blocking pool only locally.
         assert_eq!(
             placement(&write(4096, true), &workers, true, false, true),
+            (Placement::Submitted, false)
+        );
+        assert_eq!(
+            placement(&write(4096, true), &workers, true, false, false),
             (Placement::Blocking, false)
         );
         // A large write is encrypted on a worker before it is submitted (no worker waits for

@@ -142,10 +142,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// thread, with `Some` once the store acknowledged the write, or with `None` if it failed
     /// (the caller then writes `data` again the waiting way, which reports the error). The
     /// store holds on to `data` until it is sent; the caller must not change it meanwhile (it
-    /// is shared, so it cannot). Stores with nothing to wait for on a network hand `done`
-    /// back, as does a store that cannot start this write.
-    fn submit_write(&self, offset: u64, data: WriteData, done: ReadDone) -> Result<(), ReadDone> {
-        let _ = (offset, data);
+    /// is shared, so it cannot). With `fua` the store acknowledges only once the data is
+    /// durable (NBD's `FUA` flag upstream). Stores with nothing to wait for on a network hand
+    /// `done` back, as does a store that cannot start this write (nor honour `fua`).
+    fn submit_write(
+        &self,
+        offset: u64,
+        data: WriteData,
+        fua: bool,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let _ = (offset, data, fua);
         Err(done)
     }
 }
@@ -213,8 +220,14 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn submit_read(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
         (**self).submit_read(offset, len, done)
     }
-    fn submit_write(&self, offset: u64, data: WriteData, done: ReadDone) -> Result<(), ReadDone> {
-        (**self).submit_write(offset, data, done)
+    fn submit_write(
+        &self,
+        offset: u64,
+        data: WriteData,
+        fua: bool,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        (**self).submit_write(offset, data, fua, done)
     }
     fn has_locks(&self) -> bool {
         (**self).has_locks()

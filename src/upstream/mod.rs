@@ -6,7 +6,7 @@
 //! [`NbdStore`] implements [`Storage`] over negotiated [`client::Client`] connections, each kept
 //! up by a [`session::Session`] (reconnects, the upstream timeout, flush honesty): the calls
 //! are synchronous round trips, made from the blocking pool, or submitted without waiting
-//! (small reads, writes without FUA), and many of them are in flight on each connection at
+//! (small reads, whole-sector writes, with or without FUA), and many of them are in flight on each connection at
 //! once. Where the upstream advertises
 //! `CAN_MULTI_CONN` (a flush on one connection covers writes completed on all), requests are
 //! spread over [`Options::connections`] connections, round robin; otherwise one connection
@@ -293,11 +293,19 @@ impl Storage for NbdStore {
             .submit_read(self.read_flags(n), offset, n, done)
     }
 
-    fn submit_write(&self, offset: u64, data: WriteData, done: ReadDone) -> Result<(), ReadDone> {
-        if self.one_piece(offset, data.len()).is_none() {
+    fn submit_write(
+        &self,
+        offset: u64,
+        data: WriteData,
+        fua: bool,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let flags = if fua { cmd_flag::FUA } else { 0 };
+        if self.one_piece(offset, data.len()).is_none() || (fua && !self.info().has(flag::SEND_FUA))
+        {
             return Err(done);
         }
-        self.client().submit_write(0, offset, data, done)
+        self.client().submit_write(flags, offset, data, done)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

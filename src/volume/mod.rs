@@ -463,7 +463,7 @@ impl EncryptedVolume {
         Ok(())
     }
 
-    fn finish(&self, fua: bool) -> Result<(), VolumeError> {
+    pub(super) fn finish(&self, fua: bool) -> Result<(), VolumeError> {
         if fua { self.flush() } else { Ok(()) }
     }
 }

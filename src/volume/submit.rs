@@ -35,16 +35,20 @@ pub struct Ciphertext<B> {
     volume: Arc<EncryptedVolume>,
     offset: u64,
     data: Arc<B>,
+    /// Durable before `write` returns (the client asked for `FUA`).
+    fua: bool,
     pin: Pin,
 }
 
 impl<B: std::ops::Deref<Target = [u8]>> Ciphertext<B> {
     /// Writes the ciphertext where it belongs (blocking: in pieces, retrying, reconnecting and
     /// reporting as every waiting write does), under its pin, not the stripe locks (a
-    /// read-modify-write holding one waits for this pin). Never on the store's reply reader
-    /// thread, which this would wait for.
+    /// read-modify-write holding one waits for this pin); with `FUA`, then flushed, as a
+    /// waiting `FUA` write is. Never on the store's reply reader thread, which this would
+    /// wait for.
     pub fn write(self) -> Result<(), VolumeError> {
-        self.volume.store_sealed(self.offset, &self.data)
+        self.volume.store_sealed(self.offset, &self.data)?;
+        self.volume.finish(self.fua)
     }
 }
 
@@ -98,8 +102,10 @@ impl EncryptedVolume {
     /// without waiting (remote stores only). `done` runs exactly once: on another thread with
     /// [`Written::Done`] or [`Written::Pending`], or at once on this one with
     /// [`Written::Declined`] (the plaintext: write it with [`write`](Self::write)) or
-    /// [`Written::Failed`]. Its stripes are pinned, not locked, while it is in flight.
-    pub fn submit_write<B, F>(self: &Arc<Self>, offset: u64, mut data: B, done: F)
+    /// [`Written::Failed`]. Its stripes are pinned, not locked, while it is in flight. With
+    /// `fua` the store is asked to acknowledge only durable data (`FUA` passes through to an
+    /// upstream that offers it; one that does not declines, and the waiting way flushes).
+    pub fn submit_write<B, F>(self: &Arc<Self>, offset: u64, mut data: B, fua: bool, done: F)
     where
         B: DerefMut<Target = [u8]> + Send + Sync + 'static,
         F: FnOnce(Written<B>) + Send + 'static,
@@ -153,6 +159,7 @@ impl EncryptedVolume {
             volume: Arc::clone(self),
             offset,
             data: Arc::clone(&data),
+            fua,
             pin,
         };
         let finish = Box::new(move |acked: Option<&[u8]>| {
@@ -166,7 +173,7 @@ impl EncryptedVolume {
         let shared: WriteData = data;
         if let Err(finish) =
             self.storage
-                .submit_write(self.config.data_offset + offset, shared, finish)
+                .submit_write(self.config.data_offset + offset, shared, fua, finish)
         {
             finish(None);
         }
@@ -212,7 +219,7 @@ mod tests {
             let tx = tx.clone();
             // Runs on the reply reader thread, which must not wait for a reply itself: the resend
             // is made here.
-            volume.submit_write(65536, plain.clone(), move |w: Written<Vec<u8>>| {
+            volume.submit_write(65536, plain.clone(), false, move |w: Written<Vec<u8>>| {
                 let _ = tx.send(w);
             });
             let outcome = match rx.recv_timeout(Duration::from_secs(10)).unwrap() {

@@ -37,7 +37,7 @@ fn submitted_writes_arrive_whole_and_are_acknowledged_on_the_reader_thread() {
         let shared: WriteData = std::sync::Arc::new(data.clone());
         assert!(
             store
-                .submit_write(offset, shared, reporting(&tx, offset))
+                .submit_write(offset, shared, false, reporting(&tx, offset))
                 .is_ok()
         );
         written.push((offset, data));
@@ -58,9 +58,13 @@ fn submitted_writes_arrive_whole_and_are_acknowledged_on_the_reader_thread() {
     let past: WriteData = std::sync::Arc::new(vec![0u8; 8192]);
     assert!(
         store
-            .submit_write(SIZE - 4096, past, Box::new(|_| {}))
+            .submit_write(SIZE - 4096, past, false, Box::new(|_| {}))
             .is_err()
     );
+    // With FUA to an upstream that does not offer it (this one): handed back, for the waiting
+    // write, which flushes.
+    let fua: WriteData = std::sync::Arc::new(vec![0u8; 4096]);
+    assert!(store.submit_write(0, fua, true, Box::new(|_| {})).is_err());
 }
 
 /// A write the upstream refuses is told so (`None`), and the same bytes sent again the waiting
@@ -74,7 +78,7 @@ fn a_refused_submitted_write_is_told_it_failed() {
     let shared: WriteData = std::sync::Arc::new(data.clone());
     assert!(
         store
-            .submit_write(8192, shared, reporting(&tx, 8192))
+            .submit_write(8192, shared, false, reporting(&tx, 8192))
             .is_ok()
     );
     let (_, acked, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
