@@ -154,10 +154,10 @@ impl Client {
         let spare = Arc::new(Spare::default());
         let reader = {
             let (pending, spare) = (Arc::clone(&pending), Arc::clone(&spare));
-            let uri = target.uri.clone();
+            let (uri, context) = (target.uri.clone(), info.allocation);
             std::thread::Builder::new()
                 .name("nbdcrypt-upstream".into())
-                .spawn(move || read_replies(read_half, &pending, &spare, &uri))
+                .spawn(move || read_replies(read_half, &pending, &spare, &uri, context))
                 .map_err(io("cannot start the reply reader"))?
         };
         let writer = Arc::new(Mutex::new(writer));

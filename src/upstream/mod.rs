@@ -6,15 +6,16 @@
 //! [`NbdStore`] implements [`Storage`] over negotiated [`client::Client`] connections, each kept
 //! up by a [`session::Session`] (reconnects, the upstream timeout, flush honesty): the calls
 //! are synchronous round trips, made from the blocking pool, or submitted without waiting
-//! (small reads, whole-sector writes, with or without FUA), and many of them are in flight on each connection at
-//! once. Where the upstream advertises
-//! `CAN_MULTI_CONN` (a flush on one connection covers writes completed on all), requests are
-//! spread over [`Options::connections`] connections, round robin; otherwise one connection
-//! carries everything. Requests larger than the upstream's maximum payload are split; offsets
+//! (small reads, whole-sector writes, with or without FUA), and many of them are in flight on
+//! each connection at once. Where the upstream advertises `CAN_MULTI_CONN` (a flush on one
+//! connection covers writes completed on all), requests are spread over
+//! [`Options::connections`] connections, round robin; otherwise one connection carries
+//! everything. Requests larger than the upstream's maximum payload are split; offsets
 //! and lengths must be multiples of its minimum block size (the volume layer only does
 //! sector-aligned I/O, and sectors are at least 512 bytes).
 //!
-//! `nbds://` and `nbds+unix://` add TLS (`NBD_OPT_STARTTLS`, [`tls`]).
+//! `nbds://` and `nbds+unix://` add TLS (`NBD_OPT_STARTTLS`, [`tls`]). Block status asks the
+//! upstream's `base:allocation` where it has it (`status`), so its holes are ours.
 
 pub mod client;
 mod error;
@@ -24,6 +25,7 @@ mod negotiate;
 mod replies;
 pub mod session;
 mod sock;
+mod status;
 pub mod target;
 pub mod tls;
 mod watchdog;
@@ -73,6 +75,8 @@ pub struct NbdStore {
     /// Whether reads longer than [`DF_ALWAYS`] still ask for an unfragmented reply (until the
     /// upstream refuses one).
     large_df: AtomicBool,
+    /// The upstream refused a `BLOCK_STATUS`: it is not asked again (`status`).
+    no_status: AtomicBool,
 }
 
 /// Reads up to this long always carry `DF` where the upstream offers it: the spec obliges a
@@ -107,6 +111,7 @@ impl NbdStore {
             next: AtomicUsize::new(0),
             target,
             large_df: AtomicBool::new(true),
+            no_status: AtomicBool::new(false),
         })
     }
 
@@ -377,10 +382,9 @@ impl Storage for NbdStore {
         Ok(())
     }
 
-    /// Everything is data: block status is not asked of the upstream yet.
+    /// The upstream's `base:allocation` where it has it, else all data (`status`).
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        let _ = offset;
-        Ok(vec![Extent { len, hole: false }])
+        self.allocation(offset, len)
     }
 
     fn size(&self) -> io::Result<u64> {

@@ -1,5 +1,6 @@
 //! Fixed-newstyle negotiation as a client: the greeting and client flags, `STARTTLS` and the
-//! handshake where the URI asks for TLS, then `STRUCTURED_REPLY` and `OPT_GO` with the export
+//! handshake where the URI asks for TLS, then `STRUCTURED_REPLY`, `SET_META_CONTEXT` for
+//! `base:allocation` (the upstream's holes, for block status), and `OPT_GO` with the export
 //! name, asking for the block sizes.
 
 use std::io::{Read, Write};
@@ -8,9 +9,11 @@ use std::time::Duration;
 use super::UpstreamError;
 use super::sock::Sock;
 use super::target::Target;
-use crate::protocol::consts::{client_flags, handshake_flags, info, opt, rep};
+use crate::protocol::consts::{BASE_ALLOCATION, client_flags, handshake_flags, info, opt, rep};
 use crate::protocol::handshake::{GREETING_LEN, OPTION_REPLY_HEADER_LEN};
-use crate::protocol::{Greeting, Info, InfoRequest, OptionHeader, OptionReplyHeader};
+use crate::protocol::{
+    Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader, OptionReplyHeader,
+};
 
 /// The largest request payload when the server does not say (the spec's default).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -34,6 +37,9 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Largest payload of one request.
     pub max_payload: u32,
+    /// The id of the `base:allocation` context on this connection, when the server has it
+    /// (then `BLOCK_STATUS` tells its holes).
+    pub allocation: Option<u32>,
 }
 
 impl ExportInfo {
@@ -142,6 +148,12 @@ pub(super) fn haggle<S: Read + Write>(
         }
     };
 
+    let allocation = if structured {
+        set_allocation_context(sock, target)?
+    } else {
+        None
+    };
+
     let mut go = Vec::new();
     InfoRequest {
         name: target.export.clone(),
@@ -192,9 +204,51 @@ pub(super) fn haggle<S: Read + Write>(
             min_block: min,
             preferred_block: preferred,
             max_payload: max,
+            allocation,
         },
         structured,
     ))
+}
+
+/// `SET_META_CONTEXT` for `base:allocation` on the export: its context id, or `None` when the
+/// server does not offer it (an error reply, or no context in the answer). Block status is
+/// advisory: a server without it is served as all data.
+fn set_allocation_context<S: Read + Write>(
+    sock: &mut S,
+    target: &Target,
+) -> Result<Option<u32>, UpstreamError> {
+    let uri = &target.uri;
+    let mut data = Vec::new();
+    MetaContextRequest {
+        name: target.export.clone(),
+        queries: vec![BASE_ALLOCATION.into()],
+    }
+    .encode(&mut data);
+    send_option(sock, opt::SET_META_CONTEXT, &data)
+        .map_err(io_err(uri, "cannot send an option"))?;
+    let mut id = None;
+    loop {
+        let (reply, data) = option_reply(sock, opt::SET_META_CONTEXT, uri)?;
+        match reply {
+            rep::ACK => return Ok(id),
+            rep::META_CONTEXT if data.len() >= 4 => {
+                let name = &data[4..];
+                if name == BASE_ALLOCATION.as_bytes() {
+                    id = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+                }
+            }
+            r if crate::protocol::handshake::is_error(r) => return Ok(None),
+            r => {
+                return Err(protocol_err(
+                    uri,
+                    format!(
+                        "unexpected reply {r:#x} ({} bytes) to SET_META_CONTEXT",
+                        data.len()
+                    ),
+                ));
+            }
+        }
+    }
 }
 
 fn send_option(sock: &mut impl Write, code: u32, data: &[u8]) -> std::io::Result<()> {

@@ -33,6 +33,8 @@ pub(super) struct Waiter {
     pub(super) data: Vec<u8>,
     /// The parts of `data` that structured-reply chunks filled, in arrival order.
     pub(super) filled: Vec<std::ops::Range<usize>>,
+    /// A block status request's descriptors (length, flags), as they came.
+    pub(super) status: Vec<u8>,
     /// An error chunk seen before the last one.
     pub(super) error: Option<(u32, String)>,
     /// Taken when the request completes; a submitted read dropped uncompleted (its connection
@@ -59,6 +61,7 @@ impl Waiter {
             offset,
             data,
             filled: Vec::new(),
+            status: Vec::new(),
             error: None,
             done: Some(done),
             since: std::time::Instant::now(),
@@ -135,6 +138,9 @@ pub(super) struct Pending {
     pub(super) dead: Option<String>,
 }
 
+/// The largest block status chunk accepted: 131,072 descriptors.
+const MAX_STATUS_BYTES: usize = 4 + 8 * 131_072;
+
 /// Read buffers kept for reuse per connection, and the largest kept.
 const SPARE_BUFFERS: usize = 32;
 const SPARE_MAX_BYTES: usize = 4 << 20;
@@ -144,15 +150,17 @@ const SPARE_MAX_BYTES: usize = 4 << 20;
 /// (a 4 KiB read's reply is four pieces), and a large payload bypasses it.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
+/// `context` is the connection's `base:allocation` context id, if any.
 pub(super) fn read_replies(
     sock: Box<dyn Read + Send>,
     pending: &Mutex<Pending>,
     spare: &Spare,
     uri: &str,
+    context: Option<u32>,
 ) {
     let mut sock = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, sock);
     let why = loop {
-        match read_one(&mut sock, pending, spare) {
+        match read_one(&mut sock, pending, spare, context) {
             Ok(()) => {}
             Err(e) => break e,
         }
@@ -177,7 +185,12 @@ pub(super) fn read_replies(
 }
 
 /// Reads one simple reply or one structured chunk; completes its waiter when it is the last.
-fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>, spare: &Spare) -> Result<(), String> {
+fn read_one(
+    sock: &mut impl Read,
+    pending: &Mutex<Pending>,
+    spare: &Spare,
+    context: Option<u32>,
+) -> Result<(), String> {
     let mut head = [0u8; CHUNK_HEADER_LEN];
     sock.read_exact(&mut head[..4])
         .map_err(|e| format!("reading a reply: {e}"))?;
@@ -210,7 +223,7 @@ fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>, spare: &Spare) -> Re
                 .map_err(|e| format!("reading a reply chunk: {e}"))?;
             let h = ChunkHeader::decode(&head).map_err(|e| e.to_string())?;
             let mut w = take(h.cookie)?;
-            read_chunk(sock, &h, &mut w)?;
+            read_chunk(sock, &h, &mut w, context)?;
             if h.flags & chunk::FLAG_DONE != 0 {
                 let outcome = match w.error.take() {
                     Some((errno, msg)) => Err(Failed::Errno(errno, msg)),
@@ -219,7 +232,11 @@ fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>, spare: &Spare) -> Re
                             w.complete(Err(Failed::Dead(why.clone())), spare);
                             return Err(why);
                         }
-                        Ok(std::mem::take(&mut w.data))
+                        if w.data.is_empty() {
+                            Ok(std::mem::take(&mut w.status))
+                        } else {
+                            Ok(std::mem::take(&mut w.data))
+                        }
                     }
                 };
                 w.complete(outcome, spare);
@@ -233,10 +250,32 @@ fn read_one(sock: &mut impl Read, pending: &Mutex<Pending>, spare: &Spare) -> Re
 }
 
 /// Reads one chunk's payload into its waiter.
-fn read_chunk(sock: &mut impl Read, h: &ChunkHeader, w: &mut Waiter) -> Result<(), String> {
+fn read_chunk(
+    sock: &mut impl Read,
+    h: &ChunkHeader,
+    w: &mut Waiter,
+    context: Option<u32>,
+) -> Result<(), String> {
     let len = h.length as usize;
     match h.kind {
         chunk::NONE if len == 0 => Ok(()),
+        chunk::BLOCK_STATUS
+            if (12..=MAX_STATUS_BYTES).contains(&len)
+                && (len - 4).is_multiple_of(8)
+                && w.data.is_empty() =>
+        {
+            let mut p = vec![0u8; len];
+            sock.read_exact(&mut p)
+                .map_err(|e| format!("reading a block status chunk: {e}"))?;
+            let id = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+            if Some(id) != context {
+                return Err(format!(
+                    "block status for context {id}, which was not negotiated"
+                ));
+            }
+            w.status.extend_from_slice(&p[4..]);
+            Ok(())
+        }
         chunk::OFFSET_DATA if len >= 8 => {
             let mut off = [0u8; 8];
             sock.read_exact(&mut off)
