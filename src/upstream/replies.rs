@@ -145,12 +145,13 @@ const MAX_STATUS_BYTES: usize = 4 + 8 * 131_072;
 const SPARE_BUFFERS: usize = 32;
 const SPARE_MAX_BYTES: usize = 4 << 20;
 
-/// The reader thread: completes waiters until the connection ends, then fails the rest.
 /// Reply headers are read through this much buffer: one `recv` takes several small replies
 /// (a 4 KiB read's reply is four pieces), and a large payload bypasses it.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// `context` is the connection's `base:allocation` context id, if any.
+/// The reader thread: completes waiters until the connection ends, then fails the rest.
+/// `context` is the connection's `base:allocation` context id, if any: block status chunks
+/// for any other are a protocol violation.
 pub(super) fn read_replies(
     sock: Box<dyn Read + Send>,
     pending: &Mutex<Pending>,
@@ -223,7 +224,12 @@ fn read_one(
                 .map_err(|e| format!("reading a reply chunk: {e}"))?;
             let h = ChunkHeader::decode(&head).map_err(|e| e.to_string())?;
             let mut w = take(h.cookie)?;
-            read_chunk(sock, &h, &mut w, context)?;
+            // A chunk that breaks the protocol fails its request with the reason (and then
+            // the connection), rather than leaving it to learn only that the reader stopped.
+            if let Err(why) = read_chunk(sock, &h, &mut w, context) {
+                w.complete(Err(Failed::Dead(why.clone())), spare);
+                return Err(why);
+            }
             if h.flags & chunk::FLAG_DONE != 0 {
                 let outcome = match w.error.take() {
                     Some((errno, msg)) => Err(Failed::Errno(errno, msg)),

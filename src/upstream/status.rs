@@ -151,4 +151,21 @@ mod tests {
         assert_eq!(store.info().allocation, None);
         assert_eq!(pairs(&store.extents(0, 65536).unwrap()), [(65536, false)]);
     }
+
+    /// Block status for a context that was never negotiated is a protocol violation: the
+    /// connection is dropped, and the query fails (after the upstream timeout) saying why;
+    /// it is not taken for an answer.
+    #[test]
+    fn block_status_for_another_context_fails_the_connection() {
+        use crate::storage::Storage;
+        let (uri, _) = crate::upstream::fake::serve(crate::upstream::fake::Script::WrongContext);
+        let opts = crate::upstream::Options {
+            timeout: std::time::Duration::from_millis(300),
+            connections: 1,
+        };
+        let store = NbdStore::open_with(&uri, &opts).unwrap();
+        assert_eq!(store.info().allocation, Some(7));
+        let e = store.extents(0, 65536).unwrap_err();
+        assert!(e.to_string().contains("context 8"), "{e}");
+    }
 }

@@ -1,6 +1,6 @@
 //! Tests of the client against a scripted NBD server: behaviour no real peer here can be made
 //! to show on demand (a server that refuses long unfragmented reads, replies that leave gaps
-//! or overlap, fails a write once). The server speaks just enough fixed newstyle for
+//! or overlap, fails a write once, answers block status for a context it never offered). The server speaks just enough fixed newstyle for
 //! [`Client::connect`]; its export starts as [`byte_at`]'s pattern and keeps what is written.
 
 use std::io::{Read, Write};
@@ -40,6 +40,8 @@ pub(crate) enum Script {
     Slow,
     /// Answers the first write with `EIO` (and keeps nothing of it), then as `RefuseLargeDf`.
     FailFirstWrite,
+    /// Offers `base:allocation` as context 7, then answers block status for context 8.
+    WrongContext,
 }
 
 /// The byte the fake export holds at `offset`.
@@ -144,6 +146,12 @@ fn session(
         s.read_exact(&mut data)?;
         match o.code {
             opt::STRUCTURED_REPLY => option_reply(&mut s, o.code, rep::ACK, &[])?,
+            opt::SET_META_CONTEXT if script == Script::WrongContext => {
+                let mut ctx = 7u32.to_be_bytes().to_vec();
+                ctx.extend_from_slice(crate::protocol::consts::BASE_ALLOCATION.as_bytes());
+                option_reply(&mut s, o.code, rep::META_CONTEXT, &ctx)?;
+                option_reply(&mut s, o.code, rep::ACK, &[])?;
+            }
             opt::GO => {
                 let mut info = Vec::new();
                 Info::Export {
@@ -174,12 +182,12 @@ fn session(
                         std::thread::sleep(std::time::Duration::from_millis(300));
                         data_chunk(&mut out, true, r.cookie, r.offset, image, r.length);
                     }
-                    Script::RefuseLargeDf | Script::FailFirstWrite
+                    Script::RefuseLargeDf | Script::FailFirstWrite | Script::WrongContext
                         if r.flags & cmd_flag::DF != 0 && r.length > 65536 =>
                     {
                         error_chunk(&mut out, r.cookie, err::EOVERFLOW);
                     }
-                    Script::RefuseLargeDf | Script::FailFirstWrite => {
+                    Script::RefuseLargeDf | Script::FailFirstWrite | Script::WrongContext => {
                         data_chunk(&mut out, true, r.cookie, r.offset, image, r.length);
                     }
                     Script::Gap => {
@@ -205,6 +213,19 @@ fn session(
                     image.lock().unwrap()[at..at + data.len()].copy_from_slice(&data);
                     chunk_out(&mut out, chunk::FLAG_DONE, chunk::NONE, r.cookie, &[]);
                 }
+            }
+            cmd::BLOCK_STATUS => {
+                let mut p = Vec::new();
+                p.put_u32(8);
+                p.put_u32(r.length);
+                p.put_u32(0);
+                chunk_out(
+                    &mut out,
+                    chunk::FLAG_DONE,
+                    chunk::BLOCK_STATUS,
+                    r.cookie,
+                    &p,
+                );
             }
             _ => chunk_out(&mut out, chunk::FLAG_DONE, chunk::NONE, r.cookie, &[]),
         }
