@@ -219,13 +219,8 @@ impl Client {
             if let Some(why) = &p.dead {
                 return Err(self.dead(why));
             }
-            let data = if kind == cmd::READ {
-                self.spare.take(length as usize)
-            } else {
-                Vec::new()
-            };
             p.waiters
-                .insert(cookie, Waiter::new(offset, data, Done::Wait(done)));
+                .insert(cookie, self.waiter(kind, offset, length, Done::Wait(done)));
         }
         let mut header = Vec::with_capacity(28);
         Request {
@@ -266,6 +261,16 @@ impl Client {
             Ok(Err(Failed::Dead(why))) => Err(self.dead(&why)),
             Err(_) => Err(self.dead("the reply reader stopped")),
         }
+    }
+
+    /// The waiter of a request: a read's gets a (recycled) buffer of its length.
+    fn waiter(&self, kind: u16, offset: u64, length: u32, done: Done) -> Waiter {
+        let data = if kind == cmd::READ {
+            self.spare.take(length as usize)
+        } else {
+            Vec::new()
+        };
+        Waiter::new(offset, data, done)
     }
 
     /// Gives a read's buffer back for a later read to reuse.
@@ -321,13 +326,8 @@ impl Client {
             if p.dead.is_some() {
                 return Err(done);
             }
-            let data = if kind == cmd::READ {
-                self.spare.take(length as usize)
-            } else {
-                Vec::new()
-            };
             p.waiters
-                .insert(cookie, Waiter::new(offset, data, Done::Call(done)));
+                .insert(cookie, self.waiter(kind, offset, length, Done::Call(done)));
         }
         let mut q = lock(&self.outbox.queue);
         let wake = q.is_empty();

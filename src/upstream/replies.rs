@@ -224,35 +224,49 @@ fn read_one(
                 .map_err(|e| format!("reading a reply chunk: {e}"))?;
             let h = ChunkHeader::decode(&head).map_err(|e| e.to_string())?;
             let mut w = take(h.cookie)?;
-            // A chunk that breaks the protocol fails its request with the reason (and then
-            // the connection), rather than leaving it to learn only that the reader stopped.
-            if let Err(why) = read_chunk(sock, &h, &mut w, context) {
-                w.complete(Err(Failed::Dead(why.clone())), spare);
-                return Err(why);
+            match chunk_into(sock, &h, &mut w, context) {
+                // A reply that breaks the protocol fails its request with the reason (and then
+                // the connection), rather than leaving it to learn only that the reader stopped.
+                Err(why) => {
+                    w.complete(Err(Failed::Dead(why.clone())), spare);
+                    Err(why)
+                }
+                Ok(Some(outcome)) => {
+                    w.complete(outcome, spare);
+                    Ok(())
+                }
+                Ok(None) => {
+                    lock(pending).waiters.insert(h.cookie, w);
+                    Ok(())
+                }
             }
-            if h.flags & chunk::FLAG_DONE != 0 {
-                let outcome = match w.error.take() {
-                    Some((errno, msg)) => Err(Failed::Errno(errno, msg)),
-                    None => {
-                        if let Err(why) = covered(&mut w) {
-                            w.complete(Err(Failed::Dead(why.clone())), spare);
-                            return Err(why);
-                        }
-                        if w.data.is_empty() {
-                            Ok(std::mem::take(&mut w.status))
-                        } else {
-                            Ok(std::mem::take(&mut w.data))
-                        }
-                    }
-                };
-                w.complete(outcome, spare);
-            } else {
-                lock(pending).waiters.insert(h.cookie, w);
-            }
-            Ok(())
         }
         m => Err(format!("a reply with bad magic {m:#010x}")),
     }
+}
+
+/// Reads one chunk into `w`; after the last one, the request's outcome: the server's error,
+/// the data of a read (which the chunks must cover exactly), or a block status's descriptors.
+fn chunk_into(
+    sock: &mut impl Read,
+    h: &ChunkHeader,
+    w: &mut Waiter,
+    context: Option<u32>,
+) -> Result<Option<Outcome>, String> {
+    read_chunk(sock, h, w, context)?;
+    if h.flags & chunk::FLAG_DONE == 0 {
+        return Ok(None);
+    }
+    if let Some((errno, msg)) = w.error.take() {
+        return Ok(Some(Err(Failed::Errno(errno, msg))));
+    }
+    covered(w)?;
+    let done = if w.data.is_empty() {
+        &mut w.status
+    } else {
+        &mut w.data
+    };
+    Ok(Some(Ok(std::mem::take(done))))
 }
 
 /// Reads one chunk's payload into its waiter.
