@@ -119,6 +119,18 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
+/// A read lands in the store's receive buffer: this buffer's allocation goes to the store in
+/// exchange, so both pools keep their count of buffers.
+impl crate::storage::ReadBuffer for Buffer {
+    fn take_over(&mut self, received: &mut Vec<u8>) -> bool {
+        if received.len() != self.len {
+            return false;
+        }
+        std::mem::swap(&mut self.data, received);
+        true
+    }
+}
+
 impl Drop for Buffer {
     fn drop(&mut self) {
         self.pool.give_back(std::mem::take(&mut self.data));
@@ -128,6 +140,28 @@ impl Drop for Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A buffer that takes over a store's receive buffer holds its bytes without a copy, hands
+    /// its own allocation over in exchange, and returns the received one to the pool.
+    #[test]
+    fn take_over_exchanges_allocations_and_keeps_the_pool_whole() {
+        use crate::storage::ReadBuffer;
+        let pool = BufferPool::new(1 << 20);
+        let mut b = pool.take(4096);
+        let own = b.as_ptr();
+        let mut received = vec![7u8; 4096];
+        let theirs = received.as_ptr();
+        assert!(!b.take_over(&mut vec![7u8; 4095]), "only the same length");
+        assert!(b.take_over(&mut received));
+        assert!(b.iter().all(|&x| x == 7) && b.len() == 4096);
+        assert_eq!((b.as_ptr(), received.as_ptr()), (theirs, own));
+        drop(b);
+        assert_eq!(
+            pool.take(4096).as_ptr(),
+            theirs,
+            "the received buffer is pooled"
+        );
+    }
 
     #[test]
     fn pool_reused_buffer_is_the_same_allocation() {

@@ -158,8 +158,30 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 }
 
 /// The completion of [`Storage::submit_read`] and [`Storage::submit_write`]: `Some` with the
-/// bytes read (empty for a write), or `None` when the request failed.
-pub type ReadDone = Box<dyn FnOnce(Option<&[u8]>) + Send>;
+/// buffer holding exactly the bytes read (empty for a write), or `None` when the request
+/// failed. The completion may exchange that buffer for another of the same length (its own
+/// allocation, [`Vec`]'s `swap`) to keep the bytes without copying them: the store reuses
+/// whatever buffer it gets back.
+pub type ReadDone = Box<dyn FnOnce(Option<&mut Vec<u8>>) + Send>;
+
+/// A buffer a submitted read can land in without a copy: it takes over the store's receive
+/// buffer ([`ReadDone`]) by exchanging allocations with it.
+pub trait ReadBuffer: std::ops::DerefMut<Target = [u8]> {
+    /// Exchanges allocations with `received`, which holds exactly `self.len()` bytes: `self`
+    /// then holds them, and `received` a buffer the store may reuse. False (nothing changed)
+    /// when this buffer cannot.
+    fn take_over(&mut self, received: &mut Vec<u8>) -> bool;
+}
+
+impl ReadBuffer for Vec<u8> {
+    fn take_over(&mut self, received: &mut Vec<u8>) -> bool {
+        if received.len() != self.len() {
+            return false;
+        }
+        std::mem::swap(self, received);
+        true
+    }
+}
 
 /// The bytes of a submitted write, shared by the store (until they are sent) and the caller
 /// (which writes them again if the write fails).

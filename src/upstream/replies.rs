@@ -75,8 +75,8 @@ impl Waiter {
                 let _ = tx.try_send(outcome);
             }
             Some(Done::Call(f)) => match outcome {
-                Ok(data) => {
-                    f(Some(&data));
+                Ok(mut data) => {
+                    f(Some(&mut data));
                     spare.put(data);
                 }
                 Err(_) => f(None),

@@ -284,6 +284,13 @@ impl EncryptedVolume {
             return result;
         }
         self.storage.read_at(buf, at)?;
+        self.decrypt_in_place(first, buf)
+    }
+
+    /// Decrypts whole sectors `buf` (ciphertext of sectors `first..`) in place; all-zero
+    /// sectors stay zero.
+    fn decrypt_in_place(&self, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let sb = self.sector() as usize;
         let mut i = 0;
         while i < buf.len() / sb {
             let (end, zero) = span::run_at(buf, sb, i);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::locks::Pin;
 use super::{EncryptedVolume, VolumeError};
-use crate::storage::WriteData;
+use crate::storage::{ReadBuffer, WriteData};
 
 /// How a submitted write ended ([`EncryptedVolume::submit_write`]).
 pub enum Written<B> {
@@ -64,7 +64,7 @@ impl EncryptedVolume {
     /// this one: `Ok(out)` decrypted, or `Err(out)` for "read it with [`read`](Self::read)".
     pub fn submit_read<B, F>(self: &Arc<Self>, offset: u64, mut out: B, done: F)
     where
-        B: std::ops::DerefMut<Target = [u8]> + Send + 'static,
+        B: ReadBuffer + Send + 'static,
         F: FnOnce(Result<B, B>) + Send + 'static,
     {
         let len = out.len();
@@ -75,13 +75,17 @@ impl EncryptedVolume {
         }
         let first = offset / sector;
         let me = Arc::clone(self);
-        let finish = Box::new(move |data: Option<&[u8]>| {
+        let finish = Box::new(move |data: Option<&mut Vec<u8>>| {
             let Some(src) = data else {
                 return done(Err(out));
             };
             let decrypted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 crate::faults::panic_point(offset);
-                me.decrypt_from(first, src, &mut out)
+                if out.take_over(src) {
+                    me.decrypt_in_place(first, &mut out)
+                } else {
+                    me.decrypt_from(first, src, &mut out)
+                }
             }));
             match decrypted {
                 Ok(Ok(())) => done(Ok(out)),
@@ -162,7 +166,7 @@ impl EncryptedVolume {
             fua,
             pin,
         };
-        let finish = Box::new(move |acked: Option<&[u8]>| {
+        let finish = Box::new(move |acked: Option<&mut Vec<u8>>| {
             if acked.is_some() {
                 drop(sent);
                 done(Written::Done);
@@ -193,13 +197,10 @@ mod tests {
     use crate::upstream::fake::{SIZE, Script, serve};
     use crate::volume::VolumeConfig;
 
-    /// A volume's submitted write that the upstream refuses comes back as its ciphertext; written
-    /// again as it is, the volume reads the plaintext (it was not encrypted twice), and the export
-    /// holds no plaintext.
-    #[test]
-    fn a_volume_resends_the_ciphertext_of_a_failed_submitted_write() {
-        let (uri, _) = serve(Script::FailFirstWrite);
-        let store = std::sync::Arc::new(NbdStore::open(&uri).unwrap());
+    /// A volume over the scripted upstream (`script`), its data 4 KiB in.
+    fn remote_volume(script: Script) -> (Arc<NbdStore>, Arc<EncryptedVolume>) {
+        let (uri, _) = serve(script);
+        let store = Arc::new(NbdStore::open(&uri).unwrap());
         let mut raw: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(29) ^ 0x33).collect();
         let key = VolumeKey::take_from(&mut raw).unwrap();
         let engine = XtsEngine::new(&key, SectorSize::S512, BackendChoice::Auto).unwrap();
@@ -210,9 +211,62 @@ mod tests {
             read_only: false,
             data_offset: 4096,
         };
-        let volume = std::sync::Arc::new(
-            EncryptedVolume::new(Box::new(std::sync::Arc::clone(&store)), engine, config).unwrap(),
+        let volume = EncryptedVolume::new(Box::new(Arc::clone(&store)), engine, config).unwrap();
+        (store, Arc::new(volume))
+    }
+
+    /// A submitted read is decrypted where the upstream's reply was received: the caller's
+    /// buffer comes back holding the receive buffer's allocation (no copy), the plaintext is
+    /// right (all-zero ciphertext reads as zeroes), and the caller's own allocation went to
+    /// the store for its next read, so neither side allocates per read.
+    #[test]
+    fn a_submitted_read_is_decrypted_in_the_buffer_it_was_received_in() {
+        let (store, volume) = remote_volume(Script::RefuseLargeDf);
+        let len = 64 * 1024;
+        let plain = payload(5, len);
+        volume.write(65536, &mut plain.clone(), false).unwrap();
+        // The last 4 KiB as never written (or discarded): zeroes in the export.
+        store
+            .write_at(&[0u8; 4096], 4096 + 65536 + len as u64 - 4096)
+            .unwrap();
+        let mut want = plain.clone();
+        want[len - 4096..].fill(0);
+        let (tx, rx) = mpsc::channel();
+        let mut mine = Vec::new();
+        for _ in 0..2 {
+            let out = vec![0xA5u8; len];
+            mine.push(out.as_ptr() as usize);
+            let tx = tx.clone();
+            volume.submit_read(65536, out, move |read: Result<Vec<u8>, Vec<u8>>| {
+                let _ = tx.send(read);
+            });
+            let back = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            let back = back.expect("the read was not handed back");
+            assert!(
+                back == want,
+                "the plaintext, zeroes where the export is zero"
+            );
+            mine.push(back.as_ptr() as usize);
+        }
+        let [first_out, first_back, _, second_back] = mine[..] else {
+            unreachable!()
+        };
+        assert_ne!(
+            first_back, first_out,
+            "the receive buffer came back, not a copy"
         );
+        assert_eq!(
+            second_back, first_out,
+            "the store received the next read into the buffer it was given in exchange"
+        );
+    }
+
+    /// A volume's submitted write that the upstream refuses comes back as its ciphertext; written
+    /// again as it is, the volume reads the plaintext (it was not encrypted twice), and the export
+    /// holds no plaintext.
+    #[test]
+    fn a_volume_resends_the_ciphertext_of_a_failed_submitted_write() {
+        let (store, volume) = remote_volume(Script::FailFirstWrite);
         let plain = payload(3, 1 << 20);
         let (tx, rx) = mpsc::channel();
         for round in ["refused", "acknowledged"] {

@@ -89,9 +89,9 @@ fn submitted_reads_complete_on_the_reader_thread_with_their_own_bytes() {
     for i in 0..count {
         let (offset, len) = ((i * 37 % 2000) * 4096, 4096 * (1 + (i % 16) as usize));
         let tx = tx.clone();
-        let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+        let done: crate::storage::ReadDone = Box::new(move |data: Option<&mut Vec<u8>>| {
             let thread = std::thread::current().name().unwrap_or("").to_owned();
-            let _ = tx.send((offset, len, data.map(<[u8]>::to_vec), thread));
+            let _ = tx.send((offset, len, data.map(|d| d.clone()), thread));
         });
         assert!(
             store.submit_read(offset, len, done).is_ok(),
@@ -119,7 +119,7 @@ fn a_submitted_read_on_a_dying_connection_is_told_it_failed() {
     let (uri, _) = serve(Script::Hangup);
     let store = NbdStore::open(&uri).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+    let done: crate::storage::ReadDone = Box::new(move |data: Option<&mut Vec<u8>>| {
         let _ = tx.send(data.is_some());
     });
     assert!(store.submit_read(0, 4096, done).is_ok());
@@ -128,7 +128,7 @@ fn a_submitted_read_on_a_dying_connection_is_told_it_failed() {
         .expect("the read is completed when its connection dies");
     assert!(!ok, "a read the server never answered failed");
     let (tx, rx) = std::sync::mpsc::channel::<bool>();
-    let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+    let done: crate::storage::ReadDone = Box::new(move |data: Option<&mut Vec<u8>>| {
         let _ = tx.send(data.is_some());
     });
     if let Err(back) = store.submit_read(0, 4096, done) {
@@ -151,7 +151,7 @@ fn a_store_dropped_by_its_own_read_completion_shuts_down_cleanly() {
     let store = std::sync::Arc::new(NbdStore::open(&uri).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     let last = std::sync::Arc::clone(&store);
-    let done: crate::storage::ReadDone = Box::new(move |data: Option<&[u8]>| {
+    let done: crate::storage::ReadDone = Box::new(move |data: Option<&mut Vec<u8>>| {
         let ok = data.is_some();
         drop(last);
         let _ = tx.send(ok);

@@ -16,7 +16,7 @@ pub(crate) fn payload(seed: u64, len: usize) -> Vec<u8> {
 /// A completion that reports whether the write was acknowledged and on which thread.
 fn reporting(tx: &mpsc::Sender<(u64, bool, String)>, offset: u64) -> ReadDone {
     let tx = tx.clone();
-    Box::new(move |acked: Option<&[u8]>| {
+    Box::new(move |acked: Option<&mut Vec<u8>>| {
         let thread = std::thread::current().name().unwrap_or("").to_owned();
         let _ = tx.send((offset, acked.is_some(), thread));
     })
