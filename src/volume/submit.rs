@@ -1,8 +1,9 @@
-//! Requests that do not wait: on a remote store (an upstream NBD export) a small read or a
-//! whole-sector write is sent upstream and the calling task moves on. A read's reply is
-//! decrypted on the thread that received it; a write is encrypted by the caller (the bytes
-//! are hot in its cache: it just received them) and acknowledged from the thread that
-//! received the upstream's reply. No thread sits blocked on the round trip, which on the proxy
+//! Requests that do not wait: on a remote store (an upstream NBD export) a whole-sector read
+//! or write is sent upstream and the calling task moves on. A read's reply is decrypted on
+//! the thread that received it, in place, in the buffer it was received in, which the
+//! caller's buffer takes over ([`ReadBuffer`]: no copy); a write is encrypted by the caller
+//! (the bytes are hot in its cache: it just received them) and acknowledged from the thread
+//! that received the upstream's reply. No thread sits blocked on the round trip, which on the proxy
 //! path cost two thread switches per 4 KiB read and a blocking-pool thread per 1 MiB write
 //! (BENCHMARKING.md). Anything this path cannot do (an unaligned request, a dead connection,
 //! an upstream error, a withdrawn key, a panic) goes back to the caller, which does it the
