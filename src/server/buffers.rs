@@ -67,16 +67,24 @@ impl BufferPool {
                 .bufs
                 .iter()
                 .enumerate()
-                .filter(|(_, b)| b.len() >= len)
-                .min_by_key(|(_, b)| b.len())
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
                 .map(|(i, _)| i);
             pick.map(|i| {
                 let b = free.bufs.swap_remove(i);
-                free.bytes -= b.len();
+                free.bytes -= b.capacity();
                 b
             })
         };
-        let data = reused.unwrap_or_else(|| vec![0u8; len]);
+        let data = match reused {
+            // A buffer taken over from a store may hold fewer bytes than it has room for.
+            Some(mut b) if b.len() < len => {
+                b.resize(len, 0);
+                b
+            }
+            Some(b) => b,
+            None => vec![0u8; len],
+        };
         Buffer {
             data,
             len,
@@ -86,8 +94,9 @@ impl BufferPool {
 
     fn give_back(&self, data: Vec<u8>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.bytes + data.len() <= RETAINED_BYTES {
-            free.bytes += data.len();
+        // Counted by capacity: a buffer taken over from a store can be larger than its length.
+        if free.bytes + data.capacity() <= RETAINED_BYTES {
+            free.bytes += data.capacity();
             free.bufs.push(data);
         }
     }
@@ -161,6 +170,28 @@ mod tests {
             theirs,
             "the received buffer is pooled"
         );
+    }
+
+    /// A store's receive buffer can be shorter than its allocation (the store cut a larger
+    /// one down): the pool counts it by its allocation, against the cap, and reuses it for a
+    /// request as large as that allocation.
+    #[test]
+    fn a_taken_over_buffer_counts_and_serves_by_its_allocation() {
+        use crate::storage::ReadBuffer;
+        let pool = BufferPool::new(4 << 20);
+        let mut b = pool.take(4096);
+        let mut received = Vec::with_capacity(1 << 20);
+        received.resize(4096, 7u8);
+        let big = received.as_ptr();
+        assert!(b.take_over(&mut received));
+        drop(b);
+        assert!(
+            pool.retained_bytes() >= 1 << 20,
+            "{}",
+            pool.retained_bytes()
+        );
+        let again = pool.take(1 << 20);
+        assert_eq!((again.as_ptr(), again.len()), (big, 1 << 20));
     }
 
     #[test]
