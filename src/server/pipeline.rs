@@ -67,11 +67,11 @@ pub enum Placement {
 ///   copied). For 1 MiB reads that cost 0.86× the CPU per GB of the blocking pool's way (a
 ///   thread hop and a second 1 MiB buffer fewer; BENCHMARKING.md). And writes: encrypted
 ///   (inline below the split threshold, on a crypto worker above it: `split` then means that)
-///   and submitted (`Volume::submit_write`), acknowledged by the thread that receives the upstream's reply;
-///   `FUA` goes upstream as the write's flag (an upstream without it declines, and the write
-///   waits for a flush on the blocking pool). Encrypting 1 MiB writes on the connection's
-///   task measured 0.95× of the waiting way (that task then received and encrypted every
-///   request of the connection in turn); on a worker 1.08× (BENCHMARKING.md).
+///   and submitted (`Volume::submit_write`), acknowledged by the thread that receives the
+///   upstream's reply; `FUA` goes upstream as the write's flag (an upstream without it
+///   declines, and the write waits for a flush on the blocking pool). Encrypting 1 MiB writes
+///   on the connection's task measured 0.95× of the waiting way (that task then received and
+///   encrypted every request of the connection in turn); on a worker 1.08× (BENCHMARKING.md).
 pub fn placement(
     cmd: &Command,
     workers: &Workers,

@@ -3,11 +3,11 @@
 //! the thread that received it, in place, in the buffer it was received in, which the
 //! caller's buffer takes over ([`ReadBuffer`]: no copy); a write is encrypted by the caller
 //! (the bytes are hot in its cache: it just received them) and acknowledged from the thread
-//! that received the upstream's reply. No thread sits blocked on the round trip, which on the proxy
-//! path cost two thread switches per 4 KiB read and a blocking-pool thread per 1 MiB write
-//! (BENCHMARKING.md). Anything this path cannot do (an unaligned request, a dead connection,
-//! an upstream error, a withdrawn key, a panic) goes back to the caller, which does it the
-//! waiting way: that retries, reconnects and reports the error.
+//! that received the upstream's reply. No thread sits blocked on the round trip, which on the
+//! proxy path cost two thread switches per 4 KiB read and a blocking-pool thread per 1 MiB
+//! read or write (BENCHMARKING.md). Anything this path cannot do (an unaligned request, a dead
+//! connection, an upstream error, a withdrawn key, a panic) goes back to the caller, which does
+//! it the waiting way: that retries, reconnects and reports the error.
 
 use std::ops::DerefMut;
 use std::sync::Arc;
