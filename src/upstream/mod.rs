@@ -6,8 +6,8 @@
 //! [`NbdStore`] implements [`Storage`] over negotiated [`client::Client`] connections, each kept
 //! up by a [`session::Session`] (reconnects, the upstream timeout, flush honesty): the calls
 //! are synchronous round trips, made from the blocking pool, or submitted without waiting
-//! (small reads, whole-sector writes, with or without FUA), and many of them are in flight on
-//! each connection at once. Where the upstream advertises `CAN_MULTI_CONN` (a flush on one
+//! (reads, whole-sector writes with or without FUA), and many of them are in flight on each
+//! connection at once. Where the upstream advertises `CAN_MULTI_CONN` (a flush on one
 //! connection covers writes completed on all), requests are spread over
 //! [`Options::connections`] connections, round robin; otherwise one connection carries
 //! everything. Requests larger than the upstream's maximum payload are split; offsets
