@@ -5,13 +5,15 @@
 //! ciphertext reads as zeroes), so a client asking us for block status (`nbdcopy`,
 //! `qemu-img convert`, a backup tool) skips what was never written on a thin store such as an
 //! RBD image, instead of reading and copying every byte. Block status is advisory: an upstream
-//! without the context, or one that refuses a query, is reported as all data, as before.
+//! without the context is reported as all data, as before. So is one that refuses the command
+//! (`EINVAL`, `ENOTSUP`, `EPERM`: not asked again), and a query that fails otherwise (an `EIO`
+//! while the store recovers: that answer alone; the next query asks again).
 
 use std::io;
 use std::sync::atomic::Ordering;
 
 use super::{NbdStore, UpstreamError};
-use crate::protocol::consts::{cmd, state};
+use crate::protocol::consts::{cmd, err, state};
 use crate::storage::Extent;
 
 /// The longest range asked about in one request (a multiple of every minimum block size).
@@ -44,12 +46,23 @@ impl NbdStore {
             let reply = match self.client().request(cmd::BLOCK_STATUS, 0, pos, n32, None) {
                 Ok(reply) => reply,
                 Err(UpstreamError::Errno { errno, message, .. }) => {
-                    if !self.no_status.swap(true, Ordering::Relaxed) {
-                        tracing::info!(
+                    if refusal(errno) {
+                        if !self.no_status.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                upstream = self.target.uri,
+                                errno,
+                                message,
+                                "the upstream refused BLOCK_STATUS: its holes are no longer asked for (everything reads as data)"
+                            );
+                        }
+                    } else {
+                        // A passing failure (an EIO while the store recovers): this answer is
+                        // all data, the next query asks again.
+                        tracing::debug!(
                             upstream = self.target.uri,
                             errno,
                             message,
-                            "the upstream refused BLOCK_STATUS: its holes are no longer asked for (everything reads as data)"
+                            "BLOCK_STATUS failed on the upstream: reported as data this time"
                         );
                     }
                     out.push(Extent {
@@ -79,6 +92,12 @@ impl NbdStore {
         }
         Ok(out)
     }
+}
+
+/// Whether an error answer to `BLOCK_STATUS` says the upstream will never answer one (it does
+/// not support or permit the command), rather than that this query failed.
+fn refusal(errno: u32) -> bool {
+    matches!(errno, err::EINVAL | err::ENOTSUP | err::EPERM)
 }
 
 /// The extents of one reply's descriptors (length, flags), cut off at `limit` bytes (a server
@@ -150,6 +169,30 @@ mod tests {
         let store = NbdStore::open(&uri).unwrap();
         assert_eq!(store.info().allocation, None);
         assert_eq!(pairs(&store.extents(0, 65536).unwrap()), [(65536, false)]);
+    }
+
+    /// A failed query is all data that time only; a refusal (`EINVAL`) is all data for good:
+    /// the scripted server answers EIO, a hole, EINVAL, then holes again.
+    #[test]
+    fn only_a_refusal_stops_block_status_queries() {
+        use crate::storage::Storage;
+        let (uri, _) = crate::upstream::fake::serve(crate::upstream::fake::Script::StatusErrors);
+        let store = NbdStore::open(&uri).unwrap();
+        assert_eq!(store.info().allocation, Some(7));
+        let data = [(65536, false)];
+        assert_eq!(pairs(&store.extents(0, 65536).unwrap()), data, "EIO");
+        assert_eq!(
+            pairs(&store.extents(0, 65536).unwrap()),
+            [(65536, true)],
+            "asked again after an EIO"
+        );
+        assert_eq!(pairs(&store.extents(0, 65536).unwrap()), data, "EINVAL");
+        // The server would answer a hole now: not asked.
+        assert_eq!(
+            pairs(&store.extents(0, 65536).unwrap()),
+            data,
+            "not asked again"
+        );
     }
 
     /// Block status for a context that was never negotiated is a protocol violation: the

@@ -1,6 +1,7 @@
 //! Tests of the client against a scripted NBD server: behaviour no real peer here can be made
 //! to show on demand (a server that refuses long unfragmented reads, replies that leave gaps
-//! or overlap, fails a write once, answers block status for a context it never offered). The server speaks just enough fixed newstyle for
+//! or overlap, fails a write once, answers block status for a context it never offered, fails block status). The server
+//! speaks just enough fixed newstyle for
 //! [`Client::connect`]; its export starts as [`byte_at`]'s pattern and keeps what is written.
 
 use std::io::{Read, Write};
@@ -42,6 +43,9 @@ pub(crate) enum Script {
     FailFirstWrite,
     /// Offers `base:allocation` as context 7, then answers block status for context 8.
     WrongContext,
+    /// Offers `base:allocation` as context 7 and answers its block status queries in turn with
+    /// `EIO`, with all of the range a hole, with `EINVAL`, and then with holes again.
+    StatusErrors,
 }
 
 /// The byte the fake export holds at `offset`.
@@ -58,16 +62,18 @@ pub(crate) fn serve(script: Script) -> (String, Seen) {
     let seen = Arc::clone(&reads);
     let image: Image = Arc::new(Mutex::new(expected(0, usize::try_from(SIZE).unwrap())));
     let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let statuses = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { return };
-            let (seen, image, failed_once) = (
+            let (seen, image, failed_once, statuses) = (
                 Arc::clone(&seen),
                 Arc::clone(&image),
                 Arc::clone(&failed_once),
+                Arc::clone(&statuses),
             );
             std::thread::spawn(move || {
-                let _ = session(conn, script, &seen, &image, &failed_once);
+                let _ = session(conn, script, &seen, &image, &failed_once, &statuses);
             });
         }
     });
@@ -129,6 +135,7 @@ fn session(
     seen: &Mutex<Vec<(u16, u32)>>,
     image: &Image,
     failed_once: &std::sync::atomic::AtomicBool,
+    statuses: &std::sync::atomic::AtomicUsize,
 ) -> std::io::Result<()> {
     let mut out = Vec::new();
     Greeting {
@@ -146,7 +153,9 @@ fn session(
         s.read_exact(&mut data)?;
         match o.code {
             opt::STRUCTURED_REPLY => option_reply(&mut s, o.code, rep::ACK, &[])?,
-            opt::SET_META_CONTEXT if script == Script::WrongContext => {
+            opt::SET_META_CONTEXT
+                if matches!(script, Script::WrongContext | Script::StatusErrors) =>
+            {
                 let mut ctx = 7u32.to_be_bytes().to_vec();
                 ctx.extend_from_slice(crate::protocol::consts::BASE_ALLOCATION.as_bytes());
                 option_reply(&mut s, o.code, rep::META_CONTEXT, &ctx)?;
@@ -182,12 +191,18 @@ fn session(
                         std::thread::sleep(std::time::Duration::from_millis(300));
                         data_chunk(&mut out, true, r.cookie, r.offset, image, r.length);
                     }
-                    Script::RefuseLargeDf | Script::FailFirstWrite | Script::WrongContext
+                    Script::RefuseLargeDf
+                    | Script::FailFirstWrite
+                    | Script::WrongContext
+                    | Script::StatusErrors
                         if r.flags & cmd_flag::DF != 0 && r.length > 65536 =>
                     {
                         error_chunk(&mut out, r.cookie, err::EOVERFLOW);
                     }
-                    Script::RefuseLargeDf | Script::FailFirstWrite | Script::WrongContext => {
+                    Script::RefuseLargeDf
+                    | Script::FailFirstWrite
+                    | Script::WrongContext
+                    | Script::StatusErrors => {
                         data_chunk(&mut out, true, r.cookie, r.offset, image, r.length);
                     }
                     Script::Gap => {
@@ -212,6 +227,29 @@ fn session(
                     let at = usize::try_from(r.offset).unwrap();
                     image.lock().unwrap()[at..at + data.len()].copy_from_slice(&data);
                     chunk_out(&mut out, chunk::FLAG_DONE, chunk::NONE, r.cookie, &[]);
+                }
+            }
+            cmd::BLOCK_STATUS if script == Script::StatusErrors => {
+                let n = statuses.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match n {
+                    0 => error_chunk(&mut out, r.cookie, err::EIO),
+                    2 => error_chunk(&mut out, r.cookie, err::EINVAL),
+                    _ => {
+                        let mut p = Vec::new();
+                        p.put_u32(7);
+                        p.put_u32(r.length);
+                        p.put_u32(
+                            crate::protocol::consts::state::HOLE
+                                | crate::protocol::consts::state::ZERO,
+                        );
+                        chunk_out(
+                            &mut out,
+                            chunk::FLAG_DONE,
+                            chunk::BLOCK_STATUS,
+                            r.cookie,
+                            &p,
+                        );
+                    }
                 }
             }
             cmd::BLOCK_STATUS => {
