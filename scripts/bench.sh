@@ -20,7 +20,10 @@
 # an RBD image; qemu-nbd-rbd is fio straight to it over its Unix socket (the reference),
 # nbdcrypt-rbd nbdcrypt in front of it with fio over TCP, and nbdcrypt-rbd-unix the same with fio
 # over a Unix socket, the reference's transport (like for like: on two shared vCPUs loopback
-# TCP's extra cost is visible). Volumes are 256 MiB there (the memstore OSD holds them in RAM).
+# TCP's extra cost is visible); nbdkit-proxy-rbd and nbdkit-proxy-rbd-unix are nbdkit's nbd
+# plugin in front of the same export (TCP, Unix socket): an unencrypted proxy, the most any hop
+# in front of the cluster can keep of fio straight to it on this machine. Volumes are 256 MiB
+# there (the memstore OSD holds them in RAM).
 # Jobs (fio, nbd engine): seq 1 MiB write/read at QD16, 4 KiB randread/randwrite at QD32, a 70/30
 # 4 KiB mix at QD32, and 4 KiB randread at QD32 over 1, 2 and 4 connections (numjobs).
 # Each round starts every server in turn (fresh, prefilled), runs every job against it, and
@@ -184,7 +187,7 @@ if [[ "$MODE" == proxy ]]; then
     [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-proxy) && JOBS[nbdcrypt-base-proxy]="$FULL"
     ((QUICK)) && for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite randread"; done
 elif [[ "$MODE" == ceph ]]; then
-    SERVERS=(nbdcrypt-rbd nbdcrypt-rbd-unix qemu-nbd-rbd)
+    SERVERS=(nbdcrypt-rbd nbdcrypt-rbd-unix qemu-nbd-rbd nbdkit-proxy-rbd nbdkit-proxy-rbd-unix)
     [[ -n "$BASE_BIN" ]] && SERVERS+=(nbdcrypt-base-rbd)
     for s in "${SERVERS[@]}"; do JOBS[$s]="seqwrite seqread randread"; done
     log "starting a single-node Ceph cluster"
@@ -244,15 +247,21 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
             local bin="$BIN" listen=(--listen "127.0.0.1:$port")
             [[ "$name" == nbdcrypt-base-* ]] && bin="$BASE_BIN"
             if [[ "$name" == *-unix ]]; then
-                rm -f "$WORK/nbdcrypt.sock"
-                listen=(--unix "$WORK/nbdcrypt.sock")
+                rm -f "$WORK/front.sock"
+                listen=(--unix "$WORK/front.sock")
             fi
             "${PIN_CLIENT[@]}" "$bin" --log warn serve "${listen[@]}" \
                 --export "name=bench,file=$UP_URI,key-file=$WORK/volume.key,size=${SIZE_MIB}M" \
                 >"$WORK/server.log" 2>&1 &
             ;;
-        nbdkit-proxy)
-            nbdkit -f -i 127.0.0.1 -p "$port" nbd socket="$UP_SOCK" >"$WORK/server.log" 2>&1 &
+        nbdkit-proxy | nbdkit-proxy-rbd)
+            "${PIN_CLIENT[@]}" nbdkit -f -i 127.0.0.1 -p "$port" nbd socket="$UP_SOCK" \
+                >"$WORK/server.log" 2>&1 &
+            ;;
+        nbdkit-proxy-rbd-unix)
+            rm -f "$WORK/front.sock"
+            "${PIN_CLIENT[@]}" nbdkit -f -U "$WORK/front.sock" nbd socket="$UP_SOCK" \
+                >"$WORK/server.log" 2>&1 &
             ;;
         nbdkit-luks-proxy)
             nbdkit -f -i 127.0.0.1 -p "$port" --filter=luks nbd socket="$UP_SOCK" \
@@ -329,8 +338,8 @@ start_server() { # NAME PORT -> sets SERVER_PID, URI
     [[ "$name" == *-tls ]] && URI="nbds://localhost:$port/bench?tls-verify-peer=false"
     local i
     if [[ "$name" == *-unix ]]; then
-        URI="nbd+unix:///bench?socket=$WORK/nbdcrypt.sock"
-        wait_for_socket "$WORK/nbdcrypt.sock" "$SERVER_PID" "$WORK/server.log" "$name"
+        URI="nbd+unix:///bench?socket=$WORK/front.sock"
+        wait_for_socket "$WORK/front.sock" "$SERVER_PID" "$WORK/server.log" "$name"
         return 0
     fi
     for i in $(seq 1 200); do
