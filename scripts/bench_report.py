@@ -300,18 +300,14 @@ def main():
         if a.quick:
             verdict = "not judged (--quick)"
         lines.append(f"| {t['server']} / {t['peer']}: {label} | ≥ {t['need']:g}× | {r} | {verdict} |")
-    if results.get("hop"):
+    # Ratios without a target, one table each.
+    for key, title in (("hop", "a hop in front of the cluster"), ("tls", "TLS")):
+        if not results.get(key):
+            continue
         lines.append("")
-        lines.append("| a hop in front of the cluster (no target: measured) | ratio |")
+        lines.append(f"| {title} (no target: measured) | ratio |")
         lines.append("|---|---|")
-        for t in results["hop"]:
-            label = dict((m, l) for m, _, l, _ in METRICS)[t["metric"]]
-            lines.append(f"| {t['server']} / {t['peer']}: {label} | {t['ratio']:.2f}× |")
-    if results["tls"]:
-        lines.append("")
-        lines.append("| TLS (no target: measured) | ratio |")
-        lines.append("|---|---|")
-        for t in results["tls"]:
+        for t in results[key]:
             label = dict((m, l) for m, _, l, _ in METRICS)[t["metric"]]
             lines.append(f"| {t['server']} / {t['peer']}: {label} | {t['ratio']:.2f}× |")
     table = "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ pub(crate) mod writes;
 
 use super::NbdStore;
 use crate::codec::Put;
-use crate::protocol::consts::{chunk, cmd, cmd_flag, err, flag, handshake_flags, opt, rep};
+use crate::protocol::consts::{chunk, cmd, cmd_flag, err, flag, handshake_flags, opt, rep, state};
 use crate::protocol::transmission::REQUEST_LEN;
 use crate::protocol::{ChunkHeader, Greeting, Info, OptionHeader, OptionReplyHeader, Request};
 use crate::storage::Storage;
@@ -120,6 +120,15 @@ fn data_chunk(out: &mut Vec<u8>, done: bool, cookie: u64, at: u64, image: &Image
         cookie,
         &p,
     );
+}
+
+/// A block status reply for `context`: one descriptor of `len` bytes with `flags`.
+fn status_chunk(out: &mut Vec<u8>, cookie: u64, context: u32, len: u32, flags: u32) {
+    let mut p = Vec::new();
+    p.put_u32(context);
+    p.put_u32(len);
+    p.put_u32(flags);
+    chunk_out(out, chunk::FLAG_DONE, chunk::BLOCK_STATUS, cookie, &p);
 }
 
 fn error_chunk(out: &mut Vec<u8>, cookie: u64, errno: u32) {
@@ -234,37 +243,10 @@ fn session(
                 match n {
                     0 => error_chunk(&mut out, r.cookie, err::EIO),
                     2 => error_chunk(&mut out, r.cookie, err::EINVAL),
-                    _ => {
-                        let mut p = Vec::new();
-                        p.put_u32(7);
-                        p.put_u32(r.length);
-                        p.put_u32(
-                            crate::protocol::consts::state::HOLE
-                                | crate::protocol::consts::state::ZERO,
-                        );
-                        chunk_out(
-                            &mut out,
-                            chunk::FLAG_DONE,
-                            chunk::BLOCK_STATUS,
-                            r.cookie,
-                            &p,
-                        );
-                    }
+                    _ => status_chunk(&mut out, r.cookie, 7, r.length, state::HOLE | state::ZERO),
                 }
             }
-            cmd::BLOCK_STATUS => {
-                let mut p = Vec::new();
-                p.put_u32(8);
-                p.put_u32(r.length);
-                p.put_u32(0);
-                chunk_out(
-                    &mut out,
-                    chunk::FLAG_DONE,
-                    chunk::BLOCK_STATUS,
-                    r.cookie,
-                    &p,
-                );
-            }
+            cmd::BLOCK_STATUS => status_chunk(&mut out, r.cookie, 8, r.length, 0),
             _ => chunk_out(&mut out, chunk::FLAG_DONE, chunk::NONE, r.cookie, &[]),
         }
         s.write_all(&out)?;
