@@ -28,7 +28,9 @@
 # 4 KiB mix at QD32, and 4 KiB randread at QD32 over 1, 2 and 4 connections (numjobs).
 # Each round starts every server in turn (fresh, prefilled), runs every job against it, and
 # stops it; rounds alternate so slow drifts of this shared machine hit every server alike.
-# The server's CPU time per job comes from /proc/PID/stat (utime+stime).
+# The server's CPU time per job comes from /proc/PID/stat (utime+stime); the whole machine's
+# (every process: fio, the server, an upstream, a cluster) from /proc/stat, so the report can
+# say whether a job was CPU-bound and what each server costs the machine per GB moved.
 #
 # Usage: scripts/bench.sh [--quick] [--proxy|--ceph] [--rounds N] [--runtime SECONDS] [--out DIR]
 #                         [--bin PATH]
@@ -90,8 +92,16 @@ die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
 # gnuplot (chart), python3 (aggregation; standard library only).
 # shellcheck source=scripts/lib/deb.sh
 . "$ROOT/scripts/lib/deb.sh"
+# shellcheck source=scripts/lib/qemu.sh
+. "$ROOT/scripts/lib/qemu.sh"
 deb_install_missing fio nbdkit qemu-utils gnuplot-nox python3 openssl libnbd-bin curl
-[[ "$MODE" == ceph ]] && deb_install_missing ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
+if [[ "$MODE" == ceph ]]; then
+    deb_install_missing ceph-mon ceph-mgr ceph-osd ceph-common
+    # qemu-nbd loads the rbd driver from qemu-block-extra, which must be of qemu-utils' build;
+    # installing it plainly on a fresh machine (qemu-utils 10 from backports) made apt remove
+    # qemu-utils, and with it qemu-nbd. One consistent qemu, as scripts/test.sh has it.
+    qemu_consistent
+fi
 [[ -e /usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-luks-filter.so ]] ||
     nbdkit --dump-config >/dev/null || die "nbdkit is not usable"
 
@@ -370,6 +380,14 @@ cpu_ticks() { # utime + stime of SERVER_PID (all threads), in clock ticks
     awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$SERVER_PID/stat"
 }
 
+machine_ticks() { # ticks of all CPUs since boot, and their number: "busy steal total cpus"
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal (guest is in user).
+    # Busy is work done here; steal is time the hypervisor gave to other guests (not idle).
+    awk '/^cpu / { t = $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; b = $2 + $3 + $4 + $7 + $8; s = $9 }
+         /^cpu[0-9]/ { n++ }
+         END { print b, s, t, n }' /proc/stat
+}
+
 fio_job() { # JOB -> fio arguments
     local common=(--ioengine=nbd "--uri=$URI" --size="${SIZE_MIB}M" --time_based
         "--runtime=$RUNTIME" --ramp_time=0.5 --group_reporting --output-format=json)
@@ -404,6 +422,7 @@ for round in $(seq 1 "$ROUNDS"); do
             --size="${SIZE_MIB}M" --output-format=terse >/dev/null
         for job in ${JOBS[$name]}; do
             before=$(cpu_ticks)
+            read -r busy0 steal0 total0 _ < <(machine_ticks)
             # A per-job time limit: a job that hangs (a connection that never finishes closing)
             # becomes a failed cell in the table instead of losing the whole run.
             # shellcheck disable=SC2046
@@ -415,7 +434,9 @@ for round in $(seq 1 "$ROUNDS"); do
             fi
             rm -f "$dir/$job.fio-out"
             after=$(cpu_ticks)
+            read -r busy1 steal1 total1 cpus < <(machine_ticks)
             echo "$(((after - before)))" >"$dir/$job.cpu"
+            echo "$((busy1 - busy0)) $((steal1 - steal0)) $((total1 - total0)) $cpus" >"$dir/$job.machine"
         done
         kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "$name died"; }
         stop_server

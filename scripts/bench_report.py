@@ -35,6 +35,8 @@ METRICS = [
     ("seqread", "seqread", "seq 1 MiB read QD16", "GB/s"),
     ("seqwrite_gb_per_cpu_s", "seqwrite", "1 MiB write: GB per server CPU-s", "GB/CPU-s"),
     ("seqread_gb_per_cpu_s", "seqread", "1 MiB read: GB per server CPU-s", "GB/CPU-s"),
+    ("seqwrite_gb_per_machine_cpu_s", "seqwrite", "1 MiB write: GB per machine CPU-s", "GB/CPU-s"),
+    ("seqread_gb_per_machine_cpu_s", "seqread", "1 MiB read: GB per machine CPU-s", "GB/CPU-s"),
     ("randread", "randread", "4 KiB randread QD32", "kIOPS"),
     ("randwrite", "randwrite", "4 KiB randwrite QD32", "kIOPS"),
     ("mix70", "mix70", "4 KiB 70/30 randrw QD32", "kIOPS"),
@@ -70,6 +72,19 @@ def load_fio(path):
     return json.loads(text[text.index("{"):])
 
 
+def machine(job_dir, job):
+    """The whole machine during a job: (busy fraction incl. steal, busy CPU-s per wall second),
+    from bench.sh's /proc/stat deltas; None for runs made before it recorded them."""
+    path = os.path.join(job_dir, f"{job}.machine")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        busy, steal, total, cpus = (int(x) for x in f.read().split())
+    if total <= 0 or busy <= 0:
+        return None
+    return (busy + steal) / total, busy / total * cpus
+
+
 def figure(metric, job_dir, job, ticks, wall_s):
     fio = load_fio(os.path.join(job_dir, f"{job}.json"))
     j = fio["jobs"][0]
@@ -77,6 +92,12 @@ def figure(metric, job_dir, job, ticks, wall_s):
     if metric in ("seqwrite", "seqread"):
         side = wr if metric == "seqwrite" else rd
         return side["bw_bytes"] / 1e9
+    if metric.endswith("_gb_per_machine_cpu_s"):
+        side = wr if metric.startswith("seqwrite") else rd
+        m = machine(job_dir, job)
+        # bandwidth / (the machine's busy CPU-seconds per wall second): fio, the server and
+        # whatever it stands on (an upstream, a cluster) together
+        return None if m is None else side["bw_bytes"] / 1e9 / m[1]
     if metric.endswith("_gb_per_cpu_s"):
         side = wr if metric.startswith("seqwrite") else rd
         with open(os.path.join(job_dir, f"{job}.cpu")) as f:
@@ -114,6 +135,7 @@ def main():
     by_round = {}  # (server, metric) -> {round: value}
     ratios = {}  # (server, metric) -> [per round ratio to REFERENCE]
     failed = {}  # (server, metric) -> [rounds whose job failed or timed out]
+    busy = {}  # (server, job) -> {round: the machine's busy fraction during that job}
     for r in rounds:
         per_round = {}
         for server in os.listdir(os.path.join(raw, r)):
@@ -130,6 +152,9 @@ def main():
                     per_round[(server, metric)] = v
                     values.setdefault((server, metric), []).append(v)
                     by_round.setdefault((server, metric), {})[r] = v
+                m = machine(d, job)
+                if m is not None:
+                    busy.setdefault((server, job), {})[r] = m[0]
         for (server, metric), v in per_round.items():
             ref = per_round.get((REFERENCE, metric))
             if ref:
@@ -231,6 +256,27 @@ def main():
         for r in [ratio(s, m, p)]
         if r is not None
     ]
+    # The machine during the sequential jobs (no target: measured): how busy it was, and what
+    # each server's whole path (fio, server, upstream or cluster) cost it per GB. Where the
+    # reference's job kept the machine busy, throughput is CPU-bound, and a server that adds `a`
+    # CPU-s per GB to the reference's `x` keeps x / (x + a) of it: 0.9x allows a = x / 9.
+    results["machine"] = []
+    for job in ("seqwrite", "seqread"):
+        metric = f"{job}_gb_per_machine_cpu_s"
+        ref = by_round.get((REFERENCE, metric), {})
+        for s in order:
+            v = by_round.get((s, metric), {})
+            if not v:
+                continue
+            added = [1 / v[r] - 1 / ref[r] for r in v if r in ref]
+            results["machine"].append({
+                "job": job,
+                "server": s,
+                "busy": med(list(busy.get((s, job), {}).values())),
+                "cpu_s_per_gb": med([1 / x for x in v.values()]),
+                "added_cpu_s_per_gb": med(added) if added and s != REFERENCE else None,
+                "allowed_for_0_9": med([1 / x for x in ref.values()]) / 9 if ref else None,
+            })
     # TLS in transit (issue 7 sets no figure): the cost of TLS to nbdcrypt, and nbdcrypt over
     # TLS against an unencrypted-at-rest server over TLS (nbdkit memory with GnuTLS).
     tls_pairs = (("nbdcrypt-tls", "nbdcrypt"), ("nbdcrypt-tls", "nbdkit-memory-tls"))
@@ -310,6 +356,22 @@ def main():
         for t in results[key]:
             label = dict((m, l) for m, _, l, _ in METRICS)[t["metric"]]
             lines.append(f"| {t['server']} / {t['peer']}: {label} | {t['ratio']:.2f}× |")
+    if results["machine"]:
+        lines.append("")
+        lines.append(
+            "| the machine during the job (no target: measured) | busy | CPU-s per GB "
+            f"| added to {REFERENCE}'s | 0.9× of it allows |"
+        )
+        lines.append("|---|---|---|---|---|")
+        for e in results["machine"]:
+            label = "1 MiB write" if e["job"] == "seqwrite" else "1 MiB read"
+            busy_cell = "–" if e["busy"] is None else f"{100 * e['busy']:.0f} %"
+            added = "–" if e["added_cpu_s_per_gb"] is None else f"{e['added_cpu_s_per_gb']:+.2f}"
+            allowed = "–" if e["allowed_for_0_9"] is None else f"{e['allowed_for_0_9']:.2f}"
+            lines.append(
+                f"| {e['server']}: {label} | {busy_cell} | {e['cpu_s_per_gb']:.2f} "
+                f"| {added} | {allowed} |"
+            )
     table = "\n".join(lines) + "\n"
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table)
@@ -321,6 +383,8 @@ def main():
         "seqread": "seq read 1M",
         "seqwrite_gb_per_cpu_s": "write GB/CPU-s",
         "seqread_gb_per_cpu_s": "read GB/CPU-s",
+        "seqwrite_gb_per_machine_cpu_s": "write GB/machine CPU-s",
+        "seqread_gb_per_machine_cpu_s": "read GB/machine CPU-s",
         "randread": "randread 4K",
         "randwrite": "randwrite 4K",
         "mix70": "70/30 4K",

@@ -280,3 +280,55 @@ fn bench_report_shows_a_failed_job_as_a_failed_cell() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench.sh")).unwrap();
     assert!(script.contains("timeout -k 10 \"$JOB_LIMIT\" fio"));
 }
+
+/// The report's machine table: from bench.sh's `/proc/stat` deltas ("busy steal total cpus")
+/// and fio's bandwidth, how busy the machine was, its CPU-seconds per GB, what a server added
+/// to the reference's, and the ninth of the reference's that 0.9× of it allows.
+#[test]
+fn bench_report_computes_the_machine_budget() {
+    let dir = TempDir::new("bench-machine");
+    // (server, write bytes/s, busy, steal and total ticks); two CPUs
+    for (server, bw, busy, steal, total) in [
+        ("nbdkit-proxy", 1_000_000_000u64, 90u64, 10u64, 200u64),
+        ("nbdcrypt-proxy", 500_000_000, 150, 0, 200),
+    ] {
+        let round = dir.path(&format!("raw/round-1/{server}"));
+        std::fs::create_dir_all(&round).unwrap();
+        let fio = format!(
+            r#"note: fio may print this first
+{{"jobs": [{{"read": {{"bw_bytes": 0, "iops": 0}}, "write": {{"bw_bytes": {bw}, "iops": {}}}}}]}}"#,
+            bw / 1_048_576
+        );
+        std::fs::write(round.join("seqwrite.json"), fio).unwrap();
+        std::fs::write(round.join("seqwrite.cpu"), "100").unwrap();
+        std::fs::write(
+            round.join("seqwrite.machine"),
+            format!("{busy} {steal} {total} 2"),
+        )
+        .unwrap();
+    }
+    run_ok(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/bench_report.py"
+            ))
+            .arg(&dir.0)
+            .args(["--ticks", "100", "--rounds", "1", "--cores", "2"])
+            .args(["--elapsed", "1", "--size-mib", "64", "--runtime", "1"])
+            .args(["--mode", "proxy"]),
+    );
+    let table = std::fs::read_to_string(dir.path("table.md")).unwrap();
+    // nbdkit-proxy: busy (90 + 10) / 200 = 50 %; 90 / 200 × 2 = 0.9 CPU-s per s at 1 GB/s.
+    // nbdcrypt-proxy: 75 %; 1.5 CPU-s per s at 0.5 GB/s = 3.0 per GB, 2.1 more; 0.9 / 9 = 0.1.
+    for row in [
+        "| nbdkit-proxy: 1 MiB write | 50 % | 0.90 | – | 0.10 |",
+        "| nbdcrypt-proxy: 1 MiB write | 75 % | 3.00 | +2.10 | 0.10 |",
+    ] {
+        assert!(table.lines().any(|l| l == row), "no `{row}` in\n{table}");
+    }
+    assert!(
+        table.contains("| 1 MiB write: GB per machine CPU-s (GB/CPU-s) | 0.33 (0.33–0.33) ×0.30"),
+        "{table}"
+    );
+}

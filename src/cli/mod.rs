@@ -288,7 +288,7 @@ pub struct ServeArgs {
     /// 128 hex digits.
     #[arg(long = "export")]
     pub exports: Vec<ExportSpec>,
-    /// XTS backend: auto, hw, portable or vaes.
+    /// XTS backend: auto, hw, portable, vaes or vaes256.
     #[arg(long, env = "NBDCRYPT_XTS_BACKEND", default_value = "auto")]
     pub backend: BackendChoice,
     /// Write the listening address to this file once bound (for scripts and tests).
@@ -372,7 +372,7 @@ pub struct KeygenArgs {
 /// `nbdcrypt info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Backend selection to report on: auto, hw, portable or vaes.
+    /// Backend selection to report on: auto, hw, portable, vaes or vaes256.
     #[arg(long, env = "NBDCRYPT_XTS_BACKEND", default_value = "auto")]
     pub backend: BackendChoice,
 }

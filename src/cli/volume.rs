@@ -55,7 +55,7 @@ pub enum VolumeCommand {
         /// Progress and the result as JSON lines on stdout (instead of a progress bar).
         #[arg(long)]
         json: bool,
-        /// XTS backend: auto, hw, portable or vaes.
+        /// XTS backend: auto, hw, portable, vaes or vaes256.
         #[arg(long, env = "NBDCRYPT_XTS_BACKEND", default_value = "auto")]
         backend: BackendChoice,
     },

@@ -1,7 +1,7 @@
 //! Which CPU features this machine offers, and which AES path each backend takes with them.
 //!
-//! Detection runs once per process (`cpufeatures` caches it) and is reported by `nbdcrypt info`
-//! and in the server's startup log. The path names mirror the selection logic of the code that
+//! Detection runs once per process (`cpufeatures` and `std` cache it) and is reported by
+//! `nbdcrypt info` and in the server's startup log. The path names mirror the selection logic of the code that
 //! really runs: the `aes` crate's dispatch (VAES-512 → VAES-256 → AES-NI → bitsliced software)
 //! and AWS-LC's (`avx512_xts_available()` → AES-NI; ARMv8 Crypto Extensions on aarch64).
 
@@ -19,8 +19,16 @@ mod detect {
     cpufeatures::new!(aes_ni, "aes");
     cpufeatures::new!(pclmul, "pclmulqdq");
     cpufeatures::new!(avx2, "avx2");
-    cpufeatures::new!(vaes, "vaes");
-    cpufeatures::new!(vpclmul, "vpclmulqdq");
+    // `cpufeatures` reports VAES and VPCLMULQDQ only where the OS also saves ZMM state, as if
+    // they needed AVX-512; their VEX (YMM) forms do not, and CPUs without AVX-512 have them
+    // (AMD Zen 3, Intel Alder Lake). `std` checks YMM state for them: the truth for `info` and
+    // for `vaes256`. The `aes` crate's own dispatch uses `cpufeatures`' answer.
+    cpufeatures::new!(vaes_for_aes_crate, "vaes");
+
+    /// Whether the `aes` crate (which asks `cpufeatures`) takes a VAES path here.
+    pub fn aes_crate_sees_vaes() -> bool {
+        vaes_for_aes_crate::get()
+    }
     cpufeatures::new!(avx512f, "avx512f");
     cpufeatures::new!(avx512bw, "avx512bw");
     cpufeatures::new!(avx512vbmi2, "avx512vbmi2");
@@ -42,11 +50,11 @@ mod detect {
             },
             Feature {
                 name: "vaes",
-                present: vaes::get(),
+                present: std::arch::is_x86_feature_detected!("vaes"),
             },
             Feature {
                 name: "vpclmulqdq",
-                present: vpclmul::get(),
+                present: std::arch::is_x86_feature_detected!("vpclmulqdq"),
             },
             Feature {
                 name: "avx512f",
@@ -88,6 +96,14 @@ pub fn features() -> Vec<Feature> {
     detect::features()
 }
 
+/// Whether the `aes` crate takes a VAES path here (never off x86_64).
+fn aes_crate_sees_vaes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return detect::aes_crate_sees_vaes();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 fn has(name: &str) -> bool {
     features().iter().any(|f| f.name == name && f.present)
 }
@@ -119,7 +135,7 @@ pub fn portable_path() -> &'static str {
     if cfg!(target_arch = "x86_64") {
         if has("avx512f") && has("vaes") {
             "aes crate VAES-512 (64-block batches)"
-        } else if has("vaes") {
+        } else if aes_crate_sees_vaes() {
             "aes crate VAES-256"
         } else if has("aes") {
             "aes crate AES-NI (8-block batches)"

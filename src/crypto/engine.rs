@@ -2,12 +2,12 @@
 
 use std::fmt;
 
-#[cfg(target_arch = "x86_64")]
-use super::vaes;
 use super::{
     BackendChoice, BackendKind, CryptoError, Protection, SectorIndex, SectorSize, VolumeKey, hw,
     portable,
 };
+#[cfg(target_arch = "x86_64")]
+use super::{vaes, vaes256};
 
 /// A validated run of whole sectors handed to a backend.
 pub(crate) struct SectorRun<'s, 'd> {
@@ -28,6 +28,8 @@ enum Backend {
     Portable(portable::PortableXts),
     #[cfg(target_arch = "x86_64")]
     Vaes(vaes::VaesXts),
+    #[cfg(target_arch = "x86_64")]
+    Vaes256(vaes256::Vaes256Xts),
 }
 
 /// XTS-AES-256 for one volume: a key, a sector size and a backend.
@@ -66,10 +68,15 @@ impl XtsEngine {
                 let (k1, k2) = key.halves();
                 Backend::Vaes(vaes::VaesXts::new(k1, k2)?)
             }
+            #[cfg(target_arch = "x86_64")]
+            BackendKind::Vaes256 => {
+                let (k1, k2) = key.halves();
+                Backend::Vaes256(vaes256::Vaes256Xts::new(k1, k2)?)
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            BackendKind::Vaes => {
+            kind @ (BackendKind::Vaes | BackendKind::Vaes256) => {
                 return Err(CryptoError::Unavailable {
-                    backend: "vaes",
+                    backend: kind.name(),
                     reason: "needs x86_64",
                 });
             }
@@ -119,6 +126,8 @@ impl XtsEngine {
             Backend::Portable(_) => BackendKind::Portable,
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes(_) => BackendKind::Vaes,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes256(_) => BackendKind::Vaes256,
         }
     }
 
@@ -134,6 +143,8 @@ impl XtsEngine {
             Backend::Portable(p) => p.protection(),
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes(v) => v.protection(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes256(v) => v.protection(),
         }
     }
 
@@ -186,6 +197,11 @@ impl XtsEngine {
             }
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes(v) => {
+                v.process(run, encrypt);
+                Ok(())
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes256(v) => {
                 v.process(run, encrypt);
                 Ok(())
             }
@@ -364,6 +380,13 @@ mod tests {
                 engines.push(XtsEngine {
                     sector_size: size,
                     backend: Backend::Vaes(vaes::VaesXts::new(&half, &half).unwrap()),
+                });
+            }
+            #[cfg(target_arch = "x86_64")]
+            if vaes256::supported() {
+                engines.push(XtsEngine {
+                    sector_size: size,
+                    backend: Backend::Vaes256(vaes256::Vaes256Xts::new(&half, &half).unwrap()),
                 });
             }
             for e in engines {

@@ -9,13 +9,13 @@
 //!   `sector_size / 512` (dm-crypt's and LUKS2's default; see `docs/on-disk-format.md`).
 //! * **Sector sizes**: 512, 1024, 2048, 4096 bytes ([`SectorSize`]).
 //! * **Backends** ([`BackendKind`]): `hw` (AWS-LC's assembly), `portable` (our XTS over the
-//!   `aes` crate) and `vaes` (our VAES-512 kernel, x86_64 with AVX-512). All produce identical
-//!   output; which one runs is chosen once, when the [`XtsEngine`] is built ([`BackendChoice`],
+//!   `aes` crate), `vaes` (our VAES-512 kernel, x86_64 with AVX-512) and `vaes256` (the same
+//!   kernel on 256-bit registers, x86_64 with VAES and AVX2). All produce identical output; which one runs is chosen once, when the [`XtsEngine`] is built ([`BackendChoice`],
 //!   or `NBDCRYPT_XTS_BACKEND`).
 //!
-//! Layout: [`gf`] tweak arithmetic, `portable`, `hw` and `vaes` the backends, `key` the key
-//! type, `locked` protected memory, [`cpu`] feature report. `unsafe` is confined to `locked`,
-//! `hw` (FFI) and `vaes` (intrinsics).
+//! Layout: [`gf`] tweak arithmetic, `portable`, `hw`, `vaes` and `vaes256` the backends, `key`
+//! the key type, `locked` protected memory, [`cpu`] feature report. `unsafe` is confined to
+//! `locked`, `hw` (FFI), `vaes` and `vaes256` (intrinsics).
 
 pub mod cpu;
 mod engine;
@@ -26,6 +26,8 @@ pub mod locked;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
+#[cfg(target_arch = "x86_64")]
+mod vaes256;
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,7 +37,7 @@ pub use engine::XtsEngine;
 pub use key::{VOLUME_KEY_BYTES, VolumeKey};
 pub use locked::Protection;
 
-/// Environment variable that forces a backend: `auto`, `hw`, `portable` or `vaes`.
+/// Environment variable that forces a backend: `auto`, `hw`, `portable`, `vaes` or `vaes256`.
 pub const BACKEND_ENV: &str = "NBDCRYPT_XTS_BACKEND";
 
 /// What went wrong in the crypto layer. No variant ever carries key material.
@@ -105,7 +107,7 @@ pub enum CryptoError {
         cause: crate::error::Cause,
     },
     /// An unknown backend name.
-    #[error("unknown XTS backend `{0}`: use auto, hw, portable or vaes")]
+    #[error("unknown XTS backend `{0}`: use auto, hw, portable, vaes or vaes256")]
     UnknownBackend(String),
 }
 
@@ -173,11 +175,14 @@ pub enum BackendKind {
     /// nbdcrypt's own VAES-512/VPCLMULQDQ kernel, batched across sectors (x86_64 with
     /// AVX-512; unavailable elsewhere).
     Vaes,
+    /// The same kernel on VAES-256/VPCLMULQDQ, batched across sectors (x86_64 with VAES and
+    /// AVX2: AMD Zen 3, Intel Alder Lake and later; unavailable elsewhere).
+    Vaes256,
 }
 
 impl BackendKind {
     /// Every backend, available here or not.
-    pub const ALL: [BackendKind; 3] = [Self::Hw, Self::Portable, Self::Vaes];
+    pub const ALL: [BackendKind; 4] = [Self::Hw, Self::Portable, Self::Vaes, Self::Vaes256];
 
     /// The backends this CPU can run.
     pub fn available() -> Vec<BackendKind> {
@@ -190,8 +195,10 @@ impl BackendKind {
             Self::Hw | Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Vaes => vaes::supported(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Vaes256 => vaes256::supported(),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Vaes => false,
+            Self::Vaes | Self::Vaes256 => false,
         }
     }
 
@@ -201,6 +208,7 @@ impl BackendKind {
             Self::Hw => "hw",
             Self::Portable => "portable",
             Self::Vaes => "vaes",
+            Self::Vaes256 => "vaes256",
         }
     }
 
@@ -213,6 +221,10 @@ impl BackendKind {
                 "nbdcrypt VAES-512+VPCLMULQDQ kernel (32-block batches)"
             }
             Self::Vaes => "unavailable: needs x86_64 with AES-NI, AVX-512F/BW, VAES, VPCLMULQDQ",
+            Self::Vaes256 if self.is_available() => {
+                "nbdcrypt VAES-256+VPCLMULQDQ kernel (16-block batches)"
+            }
+            Self::Vaes256 => "unavailable: needs x86_64 with AES-NI, AVX2, VAES, VPCLMULQDQ",
         }
     }
 }
@@ -241,6 +253,7 @@ impl FromStr for BackendChoice {
             "hw" => Ok(Self::Force(BackendKind::Hw)),
             "portable" => Ok(Self::Force(BackendKind::Portable)),
             "vaes" => Ok(Self::Force(BackendKind::Vaes)),
+            "vaes256" => Ok(Self::Force(BackendKind::Vaes256)),
             other => Err(CryptoError::UnknownBackend(other.to_owned())),
         }
     }
@@ -274,6 +287,7 @@ impl BackendChoice {
     pub fn resolve(self, _sector_size: SectorSize) -> BackendKind {
         match self {
             Self::Auto if BackendKind::Vaes.is_available() => BackendKind::Vaes,
+            Self::Auto if BackendKind::Vaes256.is_available() => BackendKind::Vaes256,
             Self::Auto => BackendKind::Hw,
             Self::Force(k) => k,
         }

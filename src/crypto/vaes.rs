@@ -38,15 +38,15 @@ pub fn supported() -> bool {
 }
 
 /// Sectors whose initial tweaks are encrypted in one pass (four ZMM registers of four).
-const GROUP: usize = 16;
+pub(super) const GROUP: usize = 16;
 /// AES-256 round keys.
-const ROUNDS: usize = 15;
+pub(super) const ROUNDS: usize = 15;
 
 /// Expanded keys: K1 for encryption and (equivalent-inverse-cipher) decryption, K2 for tweaks.
-struct RoundKeys {
-    enc: [__m128i; ROUNDS],
-    dec: [__m128i; ROUNDS],
-    tweak: [__m128i; ROUNDS],
+pub(super) struct RoundKeys {
+    pub(super) enc: [__m128i; ROUNDS],
+    pub(super) dec: [__m128i; ROUNDS],
+    pub(super) tweak: [__m128i; ROUNDS],
 }
 
 /// XTS-AES-256 on VAES-512.
@@ -115,15 +115,15 @@ impl VaesXts {
     }
 }
 
-/// One validated run, as raw pointers for the kernel.
-struct Job {
-    src: *const u8,
-    dst: *mut u8,
-    sectors: usize,
-    /// 512-byte (32-block) iterations per sector.
-    iterations_per_sector: usize,
-    first_iv_sector: u64,
-    iv_step: u64,
+/// One validated run, as raw pointers for a kernel.
+pub(super) struct Job {
+    pub(super) src: *const u8,
+    pub(super) dst: *mut u8,
+    pub(super) sectors: usize,
+    /// The kernel's iterations per sector (its stride: 512 bytes here, 256 in `vaes256`).
+    pub(super) iterations_per_sector: usize,
+    pub(super) first_iv_sector: u64,
+    pub(super) iv_step: u64,
 }
 
 /// AES-256 key expansion (FIPS-197 §5.2) with AESKEYGENASSIST, written straight into `out`.
@@ -131,7 +131,7 @@ struct Job {
 /// # Safety
 /// The CPU must have AES-NI; `out` must be valid for writes of one `RoundKeys`.
 #[target_feature(enable = "aes,sse2")]
-unsafe fn expand(k1: &[u8; 32], k2: &[u8; 32], out: *mut RoundKeys) {
+pub(super) unsafe fn expand(k1: &[u8; 32], k2: &[u8; 32], out: *mut RoundKeys) {
     // SAFETY: out is valid for writes (caller); each field is written through raw pointers
     // before anything reads it.
     unsafe {
