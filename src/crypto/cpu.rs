@@ -1,9 +1,10 @@
 //! Which CPU features this machine offers, and which AES path each backend takes with them.
 //!
 //! Detection runs once per process (`cpufeatures` and `std` cache it) and is reported by
-//! `nbdcrypt info` and in the server's startup log. The path names mirror the selection logic of the code that
-//! really runs: the `aes` crate's dispatch (VAES-512 → VAES-256 → AES-NI → bitsliced software)
-//! and AWS-LC's (`avx512_xts_available()` → AES-NI; ARMv8 Crypto Extensions on aarch64).
+//! `nbdcrypt info` and in the server's startup log. The path names mirror the selection logic
+//! of the code that really runs: the `aes` crate's dispatch (VAES-512 → VAES-256 → AES-NI →
+//! bitsliced software) and AWS-LC's (`avx512_xts_available()` → AES-NI; ARMv8 Crypto
+//! Extensions on aarch64).
 
 /// A CPU feature that matters to AES-XTS, and whether this CPU has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +25,14 @@ mod detect {
     // (AMD Zen 3, Intel Alder Lake). `std` checks YMM state for them: the truth for `info` and
     // for `vaes256`. The `aes` crate's own dispatch uses `cpufeatures`' answer.
     cpufeatures::new!(vaes_for_aes_crate, "vaes");
+    cpufeatures::new!(avx512f, "avx512f");
+    cpufeatures::new!(avx512bw, "avx512bw");
+    cpufeatures::new!(avx512vbmi2, "avx512vbmi2");
 
     /// Whether the `aes` crate (which asks `cpufeatures`) takes a VAES path here.
     pub fn aes_crate_sees_vaes() -> bool {
         vaes_for_aes_crate::get()
     }
-    cpufeatures::new!(avx512f, "avx512f");
-    cpufeatures::new!(avx512bw, "avx512bw");
-    cpufeatures::new!(avx512vbmi2, "avx512vbmi2");
 
     pub fn features() -> Vec<super::Feature> {
         use super::Feature;

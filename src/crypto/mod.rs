@@ -10,8 +10,9 @@
 //! * **Sector sizes**: 512, 1024, 2048, 4096 bytes ([`SectorSize`]).
 //! * **Backends** ([`BackendKind`]): `hw` (AWS-LC's assembly), `portable` (our XTS over the
 //!   `aes` crate), `vaes` (our VAES-512 kernel, x86_64 with AVX-512) and `vaes256` (the same
-//!   kernel on 256-bit registers, x86_64 with VAES and AVX2). All produce identical output; which one runs is chosen once, when the [`XtsEngine`] is built ([`BackendChoice`],
-//!   or `NBDCRYPT_XTS_BACKEND`).
+//!   kernel on 256-bit registers, x86_64 with VAES and AVX2). All produce identical output;
+//!   which one runs is chosen once, when the [`XtsEngine`] is built ([`BackendChoice`], or
+//!   `NBDCRYPT_XTS_BACKEND`).
 //!
 //! Layout: [`gf`] tweak arithmetic, `portable`, `hw`, `vaes` and `vaes256` the backends, `key`
 //! the key type, `locked` protected memory, [`cpu`] feature report. `unsafe` is confined to
