@@ -239,6 +239,21 @@ fn qemu_set_is_made_consistent_whatever_the_machine_has() {
     assert!(!calls.exists(), "apt-get ran for a consistent set");
 }
 
+/// Runs scripts/bench_report.py over the raw results in `dir`: one round of 1 s jobs, 2 cores.
+fn bench_report(dir: &TempDir, extra: &[&str]) {
+    run_ok(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/bench_report.py"
+            ))
+            .arg(&dir.0)
+            .args(["--ticks", "100", "--rounds", "1", "--cores", "2"])
+            .args(["--elapsed", "1", "--size-mib", "64", "--runtime", "1"])
+            .args(extra),
+    );
+}
+
 /// scripts/bench.sh gives every fio job a time limit and records a job that fails or hangs as
 /// `JOB.failed`; the report then shows that cell as FAILED instead of losing the whole run.
 #[test]
@@ -247,25 +262,7 @@ fn bench_report_shows_a_failed_job_as_a_failed_cell() {
     let round = dir.path("raw/round-1/nbdcrypt-tls");
     std::fs::create_dir_all(&round).unwrap();
     std::fs::write(round.join("mc4.failed"), "timeout after 64s").unwrap();
-    run_ok(
-        Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/bench_report.py"
-            ))
-            .arg(&dir.0)
-            .args([
-                "--ticks",
-                "100",
-                "--rounds",
-                "1",
-                "--cores",
-                "2",
-                "--elapsed",
-                "1",
-            ])
-            .args(["--size-mib", "64", "--runtime", "1"]),
-    );
+    bench_report(&dir, &[]);
     let table = std::fs::read_to_string(dir.path("table.md")).unwrap();
     assert!(
         table
@@ -307,17 +304,7 @@ fn bench_report_computes_the_machine_budget() {
         )
         .unwrap();
     }
-    run_ok(
-        Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/bench_report.py"
-            ))
-            .arg(&dir.0)
-            .args(["--ticks", "100", "--rounds", "1", "--cores", "2"])
-            .args(["--elapsed", "1", "--size-mib", "64", "--runtime", "1"])
-            .args(["--mode", "proxy"]),
-    );
+    bench_report(&dir, &["--mode", "proxy"]);
     let table = std::fs::read_to_string(dir.path("table.md")).unwrap();
     // nbdkit-proxy: busy (90 + 10) / 200 = 50 %; 90 / 200 × 2 = 0.9 CPU-s per s at 1 GB/s.
     // nbdcrypt-proxy: 75 %; 1.5 CPU-s per s at 0.5 GB/s = 3.0 per GB, 2.1 more; 0.9 / 9 = 0.1.

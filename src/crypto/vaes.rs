@@ -65,12 +65,8 @@ impl VaesXts {
                 reason: "needs AES-NI, AVX-512F, AVX-512BW, VAES and VPCLMULQDQ",
             });
         }
-        let keys = LockedBox::new_with(|slot| {
-            // SAFETY: the features were just confirmed; `expand` writes all three arrays of the
-            // slot in place (no stack copy of the schedules outlives it).
-            unsafe { expand(k1, k2, slot.as_mut_ptr()) };
-        })?;
-        super::scrub_stack();
+        // SAFETY: the features, AES-NI among them, were just confirmed.
+        let keys = unsafe { expand_locked(k1, k2) }?;
         Ok(VaesXts {
             keys,
             _token: token,
@@ -84,26 +80,9 @@ impl VaesXts {
 
     /// Encrypts (or decrypts) `run`, whose buffers the caller has validated.
     pub fn process(&self, run: SectorRun<'_, '_>, encrypt: bool) {
-        let SectorRun {
-            first_iv_sector,
-            iv_step,
-            sector_bytes,
-            src,
-            dst,
-        } = run;
-        let len = dst.len();
-        let dst_ptr = dst.as_mut_ptr();
-        let src_ptr = src.map_or(dst_ptr.cast_const(), <[u8]>::as_ptr);
-        let job = Job {
-            src: src_ptr,
-            dst: dst_ptr,
-            sectors: len / sector_bytes,
-            iterations_per_sector: sector_bytes / 512,
-            first_iv_sector,
-            iv_step,
-        };
+        let job = Job::new(run, 512);
         // SAFETY: `new` only succeeds when the CPU has every feature the kernel is compiled
-        // for; `job` describes `len` valid bytes at src and dst, which are identical or
+        // for; `job` describes the run's valid bytes at src and dst, which are identical or
         // disjoint (validated by `XtsEngine`), a whole number of sectors of 512·k bytes.
         unsafe {
             if encrypt {
@@ -126,12 +105,53 @@ pub(super) struct Job {
     pub(super) iv_step: u64,
 }
 
+impl Job {
+    /// `run` as raw pointers, for a kernel that moves `stride` bytes per iteration (a divisor
+    /// of 512).
+    pub(super) fn new(run: SectorRun<'_, '_>, stride: usize) -> Self {
+        let SectorRun {
+            first_iv_sector,
+            iv_step,
+            sector_bytes,
+            src,
+            dst,
+        } = run;
+        let dst_ptr = dst.as_mut_ptr();
+        Job {
+            src: src.map_or(dst_ptr.cast_const(), <[u8]>::as_ptr),
+            dst: dst_ptr,
+            sectors: dst.len() / sector_bytes,
+            iterations_per_sector: sector_bytes / stride,
+            first_iv_sector,
+            iv_step,
+        }
+    }
+}
+
+/// Both key halves expanded straight into locked pages (no stack copy of the schedules
+/// outlives the call; the stack below is scrubbed after it).
+///
+/// # Safety
+/// The CPU must have AES-NI.
+pub(super) unsafe fn expand_locked(
+    k1: &[u8; 32],
+    k2: &[u8; 32],
+) -> Result<LockedBox<RoundKeys>, CryptoError> {
+    let keys = LockedBox::new_with(|slot| {
+        // SAFETY: AES-NI is present (the caller's contract); `expand` writes all three arrays
+        // of the slot in place.
+        unsafe { expand(k1, k2, slot.as_mut_ptr()) };
+    })?;
+    super::scrub_stack();
+    Ok(keys)
+}
+
 /// AES-256 key expansion (FIPS-197 §5.2) with AESKEYGENASSIST, written straight into `out`.
 ///
 /// # Safety
 /// The CPU must have AES-NI; `out` must be valid for writes of one `RoundKeys`.
 #[target_feature(enable = "aes,sse2")]
-pub(super) unsafe fn expand(k1: &[u8; 32], k2: &[u8; 32], out: *mut RoundKeys) {
+unsafe fn expand(k1: &[u8; 32], k2: &[u8; 32], out: *mut RoundKeys) {
     // SAFETY: out is valid for writes (caller); each field is written through raw pointers
     // before anything reads it.
     unsafe {

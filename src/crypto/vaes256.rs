@@ -33,7 +33,7 @@ use std::arch::x86_64::{
 };
 
 use super::locked::{LockedBox, Protection};
-use super::vaes::{GROUP, Job, ROUNDS, RoundKeys, expand};
+use super::vaes::{GROUP, Job, ROUNDS, RoundKeys, expand_locked};
 use super::{CryptoError, SectorRun};
 
 /// Whether this CPU (and OS: YMM state) can run the kernel. `std` caches the CPUID answer.
@@ -71,12 +71,8 @@ impl Vaes256Xts {
                 reason: "needs AES-NI, AVX2, VAES and VPCLMULQDQ",
             });
         };
-        let keys = LockedBox::new_with(|slot| {
-            // SAFETY: AES-NI was just confirmed; `expand` writes all three arrays of the slot
-            // in place (no stack copy of the schedules outlives it).
-            unsafe { expand(k1, k2, slot.as_mut_ptr()) };
-        })?;
-        super::scrub_stack();
+        // SAFETY: the features, AES-NI among them, were just confirmed.
+        let keys = unsafe { expand_locked(k1, k2) }?;
         Ok(Vaes256Xts {
             keys,
             _token: token,
@@ -90,26 +86,9 @@ impl Vaes256Xts {
 
     /// Encrypts (or decrypts) `run`, whose buffers the caller has validated.
     pub fn process(&self, run: SectorRun<'_, '_>, encrypt: bool) {
-        let SectorRun {
-            first_iv_sector,
-            iv_step,
-            sector_bytes,
-            src,
-            dst,
-        } = run;
-        let len = dst.len();
-        let dst_ptr = dst.as_mut_ptr();
-        let src_ptr = src.map_or(dst_ptr.cast_const(), <[u8]>::as_ptr);
-        let job = Job {
-            src: src_ptr,
-            dst: dst_ptr,
-            sectors: len / sector_bytes,
-            iterations_per_sector: sector_bytes / STRIDE,
-            first_iv_sector,
-            iv_step,
-        };
+        let job = Job::new(run, STRIDE);
         // SAFETY: `new` only succeeds when the CPU has every feature the kernel is compiled
-        // for; `job` describes `len` valid bytes at src and dst, which are identical or
+        // for; `job` describes the run's valid bytes at src and dst, which are identical or
         // disjoint (validated by `XtsEngine`), a whole number of sectors of 512·k bytes.
         unsafe {
             if encrypt {
